@@ -1,0 +1,37 @@
+"""zoptim: training and fine-tuning neural networks from forward evaluations alone."""
+
+from .core import ZOOptimizer
+from .optimizers import (
+    HiZOO,
+    LOZO,
+    ZOSGD,
+    ForwardGradient,
+    MeZO,
+    SparseMeZO,
+    SubspaceMeZO,
+    SubZero,
+    ZOAdam,
+    ZOMuon,
+    ZOSGDConservative,
+    ZOSGDMomentum,
+    ZOSignSGD,
+)
+
+__version__ = "0.1.0"
+
+METHODS = {
+    "mezo": MeZO,
+    "zo-sgd-momentum": ZOSGDMomentum,
+    "zo-sign-sgd": ZOSignSGD,
+    "zo-sgd-conservative": ZOSGDConservative,
+    "zo-adam": ZOAdam,
+    "forward-gradient": ForwardGradient,
+    "sparse-mezo": SparseMeZO,
+    "hizoo": HiZOO,
+    "lozo": LOZO,
+    "subzero": SubZero,
+    "subspace-mezo": SubspaceMeZO,
+    "zo-muon": ZOMuon,
+}
+
+__all__ = ["ZOOptimizer", "METHODS", *(cls.__name__ for cls in METHODS.values()), "ZOSGD"]

@@ -1,0 +1,209 @@
+"""The zeroth-order step, shared by every method.
+
+``ZOOptimizer`` is a ``torch.optim.Optimizer`` whose ``step(closure)`` runs the pipeline
+
+    spaces prepare -> estimator probes the closure -> per tensor: estimate in the space's
+    coordinates -> transforms -> lift and apply
+
+A method is a subclass that chooses an estimator and, per parameter group, a space and a
+list of transforms. Seeds: step ``t`` uses ``mix(seed, t)``; its ``i``-th direction
+``mix(step_seed, i)``; parameter ``j`` of that direction ``mix(direction_seed, j)``. Nothing
+else is random, so a run is a function of its seed, and a step is replayable from the
+directions' seeds and differences alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .perturb import NOISE_KINDS, mix
+from .subspace import Space
+from .transforms import Transform
+
+
+@dataclass
+class _Slot:
+    """One parameter in a step: its group's parts and its index for seeding."""
+    p: torch.Tensor
+    index: int
+    group: dict
+    space: Space
+    chain: list[Transform]
+
+
+class _Probe:
+    """What an estimator may do to the model: shift along a direction, evaluate, count."""
+
+    def __init__(self, opt: "ZOOptimizer", slots: list[_Slot], scratch: dict, closure):
+        self.opt, self.slots, self.scratch, self.closure = opt, slots, scratch, closure
+
+    def shift(self, seed: int, scale: float) -> None:
+        for s in self.slots:
+            s.space.perturb_(s.p, self.opt.state[s.p], mix(seed, s.index),
+                             scale * s.group["eps"], self.scratch[s.p])
+
+    def evaluate(self) -> float:
+        loss = self.closure()
+        self.opt.queries += 1
+        return float(loss)
+
+    def tangents(self, seed: int) -> list[torch.Tensor]:
+        """``eps * z(seed)`` for every parameter, materialized (forward-mode estimators)."""
+        out = []
+        for s in self.slots:
+            t = torch.zeros_like(s.p)
+            s.space.perturb_(t, self.opt.state[s.p], mix(seed, s.index), s.group["eps"],
+                             self.scratch[s.p])
+            out.append(t)
+        return out
+
+
+def _check_group(group: dict) -> None:
+    def bad(key, why):
+        raise ValueError(f"{key}={group[key]!r} is invalid: {why}")
+
+    if not group["lr"] >= 0:
+        bad("lr", "the learning rate must be >= 0")
+    if not group["eps"] > 0:
+        bad("eps", "the perturbation scale must be > 0")
+    if not group.get("weight_decay", 0.0) >= 0:
+        bad("weight_decay", "weight decay must be >= 0")
+    if group.get("noise", "gaussian") not in NOISE_KINDS:
+        bad("noise", f"choose one of {NOISE_KINDS}")
+    for key in ("rank", "resample_every"):
+        if key in group and not (isinstance(group[key], int) and group[key] >= 1):
+            bad(key, "must be an integer >= 1")
+    for p in group["params"]:
+        if not p.is_floating_point():
+            raise ValueError("only floating-point parameters can be optimized")
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base of every zeroth-order optimizer. ``step(closure)`` needs a closure that returns the
+    loss and never calls ``backward()``; ``queries`` counts the objective evaluations spent."""
+
+    def __init__(self, params, defaults: dict, estimator, *, seed: int | None = None):
+        defaults = {"weight_decay": 0.0, "noise": "gaussian", **defaults}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_group(group)
+        self.estimator = estimator
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.queries = 0
+        self.steps = 0
+
+    # -- composition hooks: a method overrides these -------------------------------------
+    def space(self, group: dict) -> Space:
+        return Space(group["noise"])
+
+    def transforms(self, group: dict) -> list[Transform]:
+        return []
+
+    # -- the step ---------------------------------------------------------------------------
+    def _slots(self) -> list[_Slot]:
+        slots, index = [], 0
+        for group in self.param_groups:
+            space, chain = self.space(group), self.transforms(group)
+            for p in group["params"]:
+                slots.append(_Slot(p, index, group, space, chain))
+                index += 1
+        return slots
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor | float]) -> float:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("a zeroth-order optimizer needs a closure that returns the loss")
+        slots = self._slots()
+        scratch = {s.p: {} for s in slots}
+        for s in slots:
+            state = self.state[s.p]
+            transfer = s.space.prepare(s.p, state, self.steps, mix(self.seed, s.index), scratch[s.p])
+            if transfer is not None:
+                for t in s.chain:
+                    for name in t.carried:
+                        if name in state:
+                            state[name] = transfer(state[name])
+        probe = _Probe(self, slots, scratch, closure)
+        loss, dirs, pending = self.estimator(probe, mix(self.seed, self.steps))
+        self._update(probe, dirs, pending)
+        self._after_update(probe, dirs, loss)
+        self.steps += 1
+        return loss
+
+    @staticmethod
+    def _coefs(slot: _Slot, dirs) -> list[float]:
+        """Per-direction gradient coefficients of one tensor: ``diff / eps``, averaged."""
+        return [d.diff / slot.group["eps"] / len(dirs) for d in dirs]
+
+    def _update(self, probe: _Probe, dirs, pending) -> None:
+        for s in probe.slots:
+            state, scratch = self.state[s.p], probe.scratch[s.p]
+            lr, wd, eps = s.group["lr"], s.group["weight_decay"], s.group["eps"]
+            keys = [mix(d.seed, s.index) for d in dirs]
+            coefs = self._coefs(s, dirs)
+            restore = [(mix(seed, s.index), scale * eps) for seed, scale in pending]
+            if s.space.linear and not s.chain and wd == 0:
+                # Restore and update fused: a MeZO step writes each tensor three times in all.
+                weights = dict(zip(keys, (-lr * c for c in coefs)))
+                for key, a in restore:
+                    weights[key] = weights.get(key, 0.0) + a
+                s.space.add_directions_(s.p, state, list(weights), list(weights.values()), scratch)
+                continue
+            for key, a in restore:
+                s.space.perturb_(s.p, state, key, a, scratch)
+            if lr == 0:
+                continue
+            g = s.space.estimate(s.p, state, keys, coefs, dirs, eps, scratch)
+            for t in s.chain:
+                g = t(g, state)
+            if wd:
+                s.p.mul_(1.0 - lr * wd)
+            s.space.add_lifted_(s.p, state, g, -lr)
+
+    def _after_update(self, probe: _Probe, dirs, loss: float) -> None:
+        """Hook for methods that probe again after the update (conservative ZO-SGD)."""
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["zo"] = {"seed": self.seed, "steps": self.steps, "queries": self.queries}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise ValueError("not a zoptim optimizer state: the 'zo' entry is missing")
+        super().load_state_dict(state_dict)
+        self.seed, self.steps, self.queries = int(zo["seed"]), int(zo["steps"]), int(zo["queries"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "estimator"):
+            _check_group(self.param_groups[-1])
+
+
+def split_matrices(params, defaults: dict, vector_settings: Callable[[dict], dict]) -> list[dict]:
+    """Split parameters (or groups) into matrices (two or more dimensions) and vectors, as the
+    subspace methods treat them differently. ``vector_settings(settings)`` gives the overrides
+    of a group's vector half from its settings (the group's over ``defaults``). Empty halves
+    are dropped."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for group in groups:
+        ps = list(group["params"])
+        rest = {k: v for k, v in group.items() if k != "params"}
+        mats = [p for p in ps if p.dim() >= 2]
+        vecs = [p for p in ps if p.dim() < 2]
+        if mats:
+            out.append({**rest, "params": mats, "matrix": True})
+        if vecs:
+            out.append({**rest, **vector_settings({**defaults, **rest}), "params": vecs,
+                        "matrix": False})
+    if not out:
+        raise ValueError("optimizer got an empty parameter list")
+    return out

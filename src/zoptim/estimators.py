@@ -1,0 +1,148 @@
+"""How forward evaluations become directional derivatives.
+
+An estimator drives the probe: it shifts the parameters along seeded directions (through
+``probe.shift(seed, scale)``, which moves every parameter by ``scale * eps * z(seed)``),
+evaluates the objective (``probe.evaluate()``, one query each) and returns:
+
+- the loss to report,
+- one :class:`Direction` per query direction: its seed and ``diff``, the estimated directional
+  derivative of the loss along the shift ``eps * z`` (so the gradient estimate of a tensor is
+  ``diff / eps * z``, each parameter group dividing by its own eps),
+- the shifts still applied, which the update undoes (fused with it where it can).
+
+For every estimator here ``E[diff / eps * z] = grad f`` on a quadratic with ``E[z z^T] = I``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch.func import functional_call, jvp
+
+from .perturb import mix
+
+
+@dataclass(frozen=True)
+class Direction:
+    seed: int
+    diff: float
+    curv: float = 0.0  # (f(+) + f(-) - 2 f(0)) / 2, where the estimator measures it
+
+
+class Probe(Protocol):
+    def shift(self, seed: int, scale: float) -> None: ...
+    def evaluate(self) -> float: ...
+
+
+Pending = list[tuple[int, float]]
+
+
+def _seeds(step_seed: int, n: int) -> list[int]:
+    return [mix(step_seed, i) for i in range(n)]
+
+
+class Central:
+    """Two-point central difference per direction: ``(f(x + eps z) - f(x - eps z)) / 2``,
+    ``queries`` directions averaged (MeZO; n-SPSA for ``queries > 1``). 2 queries each."""
+
+    def __init__(self, queries: int = 1):
+        self.queries = queries
+
+    def __call__(self, probe: Probe, step_seed: int):
+        dirs, losses = [], []
+        seeds = _seeds(step_seed, self.queries)
+        for i, seed in enumerate(seeds):
+            probe.shift(seed, 1.0)
+            plus = probe.evaluate()
+            probe.shift(seed, -2.0)
+            minus = probe.evaluate()
+            if i < len(seeds) - 1:
+                probe.shift(seed, 1.0)
+            dirs.append(Direction(seed, (plus - minus) / 2))
+            losses.append((plus + minus) / 2)
+        return sum(losses) / len(losses), dirs, [(seeds[-1], 1.0)]
+
+
+class Forward:
+    """One-sided differences against one baseline: ``f(x + eps z_i) - f(x)`` for ``queries``
+    directions, ``queries + 1`` evaluations (ZO-Muon's multi-query estimator)."""
+
+    def __init__(self, queries: int = 4):
+        self.queries = queries
+
+    def __call__(self, probe: Probe, step_seed: int):
+        base = probe.evaluate()
+        dirs = []
+        seeds = _seeds(step_seed, self.queries)
+        for i, seed in enumerate(seeds):
+            probe.shift(seed, 1.0)
+            dirs.append(Direction(seed, probe.evaluate() - base))
+            if i < len(seeds) - 1:
+                probe.shift(seed, -1.0)
+        return base, dirs, [(seeds[-1], -1.0)]
+
+
+class ThreePoint:
+    """Baseline plus central difference, ``f(x)``, ``f(x + eps z)``, ``f(x - eps z)``: the
+    directional derivative and the curvature along ``z`` (HiZOO; conservative ZO-SGD)."""
+
+    def __call__(self, probe: Probe, step_seed: int):
+        (seed,) = _seeds(step_seed, 1)
+        base = probe.evaluate()
+        probe.shift(seed, 1.0)
+        plus = probe.evaluate()
+        probe.shift(seed, -2.0)
+        minus = probe.evaluate()
+        return base, [Direction(seed, (plus - minus) / 2, (plus + minus - 2 * base) / 2)], \
+            [(seed, 1.0)]
+
+
+class _ClosureModule(torch.nn.Module):
+    """Runs a closure as a module's forward, so ``functional_call`` can substitute the
+    parameters of the model the closure uses."""
+
+    def __init__(self, model: torch.nn.Module, closure):
+        super().__init__()
+        self.model = model
+        # Kept out of the module tree: a closure that is itself a module (the model, say)
+        # must not be registered, or functional_call would treat its weights as tied copies.
+        self._closure = (closure,)
+
+    def forward(self):
+        return self._closure[0]()
+
+
+def directional_derivative(model: torch.nn.Module, closure, params, tangents):
+    """``(f, grad f . v)`` in one forward-mode pass (``torch.func.jvp``), where ``f`` is the
+    closure's loss as a function of ``params`` (parameters of ``model``) and ``v`` the tangents."""
+    names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError("forward gradient: every optimized parameter must belong to `model`")
+    wrapper = _ClosureModule(model, closure)
+    keys = [names[id(p)] for p in params]
+
+    def f(*tensors):
+        return functional_call(wrapper, dict(zip(keys, tensors)), (), strict=False)
+
+    loss, d = jvp(f, tuple(p.detach() for p in params), tuple(tangents))
+    return float(loss), float(d)
+
+
+class JVP:
+    """Forward gradient (Baydin et al., 2022): the exact directional derivative ``grad f . z``
+    by forward-mode differentiation, one pass per direction, no finite difference. The
+    tangents are materialized, so it needs one extra copy of the optimized parameters."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, probe, step_seed: int):
+        (seed,) = _seeds(step_seed, 1)
+        tangents = probe.tangents(seed)
+        params = [s.p for s in probe.slots]
+        loss, d = directional_derivative(self.model, probe.closure, params, tangents)
+        probe.opt.queries += 1
+        return loss, [Direction(seed, d)], []
