@@ -104,11 +104,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- the step ---------------------------------------------------------------------------
     def _slots(self) -> list[_Slot]:
+        """The parameters this step probes. A group whose ``lr`` is 0 is frozen: it is
+        neither perturbed nor updated (its indices stay reserved, so seeds do not shift)."""
         slots, index = [], 0
         for group in self.param_groups:
             space, chain = self.space(group), self.transforms(group)
             for p in group["params"]:
-                slots.append(_Slot(p, index, group, space, chain))
+                if group["lr"] != 0:
+                    slots.append(_Slot(p, index, group, space, chain))
                 index += 1
         return slots
 
@@ -154,8 +157,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 continue
             for key, a in restore:
                 s.space.perturb_(s.p, state, key, a, scratch)
-            if lr == 0:
-                continue
             g = s.space.estimate(s.p, state, keys, coefs, dirs, eps, scratch)
             for t in s.chain:
                 g = t(g, state)

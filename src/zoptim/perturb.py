@@ -12,9 +12,10 @@ Two kinds of noise:
 
 ``add_noise_(x, key, alpha)`` adds ``alpha * z(key)`` to ``x`` in place. Where
 ``torch.compile`` works, the hash, the transform and the add run as one fused kernel with no
-temporary tensor (inductor's C++ on the CPU, Triton on a GPU); otherwise the same arithmetic
-runs eagerly over fixed-size chunks, so the extra memory is one chunk. Rademacher noise is
-bit-identical between the two paths; Gaussian noise agrees to a few float32 ulps.
+temporary tensor (inductor's C++ on the CPU, Triton on a GPU); otherwise (and for
+single-element tensors) the same arithmetic runs eagerly over fixed-size chunks, so the
+extra memory is one chunk. Rademacher noise is bit-identical between the two paths;
+Gaussian noise agrees to a few float32 ulps (a given tensor always takes the same path).
 """
 
 from __future__ import annotations
@@ -62,24 +63,40 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ _srl(x, 16)
 
 
-def _noise_values(idx: torch.Tensor, keys: torch.Tensor, gaussian: bool) -> torch.Tensor:
-    """Noise for element indices ``idx`` (int32) under ``keys`` (two int32), as float32."""
-    h = _hash32(_hash32(idx ^ keys[0]) + keys[1])
-    if not gaussian:
-        return 1.0 - 2.0 * (_srl(h, 13) & 1).to(torch.float32)
+def _uniform_bits(idx: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return _hash32(_hash32(idx ^ keys[0]) + keys[1])
+
+
+def _gaussian(idx: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    h = _uniform_bits(idx, keys)
     h2 = _hash32(h ^ 0x5BD1E995)
     u1 = (_srl(h, 8).to(torch.float32) + 1.0) * (1.0 / 16777216.0)  # (0, 1]
     u2 = _srl(h2, 8).to(torch.float32) * (1.0 / 16777216.0)  # [0, 1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
-def _add_noise_flat(flat: torch.Tensor, keys: torch.Tensor, alpha: torch.Tensor,
-                    offset: torch.Tensor, gaussian: bool) -> None:
+def _rademacher(idx: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return 1.0 - 2.0 * (_srl(_uniform_bits(idx, keys), 13) & 1).to(torch.float32)
+
+
+# One function per kind: each is compiled on its own, so its dtype and device variants stay
+# within dynamo's per-function recompile limit.
+def _add_gaussian(flat, keys, alpha, offset):
     idx = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device) + offset
-    flat.add_(_noise_values(idx, keys, gaussian) * alpha)
+    flat.add_(_gaussian(idx, keys) * alpha)
 
 
-_compiled: dict[bool, object] = {}
+def _add_rademacher(flat, keys, alpha, offset):
+    idx = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device) + offset
+    flat.add_(_rademacher(idx, keys) * alpha)
+
+
+_KERNELS = {"gaussian": _add_gaussian, "rademacher": _add_rademacher}
+# Single elements take the eager path: dynamo specializes sizes 0 and 1, and a kernel per
+# such size would eat into its recompile limit.
+FUSED_MIN_NUMEL = 2
+
+_compiled: dict[str, object] = {}
 _backend = os.environ.get("ZOPTIM_NOISE_BACKEND", "auto")
 
 
@@ -96,11 +113,12 @@ def get_backend() -> str:
     return _backend
 
 
-def _fused(gaussian: bool):
-    # One compiled function per kind, so dtype and device variants stay within dynamo's cache.
-    if gaussian not in _compiled:
-        _compiled[gaussian] = torch.compile(_add_noise_flat, dynamic=True, fullgraph=True)
-    return _compiled[gaussian]
+def _fused(kind: str):
+    if kind not in _compiled:
+        # Four float dtypes on two kinds of device are eight variants of each kernel.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        _compiled[kind] = torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True)
+    return _compiled[kind]
 
 
 def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") -> torch.Tensor:
@@ -117,11 +135,10 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
     flat = x.view(-1)
     dev = x.device
     keys = torch.tensor([_as_int32(key), _as_int32(key >> 32)], dtype=torch.int32, device=dev)
-    gaussian = kind == "gaussian"
     a = torch.tensor(alpha, dtype=torch.float32, device=dev)
-    if _backend != "eager":
+    if _backend != "eager" and flat.numel() >= FUSED_MIN_NUMEL:
         try:
-            _fused(gaussian)(flat, keys, a, torch.zeros((), dtype=torch.int32, device=dev), gaussian)
+            _fused(kind)(flat, keys, a, torch.zeros((), dtype=torch.int32, device=dev))
             return x
         except Exception as err:  # a missing compiler, an unsupported device or dtype
             if _backend == "compiled":
@@ -129,10 +146,10 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
             warnings.warn(f"zoptim: fused noise kernel unavailable ({type(err).__name__}: {err}); "
                           "using the eager path", RuntimeWarning, stacklevel=2)
             _backend = "eager"
+    kernel = _KERNELS[kind]
     for start in range(0, flat.numel(), EAGER_CHUNK):
-        chunk = flat[start:start + EAGER_CHUNK]
         off = torch.tensor(start, dtype=torch.int32, device=dev)
-        _add_noise_flat(chunk, keys, a, off, gaussian)
+        kernel(flat[start:start + EAGER_CHUNK], keys, a, off)
     return x
 
 

