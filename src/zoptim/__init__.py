@@ -2,6 +2,7 @@
 
 from .core import ZOOptimizer
 from .optimizers import (
+    Composed,
     HiZOO,
     LOZO,
     ZOSGD,
@@ -34,4 +35,4 @@ METHODS = {
     "zo-muon": ZOMuon,
 }
 
-__all__ = ["ZOOptimizer", "METHODS", *(cls.__name__ for cls in METHODS.values()), "ZOSGD"]
+__all__ = ["ZOOptimizer", "Composed", "METHODS", *(cls.__name__ for cls in METHODS.values()), "ZOSGD"]

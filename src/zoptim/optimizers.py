@@ -259,3 +259,33 @@ def _vector_lr(group: dict) -> dict:
 def _check_queries(queries) -> None:
     if not (isinstance(queries, int) and queries >= 1):
         raise ValueError(f"queries={queries!r} is invalid: it must be an integer >= 1")
+
+
+class Composed(ZOOptimizer):
+    """A method assembled from parts, for what the named methods do not cover::
+
+        from zoptim.estimators import Central
+        from zoptim.subspace import Space
+        from zoptim.transforms import ClipNorm, Momentum
+
+        opt = zoptim.Composed(model.parameters(), Central(queries=4), lr=1e-3,
+                              space=lambda group: Space("rademacher"),
+                              transforms=[ClipNorm(1.0), Momentum(0.9)])
+
+    ``space`` maps a parameter group to its space (dense noise of the group's kind if
+    omitted); ``transforms`` apply in order to every tensor's estimate.
+    """
+
+    def __init__(self, params, estimator, *, lr: float, eps: float = 1e-3,
+                 weight_decay: float = 0.0, noise: str = "gaussian", space=None,
+                 transforms=(), seed: int | None = None):
+        self._space_of = space or (lambda group: Space(group["noise"]))
+        self._chain = list(transforms)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise),
+                         estimator, seed=seed)
+
+    def space(self, group):
+        return self._space_of(group)
+
+    def transforms(self, group):
+        return self._chain

@@ -144,7 +144,8 @@ class HessianScaled(Space):
         for key, c, probe in zip(keys, coefs, probes):
             z = noise(key, p.shape, self.noise_kind, p.dtype, p.device)
             curvature = abs(probe.curv) / eps**2  # |f+ + f- - 2 f0| / (2 eps^2)
-            h.mul_(1.0 - self.smoothing).addcmul_(h * z, z, value=self.smoothing * curvature)
+            observed = h * z * z  # the old H's, so computed before H is decayed
+            h.mul_(1.0 - self.smoothing).add_(observed, alpha=self.smoothing * curvature)
             g.add_(z.div_(h.sqrt()), alpha=c)
         return g
 
