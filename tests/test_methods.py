@@ -141,3 +141,23 @@ def test_queries_count_every_evaluation(name):
     for _ in range(3):
         opt.step(closure)
     assert opt.queries == len(calls) == 3 * per_step(name)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_replaying_recorded_values_reproduces_the_run_bit_for_bit(name):
+    kw = {"resample_every": 3} if resampling(name) else {}
+    model, opt = mlp(0), None
+    opt = make(name, model, **kw)
+    xs = torch.rand(64, 64, generator=torch.Generator().manual_seed(5))
+    ys = torch.arange(64) % 10
+    journal = []
+    for _ in range(7):
+        opt.step(digits_closure(model, xs, ys, opt.steps, batch=16))
+        journal.append(list(opt.last_values))
+    replayed = mlp(0)
+    opt2 = make(name, replayed, **kw)
+    for values in journal:
+        opt2.step(replay=values)  # no closure: the model is never run
+    for pa, pb in zip(model.parameters(), replayed.parameters()):
+        assert torch.equal(pa, pb)
+    assert opt2.queries == opt.queries

@@ -35,20 +35,50 @@ class _Slot:
 
 
 class _Probe:
-    """What an estimator may do to the model: shift along a direction, evaluate, count."""
+    """What an estimator may do to the model: shift along a direction, evaluate, count.
 
-    def __init__(self, opt: "ZOOptimizer", slots: list[_Slot], scratch: dict, closure):
+    Every value the objective returns is kept in ``values``; given ``replay`` (a step's
+    recorded values), ``evaluate`` returns those instead of calling the closure, so the step's
+    parameter arithmetic is redone exactly without the model being run."""
+
+    def __init__(self, opt: "ZOOptimizer", slots: list[_Slot], scratch: dict, closure,
+                 replay: list[float] | None = None):
         self.opt, self.slots, self.scratch, self.closure = opt, slots, scratch, closure
+        self.values: list[float] = []
+        self._replay = None if replay is None else list(replay)
 
     def shift(self, seed: int, scale: float) -> None:
         for s in self.slots:
             s.space.perturb_(s.p, self.opt.state[s.p], mix(seed, s.index),
                              scale * s.group["eps"], self.scratch[s.p])
 
+    def _record(self, compute: Callable[[], float], count: int = 1) -> float:
+        if self._replay is not None:
+            if not self._replay:
+                raise ValueError("the recorded step has fewer values than the step evaluates")
+            value = float(self._replay.pop(0))
+        else:
+            value = compute()
+        self.opt.queries += count
+        self.values.append(value)
+        return value
+
     def evaluate(self) -> float:
-        loss = self.closure()
-        self.opt.queries += 1
-        return float(loss)
+        return self._record(lambda: float(self.closure()))
+
+    def directional(self, seed: int, derivative: Callable) -> tuple[float, float]:
+        """``(f, grad f . eps z)`` from ``derivative(params, tangents)`` (one forward-mode pass,
+        one query), recorded like evaluations."""
+        result = []
+
+        def compute():
+            params = [s.p for s in self.slots]
+            result.extend(derivative(params, self.tangents(seed)))
+            return result[0]
+
+        loss = self._record(compute)
+        d = self._record(lambda: result[1], count=0)
+        return loss, d
 
     def tangents(self, seed: int) -> list[torch.Tensor]:
         """``eps * z(seed)`` for every parameter, materialized (forward-mode estimators)."""
@@ -94,6 +124,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.queries = 0
         self.steps = 0
+        self.last_values: list[float] = []
 
     # -- composition hooks: a method overrides these -------------------------------------
     def space(self, group: dict) -> Space:
@@ -116,8 +147,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         return slots
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor | float]) -> float:  # type: ignore[override]
-        if closure is None:
+    def step(self, closure: Callable[[], torch.Tensor | float] | None = None, *,
+             replay: list[float] | None = None) -> float:  # type: ignore[override]
+        """One step; returns the loss the estimator reports. ``last_values`` then holds every
+        value the objective returned, in order: given back as ``replay``, they redo the step
+        bit for bit without a closure (a journal replays a run this way)."""
+        if closure is None and replay is None:
             raise ValueError("a zeroth-order optimizer needs a closure that returns the loss")
         slots = self._slots()
         scratch = {s.p: {} for s in slots}
@@ -129,11 +164,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                     for name in t.carried:
                         if name in state:
                             state[name] = transfer(state[name])
-        probe = _Probe(self, slots, scratch, closure)
+        probe = _Probe(self, slots, scratch, closure, replay)
         loss, dirs, pending = self.estimator(probe, mix(self.seed, self.steps))
         self._update(probe, dirs, pending)
         self._after_update(probe, dirs, loss)
         self.steps += 1
+        self.last_values = probe.values
         return loss
 
     @staticmethod

@@ -141,8 +141,7 @@ class JVP:
 
     def __call__(self, probe, step_seed: int):
         (seed,) = _seeds(step_seed, 1)
-        tangents = probe.tangents(seed)
-        params = [s.p for s in probe.slots]
-        loss, d = directional_derivative(self.model, probe.closure, params, tangents)
-        probe.opt.queries += 1
+        loss, d = probe.directional(
+            seed, lambda params, tangents: directional_derivative(self.model, probe.closure,
+                                                                  params, tangents))
         return loss, [Direction(seed, d)], []
