@@ -1,5 +1,11 @@
-"""Command line: ``zoptim demo`` trains a small network on scikit-learn's digits with
-zeroth-order methods side by side, under one query budget."""
+"""Command line.
+
+- ``zoptim train``: fine-tune a language model on a task from a config (TOML or YAML) and
+  ``--set key=value`` overrides; without any, a short ZO-Muon fine-tune of all-MiniLM-L6-v2
+  on the movie-review snippets.
+- ``zoptim eval RUN`` / ``zoptim replay RUN``: evaluate a saved run; redo it from its journal.
+- ``zoptim demo``: small networks on scikit-learn's digits, methods side by side.
+"""
 
 from __future__ import annotations
 
@@ -82,9 +88,95 @@ def demo(args) -> int:
     return 0
 
 
+def _overrides(args) -> list[str]:
+    sets = list(args.set or [])
+    for flag, key in (("steps", "steps"), ("method", "method.name"), ("model", "model.name"),
+                      ("task", "task.name"), ("task_path", "task.path"),
+                      ("scheme", "model.scheme")):
+        value = getattr(args, flag)
+        if value is not None:
+            sets.append(f"{key}={value}" if flag == "steps" else f"{key}={json_str(value)}")
+    return sets
+
+
+def json_str(value: str) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def train_command(args) -> int:
+    from . import config
+    from .train import train
+
+    cfg = config.load(args.config, _overrides(args))
+    train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def eval_command(args) -> int:
+    from .train import evaluate
+
+    acc = evaluate(args.run_dir, args.split)
+    print(f"{args.split} accuracy: {acc:.4f}")
+    return 0
+
+
+def replay_command(args) -> int:
+    from pathlib import Path
+
+    from .train import latest_checkpoint, replay
+    from safetensors.torch import load_file
+
+    run, steps = replay(args.run_dir)
+    checkpoint = latest_checkpoint(Path(args.run_dir))
+    print(f"replayed {steps} steps ({run.opt.queries} queries) without running the model")
+    if checkpoint is not None and run.opt.steps == json_step(checkpoint):
+        saved = load_file(str(checkpoint / "trainable.safetensors"))
+        same = all(torch.equal(saved[n], p.detach()) for n, p in run.params.items())
+        print(f"final weights {'equal' if same else 'DIFFER FROM'} {checkpoint.name}")
+        return 0 if same else 1
+    return 0
+
+
+def json_step(checkpoint) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="zoptim", description=__doc__)
+    from .config import ConfigError
+    from .integrations.models import ModelError
+    from .tasks.data import DataError
+    from .train import RunError
+
+    parser = argparse.ArgumentParser(prog="zoptim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a language model on a task")
+    p.add_argument("--config", help="TOML or YAML file (defaults: zoptim.config.TrainConfig)")
+    p.add_argument("--out", default="runs/default", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set method.settings.lr=1e-3 (repeatable)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--method")
+    p.add_argument("--model")
+    p.add_argument("--scheme")
+    p.add_argument("--task")
+    p.add_argument("--task-path", help="the task's data file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=train_command)
+
+    p = sub.add_parser("eval", help="evaluate a saved run at its latest checkpoint")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--split", choices=["train", "dev", "test"], default="test")
+    p.set_defaults(handler=eval_command)
+
+    p = sub.add_parser("replay", help="redo a run from its journal and check the final weights")
+    p.add_argument("run_dir", metavar="RUN")
+    p.set_defaults(handler=replay_command)
+
     p = sub.add_parser("demo", help="train an MLP on digits with ZO methods side by side")
     p.add_argument("--methods", default="zo-muon,mezo",
                    help=f"comma-separated, from: {', '.join(DEMO_SETTINGS)}")
@@ -92,9 +184,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=300, help="steps between progress lines")
-    p.set_defaults(run=demo)
+    p.set_defaults(handler=demo)
+
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, ModelError, RunError, ValueError) as err:
+        print(f"zoptim {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Run configuration: TOML or YAML files, overridden by ``key=value`` flags, validated before
+any work starts."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = "minilm-l6"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    scheme: Literal["full", "lora", "prefix", "prompt"] = "full"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    virtual_tokens: int = Field(10, ge=1)
+    max_length: int = Field(128, ge=8)
+
+
+class TaskConfig(_Strict):
+    name: str = "mr"
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = None
+    template: str = "{text} It was {label}."
+    label_words: list[str] = ["terrible", "great"]
+    train: int = Field(1000, ge=1)
+    dev: int = Field(500, ge=1)
+    test: int = Field(1000, ge=1)
+    seed: int = 42
+
+
+class MethodConfig(_Strict):
+    name: str = "zo-muon"
+    settings: dict[str, Any] = {"lr": 1e-2, "eps": 1e-3, "rank": 32, "resample_every": 100,
+                                "queries": 4}
+
+
+class TrainConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    method: MethodConfig = MethodConfig()
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    save_every: int = Field(50, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _labels_match(self):
+        if self.task.labels is not None and len(self.task.labels) != len(self.task.label_words):
+            raise ValueError("task.labels and task.label_words must have the same length")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _parse_value(text: str) -> Any:
+    """A flag's value: a TOML literal where it parses as one (numbers, booleans, lists,
+    quoted strings), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def read_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as err:
+        raise ConfigError(f"{p}: cannot parse ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a table of settings")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys: ``["task.train=200", "method.settings.lr=1e-3"]``."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a table")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def build(data: dict) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "config"
+        raise ConfigError(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
+
+
+def load(path: str | None, overrides: list[str]) -> TrainConfig:
+    return build(apply_overrides(read_file(path) if path else {}, overrides))

@@ -1,0 +1,1 @@
+"""Hugging Face models: loading, prompt-based classification heads, PEFT schemes, Trainer."""

@@ -1,0 +1,76 @@
+"""Prompt-based classification, the objective of MeZO-style fine-tuning.
+
+- Decoders score the label words: the logits of each word's first token after the prompt's
+  context (``"<text> It was"`` -> ``" great"`` / ``" terrible"``), at the last position.
+- Encoders get a task-aligned head: cosine similarity (times a fixed scale) between the
+  mean-pooled text embedding and one row per label, each row initialized from the embedding
+  of that label's text (``"It was great."``), so zero-shot accuracy is sensible from step 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..tasks import Example, Prompt
+
+
+class PromptClassifier(torch.nn.Module):
+    def __init__(self, backbone, tokenizer, prompt: Prompt, decoder: bool,
+                 max_length: int = 128, scale: float = 20.0):
+        super().__init__()
+        self.backbone, self.tokenizer, self.prompt = backbone, tokenizer, prompt
+        self.decoder, self.max_length, self.scale = decoder, max_length, scale
+        if decoder:
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.padding_side = "left"  # the last position is every row's last token
+            ids = [tokenizer(" " + w, add_special_tokens=False).input_ids[0]
+                   for w in prompt.label_words]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"label words {list(prompt.label_words)} share their first "
+                                 "token; choose words that start differently")
+            self.register_buffer("label_ids", torch.tensor(ids), persistent=False)
+        else:
+            with torch.no_grad():
+                anchors = self._embed([prompt.label_text(i) for i in range(len(prompt.label_words))])
+            self.head = torch.nn.Parameter(F.normalize(anchors, dim=-1).clone())
+
+    def _encode(self, texts: list[str]):
+        device = next(self.backbone.parameters()).device
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        batch = self._encode(texts)
+        hidden = self.backbone(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """Label logits, one row per text."""
+        if self.decoder:
+            batch = self._encode([self.prompt.context(t) for t in texts])
+            logits = self.backbone(**batch, logits_to_keep=1).logits[:, -1]
+            return logits[:, self.label_ids].float()
+        pooled = F.normalize(self._embed(texts), dim=-1)
+        return self.scale * (pooled @ F.normalize(self.head, dim=-1).T).float()
+
+    def loss(self, examples: list[Example]) -> torch.Tensor:
+        labels = torch.tensor([e.label for e in examples])
+        return F.cross_entropy(self(list(e.text for e in examples)), labels.to(self._device()))
+
+    def _device(self):
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def accuracy(self, examples: list[Example], batch_size: int = 64) -> float:
+        if not examples:
+            return float("nan")
+        correct = 0
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            pred = self([e.text for e in chunk]).argmax(-1).cpu()
+            correct += int((pred == torch.tensor([e.label for e in chunk])).sum())
+        return correct / len(examples)

