@@ -1,0 +1,42 @@
+import pytest
+
+from zoptim import config
+from zoptim.config import ConfigError
+
+
+def test_toml_and_yaml_files_with_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('steps = 7\n[model]\nscheme = "lora"\n[method]\nname = "mezo"\n'
+                    'settings = { lr = 1e-5 }\n')
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("steps: 7\nmodel:\n  scheme: lora\nmethod:\n  name: mezo\n"
+                    "  settings:\n    lr: 1.0e-5\n")
+    for path in (toml, yaml):
+        cfg = config.load(str(path), ["task.train=12", "method.settings.eps=0.01",
+                                      'task.label_words=["bad", "good"]'])
+        assert cfg.steps == 7 and cfg.model.scheme == "lora" and cfg.task.train == 12
+        assert cfg.method.settings == {"lr": 1e-5, "eps": 0.01}
+        assert cfg.task.label_words == ["bad", "good"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stepz=3"], "stepz"),
+    (["steps=0"], "steps"),
+    (["model.dtype=float8"], "model.dtype"),
+    (["model.scheme=adapter"], "model.scheme"),
+    (["batch_size=many"], "batch_size"),
+    (["task.labels=[\"a\"]"], "same length"),
+    (["steps"], "key=value"),
+])
+def test_bad_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, overrides)
+
+
+def test_unreadable_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(str(tmp_path / "missing.toml"), [])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = = 3")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        config.load(str(bad), [])
