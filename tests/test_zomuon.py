@@ -80,3 +80,14 @@ def test_learning_rate_zero_freezes_a_group():
     assert torch.equal(v, before_v)  # never perturbed, never updated
     assert not torch.equal(w, before_w)
     assert "P" not in opt.state[v]
+
+
+def test_groups_added_later_are_split_too():
+    layer = torch.nn.Linear(6, 4)
+    opt = zoptim.ZOMuon([torch.nn.Parameter(torch.randn(5, 7))], lr=0.01, rank=2, vector_lr=0.5)
+    opt.add_param_group({"params": layer.parameters(), "lr": 0.02})
+    added = opt.param_groups[1:]
+    assert [(g["matrix"], g["lr"]) for g in added] == [(True, 0.02), (False, 0.5)]
+    x = torch.randn(8, 6)
+    opt.step(lambda: layer(x).pow(2).mean())
+    assert opt.state[layer.weight]["P"].shape == (4, 2)

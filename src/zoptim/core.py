@@ -8,8 +8,8 @@
 A method is a subclass that chooses an estimator and, per parameter group, a space and a
 list of transforms. Seeds: step ``t`` uses ``mix(seed, t)``; its ``i``-th direction
 ``mix(step_seed, i)``; parameter ``j`` of that direction ``mix(direction_seed, j)``. Nothing
-else is random, so a run is a function of its seed, and a step is replayable from the
-directions' seeds and differences alone.
+else is random, so a run is a function of its seed and its objective's values, and a step is
+replayed exactly from the values it evaluated (``last_values``) without running the model.
 """
 
 from __future__ import annotations

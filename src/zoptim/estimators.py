@@ -2,7 +2,8 @@
 
 An estimator drives the probe: it shifts the parameters along seeded directions (through
 ``probe.shift(seed, scale)``, which moves every parameter by ``scale * eps * z(seed)``),
-evaluates the objective (``probe.evaluate()``, one query each) and returns:
+evaluates the objective (``probe.evaluate()``, one query each; ``probe.directional`` for a
+forward-mode derivative) and returns:
 
 - the loss to report,
 - one :class:`Direction` per query direction: its seed and ``diff``, the estimated directional

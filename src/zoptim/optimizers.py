@@ -117,7 +117,10 @@ class SparseMeZO(MeZO):
     def __init__(self, params, lr: float = 1e-6, sparsity: float = 0.8, **kw):
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity!r} is invalid: it must be in [0, 1)")
-        super().__init__(split_matrices(params, {}, lambda g: {}), lr=lr, sparsity=sparsity, **kw)
+        super().__init__(params, lr=lr, sparsity=sparsity, **kw)
+
+    def add_param_group(self, param_group: dict) -> None:
+        add_split_group(self, param_group, lambda settings: {})
 
     def space(self, group):
         if group["matrix"]:
@@ -149,8 +152,12 @@ class _MatrixMethod(ZOOptimizer):
     matrix_space: type
 
     def __init__(self, params, defaults, estimator, vector_settings, seed):
-        super().__init__(split_matrices(params, defaults, vector_settings), defaults, estimator,
-                         seed=seed)
+        self._vector_settings = vector_settings
+        super().__init__(params, defaults, estimator, seed=seed)
+
+    def add_param_group(self, param_group: dict) -> None:
+        # Every group, at construction or later, is split into its matrices and its vectors.
+        add_split_group(self, param_group, self._vector_settings)
 
     def space(self, group):
         if group["matrix"]:
@@ -250,6 +257,14 @@ class ZOMuon(SubspaceMeZO):
 
     def transforms(self, group):
         return [Orthogonalize(group["ortho"], group["ns_steps"])] if group["matrix"] else []
+
+
+def add_split_group(opt: ZOOptimizer, param_group: dict, vector_settings) -> None:
+    params = param_group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    for part in split_matrices([{**param_group, "params": params}], opt.defaults,
+                               vector_settings):
+        ZOOptimizer.add_param_group(opt, part)
 
 
 def _vector_lr(group: dict) -> dict:
