@@ -231,7 +231,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     summary["after"] = {"dev_acc": dev, "test_acc": test, "steps": run.opt.steps,
                         "queries": run.opt.queries}
     summary["wall_s"] = summary.get("wall_s", 0.0) + time.perf_counter() - start
-    summary["command"] = sys.argv
+    summary["command"] = ["zoptim", *sys.argv[1:]]
     _write_json(summary_path, summary)
     before = summary.get("before", {})
     log(f"after:  dev {dev:.4f}  test {test:.4f}  ({run.opt.steps} steps, {run.opt.queries} "

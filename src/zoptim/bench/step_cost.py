@@ -133,7 +133,8 @@ def main(argv=None) -> int:
                       tokens=args.tokens, forward_s=forward, rows=rows,
                       threads=torch.get_num_threads(), torch=torch.__version__,
                       machine=platform.machine(), processor=platform.processor(),
-                      noise_backend=zoptim.perturb.get_backend(), command=sys.argv)
+                      noise_backend=zoptim.perturb.get_backend(),
+                      command=["python", "-m", "zoptim.bench.step_cost", *sys.argv[1:]])
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)
     return 0
