@@ -45,6 +45,16 @@ class MethodConfig(_Strict):
                                 "queries": 4}
 
 
+class GuardConfig(_Strict):
+    """Divergence guards: a step whose losses are not finite, or whose largest loss exceeds
+    ``spike`` times the median of the last ``window`` accepted losses, is skipped; after
+    ``max_consecutive`` skipped steps in a row the run stops with its last good state saved."""
+
+    spike: float = Field(10.0, ge=0)  # 0 disables the spike test
+    window: int = Field(20, ge=1)
+    max_consecutive: int = Field(5, ge=1)
+
+
 class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
@@ -54,6 +64,8 @@ class TrainConfig(_Strict):
     eval_every: int = Field(50, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     save_every: int = Field(50, ge=1)
+    journal_fsync_every: int = Field(1, ge=0)  # steps between fsyncs of the journal (0: at saves)
+    guard: GuardConfig = GuardConfig()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -112,13 +124,45 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _check_method(method: MethodConfig) -> None:
+    """Build the method once on a dummy parameter: unknown settings and impossible values are
+    reported by the optimizer's own checks, before any model is loaded."""
+    import torch
+
+    from . import METHODS
+
+    if method.name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {method.name!r}; choose one of "
+                          f"{', '.join(METHODS)}")
+    dummy = torch.nn.Linear(2, 2)
+    extra = {"model": dummy} if method.name == "forward-gradient" else {}
+    try:
+        METHODS[method.name](dummy.parameters(), **method.settings, **extra)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method.settings: {err}") from err
+
+
+def _check_task(task: TaskConfig) -> None:
+    from .tasks import Prompt
+
+    try:
+        Prompt(task.template, tuple(task.label_words))
+    except ValueError as err:
+        raise ConfigError(f"task.template / task.label_words: {err}") from err
+    if task.path and task.name != "sst2" and not Path(task.path).exists():
+        raise ConfigError(f"task.path: {task.path} does not exist")
+
+
 def build(data: dict) -> TrainConfig:
     try:
-        return TrainConfig.model_validate(data)
+        cfg = TrainConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "config"
         raise ConfigError(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
+    _check_method(cfg.method)
+    _check_task(cfg.task)
+    return cfg
 
 
 def load(path: str | None, overrides: list[str]) -> TrainConfig:

@@ -14,6 +14,7 @@ replayed exactly from the values it evaluated (``last_values``) without running 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,6 +92,10 @@ class _Probe:
         return out
 
 
+def skip_non_finite(values: list[float]) -> str | None:
+    return None if all(math.isfinite(v) for v in values) else "non-finite loss"
+
+
 def _check_group(group: dict) -> None:
     def bad(key, why):
         raise ValueError(f"{key}={group[key]!r} is invalid: {why}")
@@ -124,7 +129,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.queries = 0
         self.steps = 0
+        self.skipped = 0
         self.last_values: list[float] = []
+        self.last_skip: str | None = None
+        # Decides from a step's values, before the update, whether to skip it (returns the
+        # reason); by default a step whose objective was not finite never touches the weights.
+        self.guard: Callable[[list[float]], str | None] | None = skip_non_finite
 
     # -- composition hooks: a method overrides these -------------------------------------
     def space(self, group: dict) -> Space:
@@ -166,10 +176,18 @@ class ZOOptimizer(torch.optim.Optimizer):
                             state[name] = transfer(state[name])
         probe = _Probe(self, slots, scratch, closure, replay)
         loss, dirs, pending = self.estimator(probe, mix(self.seed, self.steps))
-        self._update(probe, dirs, pending)
-        self._after_update(probe, dirs, loss)
+        reason = self.guard(probe.values) if self.guard is not None else None
+        if reason is None:
+            self._update(probe, dirs, pending)
+            self._after_update(probe, dirs, loss)
+        else:  # undo the probing, leave parameters and state as they were
+            for s in slots:
+                for seed, scale in pending:
+                    s.space.perturb_(s.p, self.state[s.p], mix(seed, s.index),
+                                     scale * s.group["eps"], scratch[s.p])
+            self.skipped += 1
         self.steps += 1
-        self.last_values = probe.values
+        self.last_values, self.last_skip = probe.values, reason
         return loss
 
     @staticmethod
@@ -206,7 +224,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["zo"] = {"seed": self.seed, "steps": self.steps, "queries": self.queries}
+        sd["zo"] = {"seed": self.seed, "steps": self.steps, "queries": self.queries,
+                    "skipped": self.skipped}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -216,6 +235,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("not a zoptim optimizer state: the 'zo' entry is missing")
         super().load_state_dict(state_dict)
         self.seed, self.steps, self.queries = int(zo["seed"]), int(zo["steps"]), int(zo["queries"])
+        self.skipped = int(zo.get("skipped", 0))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

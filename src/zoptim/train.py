@@ -5,8 +5,8 @@ A run folder holds:
 
 - ``config.json`` (the validated configuration) and ``split.json`` (how the data was split),
 - ``metrics.jsonl`` (one line a step; dev accuracy every ``eval_every`` steps),
-- ``journal.jsonl`` (every value each step's objective returned: enough to replay the run
-  from its starting weights, bit for bit on the CPU),
+- ``journal.jsonl`` (every value each step's objective returned, checksummed: enough to
+  replay the run from its starting weights, bit for bit on the CPU; see ``journal``),
 - ``checkpoint-<step>/`` (trainable weights and optimizer state as safetensors plus JSON) and
   ``latest`` naming the newest complete one,
 - ``summary.json`` (accuracy before and after, queries, wall time).
@@ -15,9 +15,11 @@ A run folder holds:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import METHODS
+from . import METHODS, journal
 from .config import TrainConfig
 from .integrations.classifier import PromptClassifier
 from .integrations.models import load_model
@@ -63,6 +65,11 @@ def build(cfg: TrainConfig) -> Run:
     apply_scheme(clf, cfg.model.scheme, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
                  virtual_tokens=cfg.model.virtual_tokens)
     params = {n: p for n, p in clf.named_parameters() if p.requires_grad}
+    rank = cfg.method.settings.get("rank")
+    rows = [p.shape[0] for p in params.values() if p.dim() >= 2]
+    if rank is not None and rows and rank > max(rows):
+        raise RunError(f"method.settings.rank={rank} exceeds every matrix of this model and "
+                       f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
     if cfg.method.name not in METHODS:
         raise RunError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
     cls = METHODS[cfg.method.name]
@@ -92,7 +99,15 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run: Run, folder: Path) -> Path:
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run: Run, folder: Path, guard: "LossGuard | None" = None) -> Path:
     """Write ``checkpoint-<step>`` completely, then point ``latest`` at it, then drop older
     ones: a crash at any moment leaves the previous checkpoint intact and named."""
     step = run.opt.steps
@@ -113,9 +128,16 @@ def save_checkpoint(run: Run, folder: Path) -> Path:
     save_file(tensors, str(staging / "optimizer.safetensors"))
     _write_json(staging / "optimizer.json", {"param_groups": sd["param_groups"], "zo": sd["zo"],
                                              "scalars": meta})
+    _write_json(staging / "progress.json", {"step": step,
+                                            "guard_history": guard.history if guard else []})
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        _fsync_path(staging / name)
+    _fsync_path(staging)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
+    _fsync_path(folder)
     _write_json(folder / "latest.json", {"checkpoint": target.name, "step": step})
+    _fsync_path(folder)
     for old in folder.glob("checkpoint-*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
@@ -150,19 +172,64 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 # -- the run ------------------------------------------------------------------------------------
 
+class Diverged(RunError):
+    pass
+
+
+class LossGuard:
+    """Skips a step whose losses are not finite or jump above ``spike`` times the median of
+    the last ``window`` accepted losses (``spike = 0``: no jump test). ``decide`` judges a
+    step's values before its update; ``observe`` records the outcome."""
+
+    def __init__(self, spike: float, window: int, history: list[float] | None = None):
+        self.spike, self.window = spike, window
+        self.history = list(history or [])
+
+    def decide(self, values: list[float]) -> str | None:
+        if not all(math.isfinite(v) for v in values):
+            return "non-finite loss"
+        if self.spike and len(self.history) >= min(5, self.window):
+            typical = statistics.median(self.history)
+            if typical > 0 and max(values) > self.spike * typical:
+                return f"loss {max(values):.4g} above {self.spike:g} x median {typical:.4g}"
+        return None
+
+    def observe(self, values: list[float], skipped: str | None) -> None:
+        if skipped is None:
+            self.history = (self.history + [statistics.fmean(values)])[-self.window:]
+
+
 def _truncate_jsonl(path: Path, below_step: int) -> None:
-    """Keep the lines of steps before ``below_step`` (after a resume, later ones are redone)."""
+    """Keep the complete lines of steps before ``below_step`` (later ones are redone)."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) < below_step]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) < below_step:
+                kept.append(line)
+        except ValueError:
+            break  # a torn line: the crash happened there
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
 
 
+def _roll_forward(run: Run, entries: list[journal.Entry], guard: LossGuard) -> None:
+    """Redo journalled steps after the checkpoint from their recorded values (no model run)."""
+    for entry in entries:
+        if entry.step != run.opt.steps:
+            raise RunError(f"journal step {entry.step} does not follow step {run.opt.steps}")
+        run.opt.guard = lambda values, skip=entry.skipped: skip
+        run.opt.step(replay=entry.values)
+        guard.observe(entry.values, entry.skipped)
+
+
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
           log=print) -> dict:
+    """Run (or, with ``resume``, continue) the fine-tune of ``cfg`` in folder ``out``. A resumed
+    run loads the latest checkpoint, redoes the journalled steps after it, and continues: its
+    final weights equal an uninterrupted run's, bit for bit on the CPU."""
     folder = Path(out)
     has_run = (folder / "config.json").exists()
     if has_run and not resume:
@@ -179,20 +246,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     _write_json(folder / "split.json", run.splits.record)
 
     summary_path = folder / "summary.json"
+    journal_path = folder / "journal.jsonl"
+    guard = LossGuard(cfg.guard.spike, cfg.guard.window)
     checkpoint = latest_checkpoint(folder) if resume else None
     if checkpoint is not None:
         load_checkpoint(run, checkpoint)
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        log(f"resumed from {checkpoint.name} (step {run.opt.steps}, {run.opt.queries} queries)")
-    else:
+        progress_state = json.loads((checkpoint / "progress.json").read_text())
+        guard.history = progress_state["guard_history"]
+    summary = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
+    entries = journal.truncate_to_good(journal_path) if resume else []
+    later = [e for e in entries if e.step >= run.opt.steps]
+    if resume and has_run:
+        _roll_forward(run, later, guard)
+        log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): "
+            f"{checkpoint.name if checkpoint else 'no checkpoint'} + {len(later)} journalled steps")
+    if "before" not in summary:
         dev0 = run.clf.accuracy(run.splits.dev, cfg.eval_batch_size)
         test0 = run.clf.accuracy(run.splits.test, cfg.eval_batch_size)
         summary = {"before": {"dev_acc": dev0, "test_acc": test0}}
         _write_json(summary_path, summary)
         log(f"before: dev {dev0:.4f}  test {test0:.4f}  ({len(run.params)} tensors, "
             f"{sum(p.numel() for p in run.params.values()):,} trainable parameters)")
-    for name in ("journal.jsonl", "metrics.jsonl"):
-        _truncate_jsonl(folder / name, run.opt.steps)
+    journal.truncate_to_good(journal_path, keep_below=run.opt.steps)
+    _truncate_jsonl(folder / "metrics.jsonl", run.opt.steps)
+    run.opt.guard = guard.decide
 
     bar = None
     if progress:
@@ -202,17 +279,25 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                    dynamic_ncols=True)
     start, start_queries = time.perf_counter(), run.opt.queries
     dev = summary.get("last_dev_acc")
-    with open(folder / "journal.jsonl", "a") as journal, open(folder / "metrics.jsonl", "a") as metrics:
+    failures = 0
+    with journal.Writer(journal_path, cfg.journal_fsync_every) as writer, \
+            open(folder / "metrics.jsonl", "a") as metrics:
         while run.opt.steps < cfg.steps:
             examples = batch(run, run.opt.steps)
             loss = run.opt.step(lambda: run.clf.loss(examples))
-            step = run.opt.steps
-            journal.write(json.dumps({"step": step - 1, "values": run.opt.last_values}) + "\n")
-            journal.flush()
+            step, skipped = run.opt.steps, run.opt.last_skip
+            guard.observe(run.opt.last_values, skipped)
+            writer.append(journal.Entry(step - 1, run.opt.last_values,
+                                        [g["lr"] for g in run.opt.param_groups], run.opt.queries,
+                                        skipped))
             elapsed = time.perf_counter() - start
             rate = (run.opt.queries - start_queries) / max(elapsed, 1e-9)
             record = {"step": step - 1, "loss": loss, "queries": run.opt.queries,
                       "elapsed_s": round(elapsed, 3), "queries_per_s": round(rate, 3)}
+            failures = failures + 1 if skipped else 0
+            if skipped:
+                record["skipped"] = skipped
+                log(f"step {step - 1} skipped: {skipped} ({failures} in a row)")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 dev = record["dev_acc"] = run.clf.accuracy(run.splits.dev, cfg.eval_batch_size)
             metrics.write(json.dumps(record) + "\n")
@@ -221,15 +306,22 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                 bar.set_postfix(loss=f"{loss:.4f}", dev="-" if dev is None else f"{dev:.3f}",
                                 queries=run.opt.queries, qps=f"{rate:.1f}")
                 bar.update(1)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(run, folder)
+            stop = failures >= cfg.guard.max_consecutive
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
+                writer.sync()
+                save_checkpoint(run, folder, guard)
                 summary["last_dev_acc"] = dev
                 _write_json(summary_path, summary)
+            if stop:
+                raise Diverged(f"stopped after {failures} skipped steps in a row (last: "
+                               f"{skipped}); the last good weights are saved in "
+                               f"{folder / f'checkpoint-{step}'}; lower the learning rate or "
+                               "eps and resume")
     if bar is not None:
         bar.close()
     test = run.clf.accuracy(run.splits.test, cfg.eval_batch_size)
     summary["after"] = {"dev_acc": dev, "test_acc": test, "steps": run.opt.steps,
-                        "queries": run.opt.queries}
+                        "queries": run.opt.queries, "skipped_steps": run.opt.skipped}
     summary["wall_s"] = summary.get("wall_s", 0.0) + time.perf_counter() - start
     summary["command"] = ["zoptim", *sys.argv[1:]]
     _write_json(summary_path, summary)
@@ -265,10 +357,6 @@ def replay(folder: str | Path) -> tuple[Run, int]:
     folder = Path(folder)
     cfg = TrainConfig.model_validate_json((folder / "config.json").read_text())
     run = build(cfg)
-    steps = 0
-    with open(folder / "journal.jsonl") as journal:
-        for line in journal:
-            if line.strip():
-                run.opt.step(replay=json.loads(line)["values"])
-                steps += 1
-    return run, steps
+    entries, _ = journal.read(folder / "journal.jsonl")
+    _roll_forward(run, entries, LossGuard(cfg.guard.spike, cfg.guard.window))
+    return run, len(entries)
