@@ -40,3 +40,27 @@ def test_unreadable_files_are_refused(tmp_path):
     bad.write_text("steps = = 3")
     with pytest.raises(ConfigError, match="cannot parse"):
         config.load(str(bad), [])
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEYS = ["steps", "batch_size", "seed", "model.name", "model.dtype", "model.scheme", "task.train",
+        "task.template", "task.label_words", "method.name", "method.settings.lr", "guard.spike",
+        "unknown", "task", "model.lora_r", "journal_fsync_every"]
+VALUES = st.one_of(st.integers(-10, 10**6), st.floats(allow_nan=True), st.text(max_size=12),
+                   st.booleans(), st.lists(st.text(max_size=5), max_size=3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
+def test_any_overrides_give_a_config_or_a_config_error(pairs):
+    import json
+
+    overrides = [f"{k}={json.dumps(v) if not isinstance(v, float) else repr(v)}" for k, v in pairs]
+    try:
+        cfg = config.load(None, overrides)
+    except ConfigError as err:
+        assert str(err)
+    else:
+        assert cfg.steps >= 1 and cfg.batch_size >= 1

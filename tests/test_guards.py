@@ -54,3 +54,40 @@ def test_loss_guard_skips_spikes_after_a_history():
     assert guard.decide([0.7, 6.0]) is None
     assert guard.decide([math.nan]) == "non-finite loss"
     assert LossGuard(spike=0.0, window=8, history=[0.7] * 8).decide([1e9]) is None
+
+
+def test_a_run_stops_after_consecutive_failures_with_its_last_good_state_saved(tmp_path,
+                                                                               monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import MR_PATH
+    from zoptim import config
+    from zoptim.integrations.classifier import PromptClassifier
+    from zoptim.train import Diverged, train
+
+    sets = ["task.train=16", "task.dev=8", "task.test=8", f"task.path={json.dumps(MR_PATH)}",
+            "batch_size=4", "eval_batch_size=8", "model.scheme=\"lora\"", "model.max_length=32",
+            "method.name=\"mezo\"", "method.settings={lr = 1e-3, eps = 1e-2}", "save_every=100",
+            "guard.max_consecutive=2"]
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(config.load(None, sets + ["steps=3"]), tmp_path / "good", **quiet)
+
+    real_loss, calls = PromptClassifier.loss, []
+
+    def failing(self, examples):
+        calls.append(1)
+        loss = real_loss(self, examples)
+        return loss * float("nan") if len(calls) > 6 else loss  # steps 0-2 are fine (2 each)
+
+    monkeypatch.setattr(PromptClassifier, "loss", failing)
+    with pytest.raises(Diverged, match="stopped after 2 skipped steps in a row"):
+        train(config.load(None, sets + ["steps=10"]), tmp_path / "bad", **quiet)
+    good = load_file(str(tmp_path / "good" / "checkpoint-3" / "trainable.safetensors"))
+    saved = load_file(str(tmp_path / "bad" / "checkpoint-5" / "trainable.safetensors"))
+    for k in good:
+        torch.testing.assert_close(saved[k], good[k], atol=1e-6, rtol=0)  # probes undone
+    lines = [json.loads(ln) for ln in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln.get("skipped") for ln in lines] == [None, None, None, "non-finite loss",
+                                                   "non-finite loss"]

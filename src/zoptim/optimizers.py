@@ -23,8 +23,12 @@ class MeZO(ZOOptimizer):
     exclude biases and norms by putting them in a group with ``weight_decay=0``.
     """
 
+    # Settings a subclass adds to the groups (passed through ``extra``); anything else is a typo.
+    own_settings: tuple[str, ...] = ()
+
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  queries: int = 1, noise: str = "gaussian", seed: int | None = None, **extra):
+        _check_settings(self, extra)
         _check_queries(queries)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise,
                                       **extra), Central(queries), seed=seed)
@@ -38,6 +42,8 @@ class ZOSGDMomentum(MeZO):
     Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning: A Benchmark",
     arXiv 2402.11592): ``b <- momentum * b + g``, ``theta <- theta - lr * b``, as
     ``torch.optim.SGD`` (one dense buffer per parameter)."""
+
+    own_settings = ("momentum",)
 
     def __init__(self, params, lr: float = 1e-6, momentum: float = 0.9, **kw):
         super().__init__(params, lr=lr, momentum=momentum, **kw)
@@ -62,6 +68,8 @@ class ZOAdam(MeZO):
     """ZO-Adam (arXiv 2402.11592): Adam's bias-corrected moments of the ZO estimate
     ``g = c z``, as ``torch.optim.Adam`` (two dense buffers per parameter). Weight decay is
     decoupled (AdamW style)."""
+
+    own_settings = ("betas", "adam_eps")
 
     def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), adam_eps: float = 1e-8,
                  **kw):
@@ -113,6 +121,8 @@ class SparseMeZO(MeZO):
     each weight matrix whose magnitude is at most the threshold fixed at the first step, so
     that a fraction ``1 - sparsity`` is tuned; the mask is recomputed from the current weights
     every step. Chosen here: vectors (biases, norms) stay dense."""
+
+    own_settings = ("sparsity",)
 
     def __init__(self, params, lr: float = 1e-6, sparsity: float = 0.8, **kw):
         if not 0.0 <= sparsity < 1.0:
@@ -216,6 +226,7 @@ class SubspaceMeZO(_MatrixMethod):
                  resample_every: int = 100, queries: int = 1, vector_lr: float = 1e-7,
                  weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
                  **extra):
+        _check_settings(self, extra)
         _check_queries(queries)
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       vector_lr=vector_lr, weight_decay=weight_decay,
@@ -244,6 +255,8 @@ class ZOMuon(SubspaceMeZO):
     (their code redraws it per query on resampling steps and keeps the last one).
     """
 
+    own_settings = ("ortho", "ns_steps")
+
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, queries: int = 4, ortho: str = "newton_schulz",
                  ns_steps: int = 5, **kw):
@@ -269,6 +282,12 @@ def add_split_group(opt: ZOOptimizer, param_group: dict, vector_settings) -> Non
 
 def _vector_lr(group: dict) -> dict:
     return {"lr": group["vector_lr"]}
+
+
+def _check_settings(opt, extra: dict) -> None:
+    unknown = sorted(set(extra) - set(getattr(opt, "own_settings", ())))
+    if unknown:
+        raise TypeError(f"{type(opt).__name__}() got an unexpected keyword argument {unknown[0]!r}")
 
 
 def _check_queries(queries) -> None:

@@ -355,6 +355,8 @@ def replay(folder: str | Path) -> tuple[Run, int]:
     """Rebuild a run from its starting weights and redo every journalled step without running
     the model. Returns the run and the number of steps replayed."""
     folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise RunError(f"{folder} holds no run (no config.json)")
     cfg = TrainConfig.model_validate_json((folder / "config.json").read_text())
     run = build(cfg)
     entries, _ = journal.read(folder / "journal.jsonl")

@@ -45,6 +45,9 @@ def load_model(name: str, dtype: str = "float32"):
     Decoders load as ``AutoModelForCausalLM``, encoders as ``AutoModel``; eval mode (no
     dropout), as zeroth-order probing wants a deterministic objective."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # zoptim's own progress is the one to read
 
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")

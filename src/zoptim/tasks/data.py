@@ -84,7 +84,10 @@ def load_mr(path: str | None):
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 3:
                 raise DataError(f"{file}:{n}: expected 'id<TAB>rating<TAB>sentence'")
-            rating = float(parts[1])
+            try:
+                rating = float(parts[1])
+            except ValueError:
+                raise DataError(f"{file}:{n}: rating {parts[1]!r} is not a number") from None
             if rating != 0:
                 pool.append(Example(parts[2].strip(), int(rating > 0)))
     return pool, ["negative", "positive"]

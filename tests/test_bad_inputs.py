@@ -1,0 +1,101 @@
+"""A catalogue of bad inputs: each is refused before any work with one message that names the
+problem, a non-zero exit, and nothing already written is touched."""
+
+import json
+
+import pytest
+
+from zoptim.cli import main
+
+from conftest import MR_PATH
+
+GOOD = ["task.train=16", "task.dev=8", "task.test=8", f"task.path={json.dumps(MR_PATH)}",
+        "batch_size=4", "eval_batch_size=8", "model.scheme=\"lora\"", "model.max_length=32",
+        "method.name=\"mezo\"", "method.settings={lr = 1e-3, eps = 1e-2}", "steps=2",
+        "save_every=1"]
+
+
+def train_args(out, *sets, extra=()):
+    args = ["train", "--out", str(out), "--no-progress", *extra]
+    for s in [*GOOD, *sets]:
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory):
+    """A finished run whose files every bad input must leave as they are."""
+    out = tmp_path_factory.mktemp("existing") / "run"
+    assert main(train_args(out)) == 0
+    return out
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def files(tmp_path):
+    (tmp_path / "bad.toml").write_text("steps = = 3")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "nolabel.csv").write_text("text,other\nhello,1\n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": \n')
+    (tmp_path / "data.xlsx").write_text("not really")
+    (tmp_path / "mr_bad.txt").write_text("1\tnot-a-number\tsentence\n")
+    (tmp_path / "mr_cols.txt").write_text("just one column\n")
+
+
+CASES = [
+    # (name, arguments given the existing run folder and a scratch folder, expected message)
+    ("unknown key", lambda run, tmp: train_args(tmp / "o", "stepz=3"), "stepz"),
+    ("zero steps", lambda run, tmp: train_args(tmp / "o", "steps=0"), "steps"),
+    ("negative steps", lambda run, tmp: train_args(tmp / "o", "steps=-5"), "steps"),
+    ("zero batch", lambda run, tmp: train_args(tmp / "o", "batch_size=0"), "batch_size"),
+    ("text for a number", lambda run, tmp: train_args(tmp / "o", "batch_size=many"), "batch_size"),
+    ("unknown dtype", lambda run, tmp: train_args(tmp / "o", "model.dtype=\"float8\""), "model.dtype"),
+    ("unknown scheme", lambda run, tmp: train_args(tmp / "o", "model.scheme=\"adapter\""), "model.scheme"),
+    ("unknown method", lambda run, tmp: train_args(tmp / "o", "method.name=\"adamw\""), "unknown method"),
+    ("negative lr", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=-1.0"), "lr=-1.0 is invalid"),
+    ("zero eps", lambda run, tmp: train_args(tmp / "o", "method.settings.eps=0.0"), "eps=0.0 is invalid"),
+    ("unknown setting", lambda run, tmp: train_args(tmp / "o", "method.settings.momentum=0.9"), "momentum"),
+    ("zero queries", lambda run, tmp: train_args(tmp / "o", "method.settings.queries=0"), "queries=0"),
+    ("zero rank", lambda run, tmp: train_args(tmp / "o", "method.name=\"zo-muon\"", "method.settings={rank = 0}"), "rank=0"),
+    ("rank above every matrix", lambda run, tmp: train_args(tmp / "o", "method.name=\"zo-muon\"", "method.settings={rank = 100000}"), "exceeds every matrix"),
+    ("bad orthogonalization", lambda run, tmp: train_args(tmp / "o", "method.name=\"zo-muon\"", "method.settings={ortho = \"qr\"}"), "orthogonalization"),
+    ("unknown task", lambda run, tmp: train_args(tmp / "o", "task.name=\"imdb\""), "unknown task"),
+    ("missing task file", lambda run, tmp: train_args(tmp / "o", "task.path=\"/no/such/file.txt\""), "does not exist"),
+    ("file task without path", lambda run, tmp: train_args(tmp / "o", "task.name=\"file\"", "task.path=\"\""), "needs a path"),
+    ("missing label column", lambda run, tmp: train_args(tmp / "o", "task.name=\"file\"", f"task.path={json.dumps(str(tmp / 'nolabel.csv'))}"), "no column 'label'"),
+    ("broken JSON lines", lambda run, tmp: train_args(tmp / "o", "task.name=\"file\"", f"task.path={json.dumps(str(tmp / 'broken.jsonl'))}"), "not valid JSON"),
+    ("unknown data format", lambda run, tmp: train_args(tmp / "o", "task.name=\"file\"", f"task.path={json.dumps(str(tmp / 'data.xlsx'))}"), "unknown data format"),
+    ("malformed mr file", lambda run, tmp: train_args(tmp / "o", f"task.path={json.dumps(str(tmp / 'mr_cols.txt'))}"), "expected 'id<TAB>rating<TAB>sentence'"),
+    ("unreadable rating", lambda run, tmp: train_args(tmp / "o", f"task.path={json.dumps(str(tmp / 'mr_bad.txt'))}"), "rating"),
+    ("more examples than the task has", lambda run, tmp: train_args(tmp / "o", "task.train=20000"), "asked for"),
+    ("template without text", lambda run, tmp: train_args(tmp / "o", "task.template=\"It was {label}.\""), "must contain"),
+    ("one label word", lambda run, tmp: train_args(tmp / "o", "task.label_words=[\"great\"]"), "at least two"),
+    ("repeated label words", lambda run, tmp: train_args(tmp / "o", "task.label_words=[\"good\", \"good\"]"), "all different"),
+    ("labels and words differ in number", lambda run, tmp: train_args(tmp / "o", "task.labels=[\"a\", \"b\", \"c\"]"), "same length"),
+    ("unknown model", lambda run, tmp: train_args(tmp / "o", "model.name=\"/no/such/model\""), "cannot load model"),
+    ("prefix tuning of an encoder", lambda run, tmp: train_args(tmp / "o", "model.scheme=\"prefix\""), "decoder"),
+    ("missing config file", lambda run, tmp: train_args(tmp / "o", extra=["--config", str(tmp / "none.toml")]), "not found"),
+    ("unparsable config", lambda run, tmp: train_args(tmp / "o", extra=["--config", str(tmp / "bad.toml")]), "cannot parse"),
+    ("config that is not a table", lambda run, tmp: train_args(tmp / "o", extra=["--config", str(tmp / "list.yaml")]), "top level"),
+    ("malformed override", lambda run, tmp: ["train", "--out", str(tmp / "o"), "--set", "steps"], "key=value"),
+    ("a second run into a used folder", lambda run, tmp: train_args(run), "already holds a run"),
+    ("resume with another configuration", lambda run, tmp: train_args(run, "seed=5", extra=["--resume"]), "different configuration"),
+    ("eval of a folder without a run", lambda run, tmp: ["eval", str(tmp)], "holds no run"),
+    ("replay of a folder without a run", lambda run, tmp: ["replay", str(tmp)], "holds no run"),
+]
+
+
+@pytest.mark.parametrize("name, build, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_clearly_and_harms_nothing(name, build, message, existing, tmp_path,
+                                                        capsys):
+    files(tmp_path)
+    before = snapshot(existing)
+    code = main(build(existing, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1  # one message, no traceback
+    assert snapshot(existing) == before
+    assert not (tmp_path / "o").exists()
