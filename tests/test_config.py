@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zoptim import config
 from zoptim.config import ConfigError
@@ -41,9 +43,6 @@ def test_unreadable_files_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="cannot parse"):
         config.load(str(bad), [])
 
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 KEYS = ["steps", "batch_size", "seed", "model.name", "model.dtype", "model.scheme", "task.train",
         "task.template", "task.label_words", "method.name", "method.settings.lr", "guard.spike",

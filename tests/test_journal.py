@@ -10,7 +10,7 @@ floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
 
 
 def entries(n, start=0):
-    return [Entry(start + i, [0.5 + i, -1e-300, math.pi * i], [1e-3, 1e-7], 5 * (i + 1),
+    return [Entry(start + i, 2**63 + i, [0.5 + i, -1e-300, math.pi * i], [1e-3, 1e-7], 5 * (i + 1),
                   "non-finite loss" if i == 2 else None) for i in range(n)]
 
 
@@ -21,7 +21,7 @@ def write(path, items):
 
 
 def test_round_trip_is_exact_including_non_finite_values(tmp_path):
-    e = Entry(0, [float("nan"), float("inf"), -0.0, 1 / 3], [0.1], 7)
+    e = Entry(0, 12345, [float("nan"), float("inf"), -0.0, 1 / 3], [0.1], 7)
     (back,) = [journal.decode(journal.encode(e))]
     assert back.values[1:] == e.values[1:] and math.isnan(back.values[0])
     assert math.copysign(1, back.values[2]) == -1  # -0.0 kept bit for bit
@@ -61,7 +61,7 @@ def test_truncation_keeps_steps_below_a_checkpoint(tmp_path):
        cut=st.integers(min_value=0, max_value=10_000), junk=st.binary(max_size=40))
 def test_reader_returns_a_prefix_whatever_the_damage(tmp_path_factory, values, cut, junk):
     path = tmp_path_factory.mktemp("j") / "journal.jsonl"
-    items = [Entry(i, v, [0.01], i + 1) for i, v in enumerate(values)]
+    items = [Entry(i, i * 7919, v, [0.01], i + 1) for i, v in enumerate(values)]
     write(path, items)
     data = path.read_bytes()
     cut = cut % (len(data) + 1)

@@ -175,7 +175,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                         if name in state:
                             state[name] = transfer(state[name])
         probe = _Probe(self, slots, scratch, closure, replay)
-        loss, dirs, pending = self.estimator(probe, mix(self.seed, self.steps))
+        loss, dirs, pending = self.estimator(probe, self.step_seed(self.steps))
         reason = self.guard(probe.values) if self.guard is not None else None
         if reason is None:
             self._update(probe, dirs, pending)
@@ -189,6 +189,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.steps += 1
         self.last_values, self.last_skip = probe.values, reason
         return loss
+
+    def step_seed(self, step: int) -> int:
+        """The seed every direction of step ``step`` derives from."""
+        return mix(self.seed, step)
 
     @staticmethod
     def _coefs(slot: _Slot, dirs) -> list[float]:

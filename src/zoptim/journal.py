@@ -1,7 +1,7 @@
 """The step journal: one line a step, append-only, each line checksummed.
 
-A line holds the step, every value the step's objective returned (as exact hexadecimal
-floats), the learning rate of each parameter group, the query count and whether a guard
+A line holds the step and its seed, every value the step's objective returned (as exact
+hexadecimal floats), the learning rate of each parameter group, the query count and whether a guard
 skipped the update, plus a CRC-32 of the rest. With the run's configuration (whose seed fixes every direction) that is enough to redo
 the run from its starting weights bit for bit. Lines are flushed at once and fsynced every
 ``fsync_every`` steps; a torn or corrupted tail (a crash mid-write, a damaged disk) is found
@@ -20,6 +20,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Entry:
     step: int
+    seed: int  # the step's seed: every direction of the step derives from it
     values: list[float]
     lrs: list[float]
     queries: int
@@ -27,7 +28,7 @@ class Entry:
 
 
 def _body(entry: Entry) -> str:
-    return json.dumps({"step": entry.step, "values": [v.hex() for v in map(float, entry.values)],
+    return json.dumps({"step": entry.step, "seed": entry.seed, "values": [v.hex() for v in map(float, entry.values)],
                        "lrs": [float(x).hex() for x in entry.lrs], "queries": entry.queries,
                        "skipped": entry.skipped}, separators=(",", ":"), sort_keys=True)
 
@@ -41,7 +42,7 @@ def decode(line: str) -> Entry:
     """One journal line; ``ValueError`` if it is torn, corrupted or malformed."""
     data = json.loads(line)
     crc = data.pop("crc")
-    entry = Entry(int(data["step"]), [float.fromhex(v) for v in data["values"]],
+    entry = Entry(int(data["step"]), int(data["seed"]), [float.fromhex(v) for v in data["values"]],
                   [float.fromhex(x) for x in data["lrs"]], int(data["queries"]), data["skipped"])
     if zlib.crc32(_body(entry).encode()) != crc:
         raise ValueError("checksum mismatch")

@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             loss = run.opt.step(lambda: run.clf.loss(examples))
             step, skipped = run.opt.steps, run.opt.last_skip
             guard.observe(run.opt.last_values, skipped)
-            writer.append(journal.Entry(step - 1, run.opt.last_values,
+            writer.append(journal.Entry(step - 1, run.opt.step_seed(step - 1), run.opt.last_values,
                                         [g["lr"] for g in run.opt.param_groups], run.opt.queries,
                                         skipped))
             elapsed = time.perf_counter() - start
