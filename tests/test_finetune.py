@@ -96,6 +96,13 @@ def test_resume_equals_an_uninterrupted_run_and_replay_equals_both(tmp_path):
     run, steps = replay(tmp_path / "split")
     assert steps == 4
     assert all(torch.equal(a[n], p.detach()) for n, p in run.params.items())
+    assert main(["replay", str(tmp_path / "split")]) == 0
+
+
+def test_demo_trains_side_by_side(capsys):
+    assert main(["demo", "--methods", "mezo,zo-muon", "--queries", "300", "--log-every", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "mezo" in out and "zo-muon" in out and "test acc" in out
 
 
 def test_cli_trains_evaluates_and_refuses_bad_input(tmp_path, capsys):

@@ -10,137 +10,55 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
-
-import torch
-import torch.nn.functional as F
-
-from . import METHODS
-
-# Settings that work for the demo's MLP (found by a small grid on one seed).
-DEMO_SETTINGS = {
-    "mezo": dict(lr=1e-2),
-    "zo-sgd-momentum": dict(lr=2e-3),
-    "zo-sign-sgd": dict(lr=1e-2),
-    "zo-sgd-conservative": dict(lr=1e-2),
-    "zo-adam": dict(lr=1e-2),
-    "forward-gradient": dict(lr=1e-2),
-    "sparse-mezo": dict(lr=1e-2, sparsity=0.5),
-    "hizoo": dict(lr=1e-2, smoothing=1e-6),
-    "lozo": dict(lr=1e-2, rank=4, resample_every=50),
-    "subzero": dict(lr=1e-2, rank=4, resample_every=50),
-    "subspace-mezo": dict(lr=3e-2, rank=8, resample_every=50, vector_lr=1e-2),
-    "zo-muon": dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2),
-}
-
-
-def _digits(seed: int):
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        sys.exit("zoptim demo needs scikit-learn: pip install 'zoptim[demo]'")
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    return train_test_split(x, torch.tensor(y), test_size=0.3, random_state=seed)
-
-
-def _train(name: str, data, queries: int, batch: int, seed: int, log_every: int) -> dict:
-    xtr, xte, ytr, yte = data
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
-    extra = {"model": model} if name == "forward-gradient" else {}
-    opt = METHODS[name](model.parameters(), seed=seed, **DEMO_SETTINGS[name], **extra)
-    gen = torch.Generator().manual_seed(seed)
-    start, loss = time.perf_counter(), float("nan")
-    while opt.queries < queries:
-        idx = torch.randint(0, len(xtr), (batch,), generator=gen)
-        xb, yb = xtr[idx], ytr[idx]
-        loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
-        if log_every and opt.steps % log_every == 0:
-            print(f"  {name:20s} step {opt.steps:5d}  queries {opt.queries:6d}  loss {loss:.4f}",
-                  flush=True)
-    with torch.no_grad():
-        acc = float((model(xte).argmax(1) == yte).float().mean())
-    return dict(method=name, steps=opt.steps, queries=opt.queries, loss=loss, test_acc=acc,
-                seconds=time.perf_counter() - start)
-
-
-def demo(args) -> int:
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in DEMO_SETTINGS]
-    if unknown:
-        print(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DEMO_SETTINGS)}",
-              file=sys.stderr)
-        return 2
-    if args.queries < 1 or args.batch < 1:
-        print("--queries and --batch must be positive", file=sys.stderr)
-        return 2
-    data = _digits(args.seed)
-    print(f"digits: {len(data[0])} train / {len(data[1])} test, MLP 64-32-10, "
-          f"{args.queries} queries per method, batch {args.batch}")
-    rows = [_train(n, data, args.queries, args.batch, args.seed, args.log_every) for n in names]
-    print(f"\n{'method':22s}{'steps':>7s}{'queries':>9s}{'loss':>9s}{'test acc':>10s}{'time':>8s}")
-    for r in rows:
-        print(f"{r['method']:22s}{r['steps']:7d}{r['queries']:9d}{r['loss']:9.4f}"
-              f"{r['test_acc']:10.3f}{r['seconds']:7.1f}s")
-    return 0
-
 
 def _overrides(args) -> list[str]:
     sets = list(args.set or [])
-    for flag, key in (("steps", "steps"), ("method", "method.name"), ("model", "model.name"),
-                      ("task", "task.name"), ("task_path", "task.path"),
-                      ("scheme", "model.scheme")):
+    if args.steps is not None:
+        sets.append(f"steps={args.steps}")
+    for flag, key in (("method", "method.name"), ("model", "model.name"), ("task", "task.name"),
+                      ("task_path", "task.path"), ("scheme", "model.scheme")):
         value = getattr(args, flag)
         if value is not None:
-            sets.append(f"{key}={value}" if flag == "steps" else f"{key}={json_str(value)}")
+            sets.append(f"{key}={json.dumps(value)}")
     return sets
-
-
-def json_str(value: str) -> str:
-    import json
-
-    return json.dumps(value)
 
 
 def train_command(args) -> int:
     from . import config
     from .train import train
 
-    cfg = config.load(args.config, _overrides(args))
-    train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    train(config.load(args.config, _overrides(args)), args.out, resume=args.resume,
+          progress=not args.no_progress)
     return 0
 
 
 def eval_command(args) -> int:
     from .train import evaluate
 
-    acc = evaluate(args.run_dir, args.split)
-    print(f"{args.split} accuracy: {acc:.4f}")
+    print(f"{args.split} accuracy: {evaluate(args.run_dir, args.split):.4f}")
     return 0
 
 
 def replay_command(args) -> int:
-    from pathlib import Path
+    from .train import verify_replay
 
-    from .train import latest_checkpoint, replay
-    from safetensors.torch import load_file
-
-    run, steps = replay(args.run_dir)
-    checkpoint = latest_checkpoint(Path(args.run_dir))
-    print(f"replayed {steps} steps ({run.opt.queries} queries) without running the model")
-    if checkpoint is not None and run.opt.steps == json_step(checkpoint):
-        saved = load_file(str(checkpoint / "trainable.safetensors"))
-        same = all(torch.equal(saved[n], p.detach()) for n, p in run.params.items())
-        print(f"final weights {'equal' if same else 'DIFFER FROM'} {checkpoint.name}")
-        return 0 if same else 1
-    return 0
+    steps, queries, checkpoint, same = verify_replay(args.run_dir)
+    print(f"replayed {steps} steps ({queries} queries) without running the model")
+    if checkpoint is not None:
+        print(f"final weights {'equal' if same else 'DIFFER FROM'} {checkpoint}")
+    return 0 if same in (True, None) else 1
 
 
-def json_step(checkpoint) -> int:
-    return int(checkpoint.name.split("-")[-1])
+def demo_command(args) -> int:
+    from .demo import DEMO_SETTINGS, run
+
+    unknown = [n for n in args.methods.split(",") if n.strip() and n.strip() not in DEMO_SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(DEMO_SETTINGS)}")
+    return run(args)
 
 
 def main(argv=None) -> int:
@@ -178,13 +96,12 @@ def main(argv=None) -> int:
     p.set_defaults(handler=replay_command)
 
     p = sub.add_parser("demo", help="train an MLP on digits with ZO methods side by side")
-    p.add_argument("--methods", default="zo-muon,mezo",
-                   help=f"comma-separated, from: {', '.join(DEMO_SETTINGS)}")
+    p.add_argument("--methods", default="zo-muon,mezo", help="comma-separated method names")
     p.add_argument("--queries", type=int, default=6000, help="objective evaluations per method")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=300, help="steps between progress lines")
-    p.set_defaults(handler=demo)
+    p.set_defaults(handler=demo_command)
 
     args = parser.parse_args(argv)
     try:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import METHODS, journal
+from . import METHODS, config, journal
 from .config import TrainConfig
 from .integrations.classifier import PromptClassifier
 from .integrations.models import load_model
@@ -70,14 +70,10 @@ def build(cfg: TrainConfig) -> Run:
     if rank is not None and rows and rank > max(rows):
         raise RunError(f"method.settings.rank={rank} exceeds every matrix of this model and "
                        f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
-    if cfg.method.name not in METHODS:
-        raise RunError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
-    cls = METHODS[cfg.method.name]
+    # The method and its settings were checked when the configuration was built.
     extra = {"model": clf} if cfg.method.name == "forward-gradient" else {}
-    try:
-        opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings, **extra)
-    except TypeError as err:
-        raise RunError(f"method.settings: {err}") from err
+    opt = METHODS[cfg.method.name](list(params.values()), seed=cfg.seed, **cfg.method.settings,
+                                   **extra)
     return Run(cfg, splits, clf, params, opt)
 
 
@@ -236,7 +232,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         raise RunError(f"{folder} already holds a run; pass --resume to continue it or choose "
                        "another --out")
     if resume and has_run:
-        saved = TrainConfig.model_validate_json((folder / "config.json").read_text())
+        saved = config.build(json.loads((folder / "config.json").read_text()))
         if saved.model_dump(exclude={"steps"}) != cfg.model_dump(exclude={"steps"}):
             raise RunError(f"{folder} was started with a different configuration; resume it "
                            "with the same one (only steps may change)")
@@ -337,7 +333,7 @@ def open_run(folder: str | Path) -> tuple[Run, Path]:
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise RunError(f"{folder} holds no run (no config.json)")
-    cfg = TrainConfig.model_validate_json((folder / "config.json").read_text())
+    cfg = config.build(json.loads((folder / "config.json").read_text()))
     run = build(cfg)
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
@@ -357,8 +353,23 @@ def replay(folder: str | Path) -> tuple[Run, int]:
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise RunError(f"{folder} holds no run (no config.json)")
-    cfg = TrainConfig.model_validate_json((folder / "config.json").read_text())
+    cfg = config.build(json.loads((folder / "config.json").read_text()))
     run = build(cfg)
     entries, _ = journal.read(folder / "journal.jsonl")
     _roll_forward(run, entries, LossGuard(cfg.guard.spike, cfg.guard.window))
     return run, len(entries)
+
+
+def verify_replay(folder: str | Path):
+    """Replay a run's journal; compare with its latest checkpoint when that checkpoint is at
+    the journal's last step. Returns (steps, queries, checkpoint name or None, equal or None)."""
+    run, steps = replay(folder)
+    checkpoint = latest_checkpoint(Path(folder))
+    if checkpoint is None:
+        return steps, run.opt.queries, None, None
+    at = json.loads((checkpoint / "progress.json").read_text())["step"]
+    if at != run.opt.steps:
+        return steps, run.opt.queries, None, None
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    same = all(torch.equal(saved[n], p.detach()) for n, p in run.params.items())
+    return steps, run.opt.queries, checkpoint.name, same
