@@ -128,3 +128,18 @@ def test_cli_trains_evaluates_and_refuses_bad_input(tmp_path, capsys):
     assert "already holds a run" in err and "stepz" in err and "batch_size" in err
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_load_and_step(dtype, data):
+    import zoptim
+
+    model, tok, decoder = load_model("minilm-l6", dtype)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    clf = PromptClassifier(model, tok, PROMPT, decoder)
+    params = apply_scheme(clf, "lora")  # peft keeps adapters in float32 over a half base
+    opt = zoptim.ZOMuon(params, lr=1e-3, rank=4, seed=0)
+    before = snapshot(clf)
+    loss = opt.step(lambda: clf.loss(data.train[:4]))
+    assert torch.isfinite(torch.tensor(loss)) and opt.last_skip is None
+    assert changed(before, clf)
