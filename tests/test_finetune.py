@@ -143,3 +143,21 @@ def test_half_precision_models_load_and_step(dtype, data):
     loss = opt.step(lambda: clf.loss(data.train[:4]))
     assert torch.isfinite(torch.tensor(loss)) and opt.last_skip is None
     assert changed(before, clf)
+
+
+def test_every_method_steps_a_real_transformer(data):
+    """One step of each method on MiniLM with LoRA: real attention kernels, real PEFT layers
+    (forward gradient needs the math attention kernel for forward-mode derivatives)."""
+    import zoptim
+
+    model, tok, decoder = load_model("minilm-l6")
+    clf = PromptClassifier(model, tok, PROMPT, decoder, max_length=32)
+    torch.manual_seed(0)
+    params = apply_scheme(clf, "lora")
+    for name, cls in zoptim.METHODS.items():
+        extra = {"model": clf} if name == "forward-gradient" else {}
+        opt = cls(params, lr=1e-4, seed=0, **extra)
+        before = snapshot(clf)
+        loss = opt.step(lambda: clf.loss(data.train[:4]))
+        assert torch.isfinite(torch.tensor(loss)) and opt.last_skip is None, name
+        assert changed(before, clf), name

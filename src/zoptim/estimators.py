@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .perturb import mix
 
@@ -128,7 +129,9 @@ def directional_derivative(model: torch.nn.Module, closure, params, tangents):
     def f(*tensors):
         return functional_call(wrapper, dict(zip(keys, tensors)), (), strict=False)
 
-    loss, d = jvp(f, tuple(p.detach() for p in params), tuple(tangents))
+    # Fused attention kernels have no forward-mode derivative; the math kernel does.
+    with sdpa_kernel(SDPBackend.MATH):
+        loss, d = jvp(f, tuple(p.detach() for p in params), tuple(tangents))
     return float(loss), float(d)
 
 
