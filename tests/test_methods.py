@@ -161,3 +161,13 @@ def test_replaying_recorded_values_reproduces_the_run_bit_for_bit(name):
     for pa, pb in zip(model.parameters(), replayed.parameters()):
         assert torch.equal(pa, pb)
     assert opt2.queries == opt.queries
+
+
+def test_replaying_values_of_another_method_is_refused():
+    model = mlp(0)
+    opt = make("zo-muon", model)
+    with pytest.raises(ValueError, match="fewer values"):
+        opt.step(replay=[0.5, 0.4])  # ZO-Muon evaluates 5 values a step
+    opt2 = make("mezo", mlp(0))
+    with pytest.raises(ValueError, match="more values"):
+        opt2.step(replay=[0.5, 0.4, 0.3, 0.2, 0.1])

@@ -67,6 +67,10 @@ class _Probe:
     def evaluate(self) -> float:
         return self._record(lambda: float(self.closure()))
 
+    def leftover(self) -> int:
+        """Recorded values a replayed step did not use (0 when not replaying)."""
+        return len(self._replay or [])
+
     def directional(self, seed: int, derivative: Callable) -> tuple[float, float]:
         """``(f, grad f . eps z)`` from ``derivative(params, tangents)`` (one forward-mode pass,
         one query), recorded like evaluations."""
@@ -188,6 +192,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.skipped += 1
         self.steps += 1
         self.last_values, self.last_skip = probe.values, reason
+        if probe.leftover():
+            raise ValueError("the recorded step has more values than the step evaluates: "
+                             "it was recorded with another method or configuration")
         return loss
 
     def step_seed(self, step: int) -> int:
