@@ -1,0 +1,71 @@
+"""Derived figures of a benchmark: queries-to-target, time-to-target and their spread over
+seeds, from the dev-accuracy curves that ``zoptim train`` writes to ``metrics.jsonl``.
+
+The target of a seed is the baseline method's (MeZO's) final dev accuracy on that seed; a
+method's ratio is the queries it needed to first reach that accuracy over the queries the
+baseline needed to first reach it. A method that never reaches it has no ratio on that seed
+(reported as missing, never as a number).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Dev accuracy at the evaluated steps, with the queries and seconds spent by then."""
+    queries: tuple[int, ...]
+    seconds: tuple[float, ...]
+    dev: tuple[float, ...]
+
+    @property
+    def final(self) -> float:
+        return self.dev[-1]
+
+
+def load_curve(metrics: str | Path) -> Curve:
+    """The evaluated points of a run's ``metrics.jsonl``."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    points = [r for r in rows if r.get("dev_acc") is not None]
+    if not points:
+        raise ValueError(f"{metrics}: no dev evaluation recorded")
+    return Curve(tuple(int(r["queries"]) for r in points),
+                 tuple(float(r["elapsed_s"]) for r in points),
+                 tuple(float(r["dev_acc"]) for r in points))
+
+
+def first_reaching(curve: Curve, target: float, axis: str = "queries") -> float | None:
+    """The queries (or seconds) at the first evaluation whose dev accuracy is at least
+    ``target``; ``None`` if the curve never gets there."""
+    values = curve.queries if axis == "queries" else curve.seconds
+    for x, acc in zip(values, curve.dev):
+        if acc >= target:
+            return float(x)
+    return None
+
+
+def spread(values: list[float | None]) -> dict:
+    """Median, min and max of the values present, and how many seeds had none."""
+    present = [v for v in values if v is not None]
+    return {"median": statistics.median(present) if present else None,
+            "min": min(present, default=None), "max": max(present, default=None),
+            "n": len(present), "missing": len(values) - len(present)}
+
+
+def to_target(method: dict[int, Curve], baseline: dict[int, Curve], axis: str = "queries"):
+    """Per seed, the method's cost to reach the baseline's final dev accuracy over the
+    baseline's own cost to reach it; and their spread. Seeds are the keys both share."""
+    seeds = sorted(set(method) & set(baseline))
+    if not seeds:
+        raise ValueError("the method and the baseline share no seed")
+    per_seed = {}
+    for seed in seeds:
+        target = baseline[seed].final
+        ours = first_reaching(method[seed], target, axis)
+        theirs = first_reaching(baseline[seed], target, axis)
+        per_seed[seed] = None if ours is None else ours / theirs
+    return per_seed, spread(list(per_seed.values()))
