@@ -4,6 +4,7 @@
   ``--set key=value`` overrides; without any, a short ZO-Muon fine-tune of all-MiniLM-L6-v2
   on the movie-review snippets.
 - ``zoptim eval RUN`` / ``zoptim replay RUN``: evaluate a saved run; redo it from its journal.
+- ``zoptim bench``: a matrix of methods x seeds, queries-to-target against a baseline, a report.
 - ``zoptim demo``: small networks on scikit-learn's digits, methods side by side.
 """
 
@@ -51,6 +52,13 @@ def replay_command(args) -> int:
     return 0 if same in (True, None) else 1
 
 
+def bench_command(args) -> int:
+    from .bench.matrix import run
+
+    run(args.config, args.out)
+    return 0
+
+
 def demo_command(args) -> int:
     from .demo import DEMO_SETTINGS, run
 
@@ -65,6 +73,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .integrations.models import ModelError
     from .tasks.data import DataError
+    from .bench.matrix import BenchError
     from .train import RunError
 
     parser = argparse.ArgumentParser(prog="zoptim", description=__doc__,
@@ -95,6 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", metavar="RUN")
     p.set_defaults(handler=replay_command)
 
+    p = sub.add_parser("bench", help="run a matrix of methods x seeds and write a report")
+    p.add_argument("--config", required=True, help="TOML or YAML benchmark configuration")
+    p.add_argument("--out", default="runs/bench", help="benchmark folder")
+    p.set_defaults(handler=bench_command)
+
     p = sub.add_parser("demo", help="train an MLP on digits with ZO methods side by side")
     p.add_argument("--methods", default="zo-muon,mezo", help="comma-separated method names")
     p.add_argument("--queries", type=int, default=6000, help="objective evaluations per method")
@@ -106,7 +120,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataError, ModelError, RunError, ValueError) as err:
+    except (BenchError, ConfigError, DataError, ModelError, RunError, ValueError) as err:
         print(f"zoptim {args.command}: error: {err}", file=sys.stderr)
         return 2
 

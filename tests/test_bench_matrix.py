@@ -1,0 +1,62 @@
+import json
+
+from zoptim.cli import main
+
+from conftest import MR_PATH
+
+CONFIG = f"""
+seeds = [0, 1]
+baseline = "mezo"
+
+[base]
+steps = 3
+eval_every = 1
+save_every = 10
+batch_size = 4
+eval_batch_size = 16
+[base.model]
+scheme = "lora"
+max_length = 32
+[base.task]
+path = {json.dumps(MR_PATH)}
+train = 16
+dev = 16
+test = 8
+
+[[methods]]
+label = "mezo"
+name = "mezo"
+settings = {{ lr = 1e-3, eps = 1e-2 }}
+
+[[methods]]
+label = "zo-muon"
+name = "zo-muon"
+settings = {{ lr = 1e-2, rank = 4, queries = 2 }}
+steps = 2
+"""
+
+
+def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    mezo, muon = results["methods"]["mezo"], results["methods"]["zo-muon"]
+    assert mezo["queries_to_target"]["per_seed"].keys() == {"0", "1"}
+    assert mezo["queries"]["median"] == 6 and muon["queries"]["median"] == 6  # 3x2 and 2x3
+    for seed in ("0", "1"):
+        assert mezo["queries_to_target"]["per_seed"][seed] == 1.0
+    report = (out / "report.md").read_text()
+    assert "| zo-muon |" in report and "queries to target / mezo" in report
+    # finished cells are not run again
+    stamp = (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns
+    assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
+    assert (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_bench_refuses_a_config_without_methods(tmp_path, capsys):
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text("seeds = [0]\n")
+    assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 2
+    assert "no [[methods]]" in capsys.readouterr().err
