@@ -49,6 +49,9 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
         assert mezo["queries_to_target"]["per_seed"][seed] == 1.0
     report = (out / "report.md").read_text()
     assert "| zo-muon |" in report and "queries to target / mezo" in report
+    assert "Command: `zoptim bench" in report and results["environment"]["torch"]
+    for name in ("dev_vs_queries.png", "dev_vs_seconds.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in report
     # finished cells are not run again
     stamp = (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns
     assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
@@ -60,3 +63,18 @@ def test_bench_refuses_a_config_without_methods(tmp_path, capsys):
     cfg.write_text("seeds = [0]\n")
     assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 2
     assert "no [[methods]]" in capsys.readouterr().err
+
+
+def test_the_headline_configuration_validates_and_equalizes_queries():
+    from pathlib import Path
+
+    from zoptim import config
+    from zoptim.bench.matrix import _cells
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mr_minilm.toml"
+    cells = list(_cells(config.read_file(path)))
+    assert len(cells) == 6 * 3
+    per_step = {"mezo": 2, "zo-muon": 5, "subspace-mezo": 2, "lozo": 2, "hizoo": 3}
+    for label, seed, cfg in cells:
+        budget = cfg.steps * per_step[cfg.method.name]
+        assert 7990 <= budget <= 8000, (label, budget)

@@ -55,7 +55,8 @@ def replay_command(args) -> int:
 def bench_command(args) -> int:
     from .bench.matrix import run
 
-    run(args.config, args.out)
+    run(args.config, args.out,
+        command=["zoptim", "bench", "--config", args.config, "--out", str(args.out)])
     return 0
 
 

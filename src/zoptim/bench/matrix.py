@@ -38,6 +38,7 @@ from pathlib import Path
 from .. import config as run_config
 from ..train import train
 from .figures import load_curve, spread, to_target
+from .plots import accuracy_plots
 
 
 class BenchError(ValueError):
@@ -65,7 +66,7 @@ def _cells(spec: dict):
             yield label, seed, run_config.build(data)
 
 
-def run(config_path: str, out: str | Path, log=print) -> dict:
+def run(config_path: str, out: str | Path, log=print, command: list[str] | None = None) -> dict:
     spec = run_config.read_file(config_path)
     folder = Path(out)
     cells = list(_cells(spec))  # validates every cell before any runs
@@ -78,9 +79,11 @@ def run(config_path: str, out: str | Path, log=print) -> dict:
             continue
         log(f"{label} seed {seed}: {cfg.steps} steps")
         train(cfg, cell, resume=cell.exists(), progress=False, log=lambda *_: None)
-    results = collect(folder, labels, baseline)
+    results, curves = collect(folder, labels, baseline)
+    results["environment"] = environment(config_path, command)
+    plots = accuracy_plots(curves, folder)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
-    (folder / "report.md").write_text(report(results, config_path))
+    (folder / "report.md").write_text(report(results, [p.name for p in plots]))
     log(f"report: {folder / 'report.md'}")
     return results
 
@@ -105,7 +108,21 @@ def collect(folder: Path, labels: list[str], baseline: str) -> dict:
             "zero_shot_dev": spread([s["before"]["dev_acc"] for s in finals[label].values()]),
             "queries": spread([s["after"]["queries"] for s in finals[label].values()]),
         }
-    return out
+    return out, curves
+
+
+def environment(config_path: str, command: list[str] | None) -> dict:
+    import platform
+    import sys
+
+    import torch
+
+    from .. import __version__
+
+    return {"command": command or ["zoptim", *sys.argv[1:]], "config": str(config_path),
+            "zoptim": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _fmt(s: dict, digits: int = 3) -> str:
@@ -115,10 +132,13 @@ def _fmt(s: dict, digits: int = 3) -> str:
     return text + (f" ({s['missing']} seeds not reached)" if s.get("missing") else "")
 
 
-def report(results: dict, config_path: str) -> str:
-    base = results["baseline"]
-    lines = [f"# Benchmark report\n",
-             f"Configuration: `{config_path}`. Median [min, max] over seeds. The target of a "
+def report(results: dict, plots: list[str]) -> str:
+    base, env = results["baseline"], results["environment"]
+    lines = ["# Benchmark report\n",
+             f"Command: `{' '.join(env['command'])}`; zoptim {env['zoptim']}, torch {env['torch']}, "
+             f"Python {env['python']}, {env['machine']}, {env['threads']} threads, "
+             f"GPU {env['cuda'] or 'none'}.\n",
+             "Median [min, max] over seeds. The target of a "
              f"seed is {base}'s final dev accuracy on it; a ratio is the queries (or seconds) a "
              f"method needed to first reach it over {base}'s.\n",
              "| method | queries to target / " + base + " | time to target / " + base +
@@ -128,4 +148,5 @@ def report(results: dict, config_path: str) -> str:
         lines.append(f"| {label} | {_fmt(m['queries_to_target'], 2)} | "
                      f"{_fmt(m['time_to_target'], 2)} | {_fmt(m['final_dev'])} | "
                      f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} |")
+    lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

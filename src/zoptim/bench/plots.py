@@ -1,0 +1,37 @@
+"""PNG plots of a benchmark: dev accuracy against queries and against wall time, one line per
+method and seed (matplotlib, without a display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .figures import Curve
+
+
+def accuracy_plots(curves: dict[str, dict[int, Curve]], folder: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for axis, xlabel in (("queries", "queries (forward evaluations)"), ("seconds", "wall time (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (label, by_seed) in enumerate(curves.items()):
+            color = f"C{i}"
+            for j, (seed, c) in enumerate(sorted(by_seed.items())):
+                x = c.queries if axis == "queries" else c.seconds
+                ax.plot(x, c.dev, color=color, alpha=0.8, marker=".",
+                        label=label if j == 0 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("dev accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = folder / f"dev_vs_{axis}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
