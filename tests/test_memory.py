@@ -3,24 +3,12 @@ measured from the allocator's events (torch.profiler) against the closure's own 
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import zoptim
 from zoptim import perturb
+from zoptim.bench.memory import transient_peak as peak_bytes
 
 SIDE = 2048  # each parameter: 2048 x 2048 float32 = 16 MiB
-
-
-def peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("backend", ["compiled", "eager"])
