@@ -6,7 +6,6 @@ import torch
 import zoptim
 from zoptim.estimators import Central
 from zoptim.perturb import mix, noise
-from zoptim.subspace import Space
 from zoptim.transforms import Adam, ClipNorm, Momentum
 
 

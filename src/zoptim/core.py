@@ -185,10 +185,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._update(probe, dirs, pending)
             self._after_update(probe, dirs, loss)
         else:  # undo the probing, leave parameters and state as they were
-            for s in slots:
-                for seed, scale in pending:
-                    s.space.perturb_(s.p, self.state[s.p], mix(seed, s.index),
-                                     scale * s.group["eps"], scratch[s.p])
+            for seed, scale in pending:
+                probe.shift(seed, scale)
             self.skipped += 1
         self.steps += 1
         self.last_values, self.last_skip = probe.values, reason

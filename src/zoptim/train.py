@@ -15,7 +15,6 @@ A run folder holds:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import METHODS, config, journal
 from .config import TrainConfig
+from .core import skip_non_finite
 from .integrations.classifier import PromptClassifier
 from .integrations.models import load_model
 from .integrations.schemes import apply_scheme
@@ -182,8 +182,8 @@ class LossGuard:
         self.history = list(history or [])
 
     def decide(self, values: list[float]) -> str | None:
-        if not all(math.isfinite(v) for v in values):
-            return "non-finite loss"
+        if reason := skip_non_finite(values):
+            return reason
         if self.spike and len(self.history) >= min(5, self.window):
             typical = statistics.median(self.history)
             if typical > 0 and max(values) > self.spike * typical:
