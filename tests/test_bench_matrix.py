@@ -73,8 +73,43 @@ def test_the_headline_configuration_validates_and_equalizes_queries():
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mr_minilm.toml"
     cells = list(_cells(config.read_file(path)))
-    assert len(cells) == 6 * 3
+    assert len(cells) == 7 * (3 + 2)  # three tuning cells on seed 0, two more seeds
     per_step = {"mezo": 2, "zo-muon": 5, "subspace-mezo": 2, "lozo": 2, "hizoo": 3}
-    for label, seed, cfg in cells:
+    for label, seed, point, cfg in cells:
+        if cfg.method.name == "adamw":
+            continue
         budget = cfg.steps * per_step[cfg.method.name]
         assert 7990 <= budget <= 8000, (label, budget)
+
+
+def test_bench_tunes_each_method_on_the_first_seed_and_runs_the_best_point(tmp_path):
+    tuned = CONFIG.replace("settings = { lr = 1e-3, eps = 1e-2 }",
+                           "settings = { eps = 1e-2 }\ngrid = { lr = [0.0, 1e-3] }")
+    tuned = tuned.replace("settings = { lr = 1e-2, rank = 4, queries = 2 }",
+                          "settings = { rank = 4, queries = 2 }\ngrid = { lr = [1e-2, 0.0] }")
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text(tuned)
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for label, points in (("mezo", ["lr=0.0", "lr=0.001"]), ("zo-muon", ["lr=0.01", "lr=0.0"])):
+        tuning = results["methods"][label]["tuning"]
+        assert list(tuning["tried"]) == points and tuning["seed"] == 0
+        finals = {p: json.loads((out / label / "grid" / p / "summary.json").read_text())
+                  for p in points}
+        assert tuning["tried"] == {p: s["after"]["dev_acc"] for p, s in finals.items()}
+        best = max(points, key=lambda p: (tuning["tried"][p], -points.index(p)))
+        assert tuning["chosen"] == best
+        chosen_lr = float(best.split("=")[1])
+        assert results["methods"][label]["settings"]["lr"] == chosen_lr
+        seed1 = json.loads((out / label / "seed-1" / "config.json").read_text())
+        assert seed1["method"]["settings"]["lr"] == chosen_lr
+        assert not (out / label / "seed-0").exists()  # seed 0 is the chosen grid cell
+    assert "Tuning (final dev accuracy" in (out / "report.md").read_text()
+
+
+def test_bench_refuses_unequal_tuning_budgets(tmp_path, capsys):
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text(CONFIG.replace('steps = 2\n', 'steps = 2\ngrid = { lr = [1e-2, 1e-3] }\n'))
+    assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 2
+    assert "same tuning budget" in capsys.readouterr().err

@@ -124,20 +124,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def method_class(name: str):
+    """The optimizer class of a run's ``method.name``: a zeroth-order method, or a first-order
+    baseline (``adamw``) that sets the accuracy ceiling."""
+    from . import METHODS
+    from .first_order import BASELINES
+
+    methods = {**METHODS, **BASELINES}
+    if name not in methods:
+        raise ConfigError(f"method.name: unknown method {name!r}; choose one of "
+                          f"{', '.join(methods)}")
+    return methods[name]
+
+
 def _check_method(method: MethodConfig) -> None:
     """Build the method once on a dummy parameter: unknown settings and impossible values are
     reported by the optimizer's own checks, before any model is loaded."""
     import torch
 
-    from . import METHODS
-
-    if method.name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {method.name!r}; choose one of "
-                          f"{', '.join(METHODS)}")
+    cls = method_class(method.name)
     dummy = torch.nn.Linear(2, 2)
     extra = {"model": dummy} if method.name == "forward-gradient" else {}
     try:
-        METHODS[method.name](dummy.parameters(), **method.settings, **extra)
+        cls(dummy.parameters(), **method.settings, **extra)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"method.settings: {err}") from err
 

@@ -120,7 +120,36 @@ def _check_group(group: dict) -> None:
             raise ValueError("only floating-point parameters can be optimized")
 
 
-class ZOOptimizer(torch.optim.Optimizer):
+class Counted:
+    """Mixin for optimizers that count steps, queries and skipped steps and derive their seeds
+    from ``seed``: ``state_dict()`` carries these in a ``zo`` entry, so a run restores them."""
+
+    seed: int
+    steps: int
+    queries: int
+    skipped: int
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["zo"] = {"seed": self.seed, "steps": self.steps, "queries": self.queries,
+                    "skipped": self.skipped}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise ValueError("not a zoptim optimizer state: the 'zo' entry is missing")
+        super().load_state_dict(state_dict)
+        self.seed, self.steps, self.queries = int(zo["seed"]), int(zo["steps"]), int(zo["queries"])
+        self.skipped = int(zo.get("skipped", 0))
+
+    def step_seed(self, step: int) -> int:
+        """The seed every direction of step ``step`` derives from."""
+        return mix(self.seed, step)
+
+
+class ZOOptimizer(Counted, torch.optim.Optimizer):
     """Base of every zeroth-order optimizer. ``step(closure)`` needs a closure that returns the
     loss and never calls ``backward()``; ``queries`` counts the objective evaluations spent."""
 
@@ -195,10 +224,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "it was recorded with another method or configuration")
         return loss
 
-    def step_seed(self, step: int) -> int:
-        """The seed every direction of step ``step`` derives from."""
-        return mix(self.seed, step)
-
     @staticmethod
     def _coefs(slot: _Slot, dirs) -> list[float]:
         """Per-direction gradient coefficients of one tensor: ``diff / eps``, averaged."""
@@ -229,22 +254,6 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _after_update(self, probe: _Probe, dirs, loss: float) -> None:
         """Hook for methods that probe again after the update (conservative ZO-SGD)."""
-
-    # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["zo"] = {"seed": self.seed, "steps": self.steps, "queries": self.queries,
-                    "skipped": self.skipped}
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        zo = state_dict.pop("zo", None)
-        if zo is None:
-            raise ValueError("not a zoptim optimizer state: the 'zo' entry is missing")
-        super().load_state_dict(state_dict)
-        self.seed, self.steps, self.queries = int(zo["seed"]), int(zo["steps"]), int(zo["queries"])
-        self.skipped = int(zo.get("skipped", 0))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

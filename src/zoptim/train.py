@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import METHODS, config, journal
+from . import config, journal
 from .config import TrainConfig
 from .core import skip_non_finite
 from .integrations.classifier import PromptClassifier
@@ -72,8 +72,8 @@ def build(cfg: TrainConfig) -> Run:
                        f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
     # The method and its settings were checked when the configuration was built.
     extra = {"model": clf} if cfg.method.name == "forward-gradient" else {}
-    opt = METHODS[cfg.method.name](list(params.values()), seed=cfg.seed, **cfg.method.settings,
-                                   **extra)
+    opt = config.method_class(cfg.method.name)(list(params.values()), seed=cfg.seed,
+                                               **cfg.method.settings, **extra)
     return Run(cfg, splits, clf, params, opt)
 
 
@@ -251,7 +251,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         guard.history = progress_state["guard_history"]
     summary = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
     entries = journal.truncate_to_good(journal_path) if resume else []
-    later = [e for e in entries if e.step >= run.opt.steps]
+    # A first-order step cannot be redone from its losses: its journalled steps after the
+    # checkpoint are run again instead (the batches are a function of the step).
+    replayable = getattr(run.opt, "replayable", True)
+    later = [e for e in entries if e.step >= run.opt.steps] if replayable else []
     if resume and has_run:
         _roll_forward(run, later, guard)
         log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): "
@@ -355,6 +358,9 @@ def replay(folder: str | Path) -> tuple[Run, int]:
         raise RunError(f"{folder} holds no run (no config.json)")
     cfg = config.build(json.loads((folder / "config.json").read_text()))
     run = build(cfg)
+    if not getattr(run.opt, "replayable", True):
+        raise RunError(f"{folder} was trained with the first-order method {cfg.method.name!r}, "
+                       "whose steps cannot be redone from their loss values")
     entries, _ = journal.read(folder / "journal.jsonl")
     _roll_forward(run, entries, LossGuard(cfg.guard.spike, cfg.guard.window))
     return run, len(entries)

@@ -25,6 +25,12 @@ keys of a train config), the seeds, the baseline's label, and the methods::
     name = "zo-muon"
     settings = { lr = 1e-2, rank = 32, queries = 4 }
     steps = 400          # optional: cells may differ in steps to equalize queries
+    grid = { lr = [3e-3, 1e-2, 3e-2] }   # optional: tuned on the first seed
+
+A method with a ``grid`` is tuned: every point (the product of the listed values, added to its
+settings) runs on the first seed, the point with the best final dev accuracy is kept, and the
+other seeds run it; the first seed's result is the kept point's run. Every method must get a
+grid of the same size, so each has the same tuning budget.
 
 Cells already finished (their ``summary.json`` has final figures) are not run again, so an
 interrupted benchmark continues where it stopped.
@@ -32,7 +38,9 @@ interrupted benchmark continues where it stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as run_config
@@ -45,41 +53,126 @@ class BenchError(ValueError):
     pass
 
 
-def _cells(spec: dict):
-    methods = spec.get("methods") or []
-    seeds = spec.get("seeds") or [0]
-    if not methods:
+@dataclass
+class Method:
+    label: str
+    name: str
+    settings: dict
+    extra: dict  # per-method run settings (steps, eval_every, ...)
+    grid: list[dict]  # the settings each tuning cell adds; [{}] when not tuned
+
+
+def _grid_points(grid: dict, label: str) -> list[dict]:
+    if not grid:
+        return [{}]
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise BenchError(f"method {label!r}: grid.{key} must be a non-empty list")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in point.items()) or "fixed"
+
+
+def _methods(spec: dict) -> list[Method]:
+    raw = spec.get("methods") or []
+    if not raw:
         raise BenchError("the benchmark config lists no [[methods]]")
-    labels = [m.get("label", m.get("name")) for m in methods]
+    methods = []
+    for m in raw:
+        label = m.get("label", m.get("name"))
+        extra = {k: v for k, v in m.items() if k not in ("label", "name", "settings", "grid")}
+        methods.append(Method(label, m["name"], m.get("settings", {}), extra,
+                              _grid_points(m.get("grid") or {}, label)))
+    labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise BenchError(f"method labels must be unique: {labels}")
-    baseline = spec.get("baseline", labels[0])
-    if baseline not in labels:
-        raise BenchError(f"baseline {baseline!r} is not one of the method labels {labels}")
-    for method, label in zip(methods, labels):
-        extra = {k: v for k, v in method.items() if k not in ("label", "name", "settings")}
-        for seed in seeds:
-            data = json.loads(json.dumps(spec.get("base", {})))
-            data.update(extra)
-            data["seed"] = seed
-            data["method"] = {"name": method["name"], "settings": method.get("settings", {})}
-            yield label, seed, run_config.build(data)
+    sizes = {m.label: len(m.grid) for m in methods}
+    if len(set(sizes.values())) > 1:
+        raise BenchError(f"every method must get the same tuning budget, but the grids have "
+                         f"{sizes} points; give each method a grid of the same size")
+    return methods
+
+
+def _config(spec: dict, method: Method, point: dict, seed: int):
+    data = json.loads(json.dumps(spec.get("base", {})))
+    data.update(method.extra)
+    data["seed"] = seed
+    data["method"] = {"name": method.name, "settings": {**method.settings, **point}}
+    return run_config.build(data)
+
+
+def _cells(spec: dict):
+    """Every cell of the benchmark, validated: (label, seed, point, config). The tuning cells
+    (every grid point) run on the first seed; the other seeds run the chosen point."""
+    methods, seeds = _methods(spec), spec.get("seeds") or [0]
+    baseline = spec.get("baseline", methods[0].label)
+    if baseline not in [m.label for m in methods]:
+        raise BenchError(f"baseline {baseline!r} is not one of the method labels "
+                         f"{[m.label for m in methods]}")
+    for m in methods:
+        for point in m.grid:
+            yield m.label, seeds[0], point, _config(spec, m, point, seeds[0])
+        for seed in seeds[1:]:
+            yield m.label, seed, None, _config(spec, m, m.grid[0], seed)  # checks the settings
+
+
+def _finished(cell: Path) -> dict | None:
+    summary = cell / "summary.json"
+    if summary.exists():
+        data = json.loads(summary.read_text())
+        if "after" in data:
+            return data
+    return None
+
+
+def _run_cell(cfg, cell: Path, log, what: str) -> dict:
+    done = _finished(cell)
+    if done is None:
+        log(f"{what}: {cfg.steps} steps")
+        train(cfg, cell, resume=cell.exists(), progress=False, log=lambda *_: None)
+        done = _finished(cell)
+    return done
 
 
 def run(config_path: str, out: str | Path, log=print, command: list[str] | None = None) -> dict:
+    """Run every cell not yet finished, then write ``results.json`` and ``report.md``. A method
+    with a grid is tuned first: each point runs on the first seed, the point with the best final
+    dev accuracy is kept (that cell is the first seed's result), and the other seeds run it."""
     spec = run_config.read_file(config_path)
     folder = Path(out)
-    cells = list(_cells(spec))  # validates every cell before any runs
-    labels = list(dict.fromkeys(label for label, _, _ in cells))
-    baseline = spec.get("baseline", labels[0])
-    for label, seed, cfg in cells:
-        cell = folder / label / f"seed-{seed}"
-        summary = cell / "summary.json"
-        if summary.exists() and "after" in json.loads(summary.read_text()):
-            continue
-        log(f"{label} seed {seed}: {cfg.steps} steps")
-        train(cfg, cell, resume=cell.exists(), progress=False, log=lambda *_: None)
-    results, curves = collect(folder, labels, baseline)
+    list(_cells(spec))  # validates every cell before any runs
+    methods, seeds = _methods(spec), spec.get("seeds") or [0]
+    baseline = spec.get("baseline", methods[0].label)
+    cells: dict[str, dict[int, Path]] = {}
+    tuning, settings = {}, {}
+    for m in methods:
+        if len(m.grid) > 1:
+            tried = {}
+            for point in m.grid:
+                cell = folder / m.label / "grid" / point_name(point)
+                summary = _run_cell(_config(spec, m, point, seeds[0]), cell, log,
+                                    f"{m.label} tuning {point_name(point)}, seed {seeds[0]}")
+                tried[point_name(point)] = summary["after"]["dev_acc"]
+            best = max(range(len(m.grid)), key=lambda i: (tried[point_name(m.grid[i])], -i))
+            chosen = m.grid[best]
+            tuning[m.label] = {"tried": tried, "chosen": point_name(chosen), "seed": seeds[0]}
+            cells[m.label] = {seeds[0]: folder / m.label / "grid" / point_name(chosen)}
+            rest = seeds[1:]
+        else:
+            chosen, cells[m.label], rest = m.grid[0], {}, seeds
+        settings[m.label] = {**m.settings, **chosen}
+        for seed in rest:
+            cell = folder / m.label / f"seed-{seed}"
+            _run_cell(_config(spec, m, chosen, seed), cell, log, f"{m.label} seed {seed}")
+            cells[m.label][seed] = cell
+    results, curves = collect(cells, baseline)
+    for label, entry in results["methods"].items():
+        entry["settings"] = settings[label]
+        if label in tuning:
+            entry["tuning"] = tuning[label]
     results["environment"] = environment(config_path, command)
     plots = accuracy_plots(curves, folder)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
@@ -88,16 +181,14 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     return results
 
 
-def collect(folder: Path, labels: list[str], baseline: str) -> dict:
-    curves, finals = {}, {}
-    for label in labels:
-        curves[label], finals[label] = {}, {}
-        for cell in sorted((folder / label).glob("seed-*")):
-            seed = int(cell.name.split("-")[1])
-            curves[label][seed] = load_curve(cell / "metrics.jsonl")
-            finals[label][seed] = json.loads((cell / "summary.json").read_text())
+def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dict]:
+    """Derived figures from the finished cells: ``cells[label][seed]`` is a run folder."""
+    curves = {label: {seed: load_curve(cell / "metrics.jsonl") for seed, cell in by_seed.items()}
+              for label, by_seed in cells.items()}
+    finals = {label: {seed: json.loads((cell / "summary.json").read_text())
+                      for seed, cell in by_seed.items()} for label, by_seed in cells.items()}
     out = {"baseline": baseline, "methods": {}}
-    for label in labels:
+    for label in cells:
         q_seed, q = to_target(curves[label], curves[baseline], "queries")
         t_seed, t = to_target(curves[label], curves[baseline], "seconds")
         out["methods"][label] = {
@@ -148,5 +239,14 @@ def report(results: dict, plots: list[str]) -> str:
         lines.append(f"| {label} | {_fmt(m['queries_to_target'], 2)} | "
                      f"{_fmt(m['time_to_target'], 2)} | {_fmt(m['final_dev'])} | "
                      f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} |")
+    tuned = {label: m for label, m in results["methods"].items() if "tuning" in m}
+    if tuned:
+        lines += ["", "Tuning (final dev accuracy of each grid point on seed "
+                  f"{next(iter(tuned.values()))['tuning']['seed']}; the chosen point is in bold):", ""]
+        for label, m in tuned.items():
+            tried = m["tuning"]["tried"]
+            points = [f"**{p}: {acc:.3f}**" if p == m["tuning"]["chosen"] else f"{p}: {acc:.3f}"
+                      for p, acc in tried.items()]
+            lines.append(f"- {label}: " + "; ".join(points))
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

@@ -82,12 +82,16 @@ class ReferenceMeZO:
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    # On a GPU, wait for the queued kernels so that each time covers the work itself.
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -1,0 +1,55 @@
+"""First-order baselines: backpropagation with the interface the training loop and the
+benchmark use, so a run can set the accuracy ceiling (and the memory cost) that zeroth-order
+methods are measured against on the same model, data and batches.
+
+A step computes one gradient by backpropagation and counts it as one query; the benchmark
+compares first-order runs by accuracy and memory, not by queries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .core import Counted, skip_non_finite
+
+
+class FirstOrderAdamW(Counted, torch.optim.AdamW):
+    """``torch.optim.AdamW`` behind the zeroth-order interface: ``step(closure)`` takes a
+    closure that returns the loss (without calling ``backward()``), computes the gradient
+    itself, and keeps ``steps``, ``queries``, ``last_values`` and the guard. ``eps`` is
+    Adam's denominator term, not a perturbation scale."""
+
+    replayable = False  # a step needs its gradient, which the recorded loss cannot give
+
+    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, seed: int | None = None):
+        super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.seed = 0 if seed is None else int(seed)
+        self.queries = self.steps = self.skipped = 0
+        self.last_values: list[float] = []
+        self.last_skip: str | None = None
+        self.guard = skip_non_finite
+
+    def step(self, closure=None, *, replay=None) -> float:  # type: ignore[override]
+        if replay is not None:
+            raise ValueError("a first-order step cannot be redone from its loss values")
+        if closure is None:
+            raise ValueError("FirstOrderAdamW needs a closure that returns the loss")
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+            value = float(loss.detach())
+            reason = self.guard([value]) if self.guard is not None else None
+            if reason is None:
+                loss.backward()
+                super().step()
+            else:
+                self.skipped += 1
+        self.zero_grad(set_to_none=True)  # gradients are not kept between steps
+        self.steps += 1
+        self.queries += 1
+        self.last_values, self.last_skip = [value], reason
+        return value
+
+
+BASELINES = {"adamw": FirstOrderAdamW}
