@@ -53,7 +53,7 @@ CASES = [
     ("text for a number", lambda run, tmp: train_args(tmp / "o", "batch_size=many"), "batch_size"),
     ("unknown dtype", lambda run, tmp: train_args(tmp / "o", "model.dtype=\"float8\""), "model.dtype"),
     ("unknown scheme", lambda run, tmp: train_args(tmp / "o", "model.scheme=\"adapter\""), "model.scheme"),
-    ("unknown method", lambda run, tmp: train_args(tmp / "o", "method.name=\"adamw\""), "unknown method"),
+    ("unknown method", lambda run, tmp: train_args(tmp / "o", "method.name=\"rmsprop\""), "unknown method"),
     ("negative lr", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=-1.0"), "lr=-1.0 is invalid"),
     ("zero eps", lambda run, tmp: train_args(tmp / "o", "method.settings.eps=0.0"), "eps=0.0 is invalid"),
     ("unknown setting", lambda run, tmp: train_args(tmp / "o", "method.settings.momentum=0.9"), "momentum"),

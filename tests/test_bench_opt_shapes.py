@@ -17,7 +17,7 @@ def test_the_gpu_mode_runs_on_the_cpu_with_a_small_shape(tmp_path, capsys):
     record = json.loads(out.read_text())["records"][0]
     assert (record["shape"], record["tokens"], record["batch"]) == ("tiny", 8, 2)
     rows = {r["method"]: r for r in record["rows"]}
-    assert set(rows) == {"mezo", "zo-muon, 1 query", "zo-muon, 4 queries"}
+    assert set(rows) == {"mezo", "zo-muon, 1 query", "zo-muon, 4 queries", "zo-muon, 4 batched"}
     for r in rows.values():
         assert r["step_over_evaluations"] == r["step_s"] / (r["evaluations"] * record["forward_s"])
     assert "zo-muon, 4 queries" in capsys.readouterr().out

@@ -56,8 +56,8 @@ def test_encoder_schemes_change_only_their_parameters(scheme, data):
     moved = changed(before, clf)
     assert moved and moved <= trainable
     if scheme == "lora":
-        assert all("lora_" in n or n == "head" for n in trainable)
-        assert "head" in moved and any("lora_" in n for n in moved)
+        assert all("lora_" in n or n == "head.weight" for n in trainable)
+        assert "head.weight" in moved and any("lora_" in n for n in moved)
 
 
 @pytest.mark.parametrize("scheme", ["prompt", "prefix"])

@@ -137,6 +137,12 @@ def method_class(name: str):
     return methods[name]
 
 
+def takes_model(cls) -> bool:
+    """Whether a method is given the model (``model=``): forward gradient (forward-mode
+    passes) and the low-rank methods (all queries of a step in one batched pass)."""
+    return getattr(cls, "uses_model", False)
+
+
 def _check_method(method: MethodConfig) -> None:
     """Build the method once on a dummy parameter: unknown settings and impossible values are
     reported by the optimizer's own checks, before any model is loaded."""
@@ -144,7 +150,7 @@ def _check_method(method: MethodConfig) -> None:
 
     cls = method_class(method.name)
     dummy = torch.nn.Linear(2, 2)
-    extra = {"model": dummy} if method.name == "forward-gradient" else {}
+    extra = {"model": dummy} if takes_model(cls) else {}
     try:
         cls(dummy.parameters(), **method.settings, **extra)
     except (TypeError, ValueError) as err:

@@ -15,6 +15,7 @@ replayed exactly from the values it evaluated (``last_values``) without running 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,6 +67,32 @@ class _Probe:
 
     def evaluate(self) -> float:
         return self._record(lambda: float(self.closure()))
+
+    def evaluate_points(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
+        """The objective at each point (``None``: the current parameters; ``(seed, scale)``:
+        moved by ``scale * eps * z(seed)``), and the shifts left applied, which the update
+        undoes. In place, the parameters move from point to point (one write when only the
+        scale changes); batched, every point is one slice of a stacked forward pass and the
+        parameters are never written."""
+        if self.opt.batched is not None and self._replay is None:
+            values = self.opt.batched.evaluate(self, points)
+            for v in values:
+                self._record(lambda v=v: v)
+            return values, []
+        if self.opt.batched is not None:  # replaying a batched step: values only, no shifts
+            return [self._record(lambda: 0.0) for _ in points], []
+        at, values = None, []
+        for point in points:
+            if at is not None and point is not None and at[0] == point[0]:
+                self.shift(at[0], point[1] - at[1])
+            else:
+                if at is not None:
+                    self.shift(at[0], -at[1])
+                if point is not None:
+                    self.shift(*point)
+            at = point
+            values.append(self.evaluate())
+        return values, [] if at is None else [(at[0], -at[1])]
 
     def leftover(self) -> int:
         """Recorded values a replayed step did not use (0 when not replaying)."""
@@ -168,6 +195,9 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         # Decides from a step's values, before the update, whether to skip it (returns the
         # reason); by default a step whose objective was not finite never touches the weights.
         self.guard: Callable[[list[float]], str | None] | None = skip_non_finite
+        # Evaluates a step's points on one stacked batch (methods with low-rank spaces, given
+        # the model); None: in place, one point at a time.
+        self.batched = None
 
     # -- composition hooks: a method overrides these -------------------------------------
     def space(self, group: dict) -> Space:
@@ -207,6 +237,12 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
                     for name in t.carried:
                         if name in state:
                             state[name] = transfer(state[name])
+        if self.batched is not None:
+            _, reason = self.batched.plan(slots)
+            if reason is not None:
+                warnings.warn(f"batched queries: {reason}; evaluating the queries in place "
+                              "instead (pass batched=False to silence this)", stacklevel=2)
+                self.batched = None
         probe = _Probe(self, slots, scratch, closure, replay)
         loss, dirs, pending = self.estimator(probe, self.step_seed(self.steps))
         reason = self.guard(probe.values) if self.guard is not None else None

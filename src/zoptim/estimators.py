@@ -1,9 +1,10 @@
 """How forward evaluations become directional derivatives.
 
-An estimator drives the probe: it shifts the parameters along seeded directions (through
-``probe.shift(seed, scale)``, which moves every parameter by ``scale * eps * z(seed)``),
-evaluates the objective (``probe.evaluate()``, one query each; ``probe.directional`` for a
-forward-mode derivative) and returns:
+An estimator names the points it needs, each ``None`` (the current parameters) or
+``(seed, scale)`` (every parameter moved by ``scale * eps * z(seed)``), and the probe evaluates
+them (``probe.evaluate_points``, one query each): one at a time by shifting the parameters in
+place, or all at once on a stacked batch with the perturbations applied to activations
+(``batched``). ``probe.directional`` gives a forward-mode derivative instead. It returns:
 
 - the loss to report,
 - one :class:`Direction` per query direction: its seed and ``diff``, the estimated directional
@@ -33,12 +34,12 @@ class Direction:
     curv: float = 0.0  # (f(+) + f(-) - 2 f(0)) / 2, where the estimator measures it
 
 
-class Probe(Protocol):
-    def shift(self, seed: int, scale: float) -> None: ...
-    def evaluate(self) -> float: ...
-
-
+Point = tuple[int, float] | None
 Pending = list[tuple[int, float]]
+
+
+class Probe(Protocol):
+    def evaluate_points(self, points: list[Point]) -> tuple[list[float], Pending]: ...
 
 
 def _seeds(step_seed: int, n: int) -> list[int]:
@@ -53,18 +54,11 @@ class Central:
         self.queries = queries
 
     def __call__(self, probe: Probe, step_seed: int):
-        dirs, losses = [], []
         seeds = _seeds(step_seed, self.queries)
-        for i, seed in enumerate(seeds):
-            probe.shift(seed, 1.0)
-            plus = probe.evaluate()
-            probe.shift(seed, -2.0)
-            minus = probe.evaluate()
-            if i < len(seeds) - 1:
-                probe.shift(seed, 1.0)
-            dirs.append(Direction(seed, (plus - minus) / 2))
-            losses.append((plus + minus) / 2)
-        return sum(losses) / len(losses), dirs, [(seeds[-1], 1.0)]
+        values, pending = probe.evaluate_points([pt for s in seeds for pt in ((s, 1.0), (s, -1.0))])
+        pairs = list(zip(values[0::2], values[1::2]))
+        dirs = [Direction(s, (plus - minus) / 2) for s, (plus, minus) in zip(seeds, pairs)]
+        return sum((plus + minus) / 2 for plus, minus in pairs) / len(pairs), dirs, pending
 
 
 class Forward:
@@ -75,15 +69,9 @@ class Forward:
         self.queries = queries
 
     def __call__(self, probe: Probe, step_seed: int):
-        base = probe.evaluate()
-        dirs = []
         seeds = _seeds(step_seed, self.queries)
-        for i, seed in enumerate(seeds):
-            probe.shift(seed, 1.0)
-            dirs.append(Direction(seed, probe.evaluate() - base))
-            if i < len(seeds) - 1:
-                probe.shift(seed, -1.0)
-        return base, dirs, [(seeds[-1], -1.0)]
+        (base, *values), pending = probe.evaluate_points([None] + [(s, 1.0) for s in seeds])
+        return base, [Direction(s, v - base) for s, v in zip(seeds, values)], pending
 
 
 class ThreePoint:
@@ -92,13 +80,8 @@ class ThreePoint:
 
     def __call__(self, probe: Probe, step_seed: int):
         (seed,) = _seeds(step_seed, 1)
-        base = probe.evaluate()
-        probe.shift(seed, 1.0)
-        plus = probe.evaluate()
-        probe.shift(seed, -2.0)
-        minus = probe.evaluate()
-        return base, [Direction(seed, (plus - minus) / 2, (plus + minus - 2 * base) / 2)], \
-            [(seed, 1.0)]
+        (base, plus, minus), pending = probe.evaluate_points([None, (seed, 1.0), (seed, -1.0)])
+        return base, [Direction(seed, (plus - minus) / 2, (plus + minus - 2 * base) / 2)], pending
 
 
 class _ClosureModule(torch.nn.Module):

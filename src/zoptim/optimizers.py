@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .batched import BatchedQueries
 from .core import ZOOptimizer, split_matrices
 from .perturb import mix
 from .estimators import JVP, Central, Forward, ThreePoint
@@ -109,6 +110,8 @@ class ForwardGradient(ZOOptimizer):
     directional derivative along ``z ~ N(0, I)`` by ``torch.func.jvp``, ``g = (grad f . z) z``.
     Needs the ``model`` whose parameters the closure uses; one JVP counts as one query."""
 
+    uses_model = True
+
     def __init__(self, params, model: torch.nn.Module, lr: float = 1e-6,
                  weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None):
         super().__init__(params, dict(lr=lr, eps=1.0, weight_decay=weight_decay, noise=noise),
@@ -157,13 +160,26 @@ class HiZOO(ZOOptimizer):
 
 
 class _MatrixMethod(ZOOptimizer):
-    """A method with a low-dimensional space for matrices and dense noise for vectors."""
+    """A method with a low-dimensional space for matrices and dense noise for vectors.
+
+    Given ``model`` (the module the closure runs), a step evaluates all its points in one
+    forward pass on a stacked batch, with the perturbations applied to activations
+    (:mod:`zoptim.batched`): the closure is then called as ``closure(slices)`` and returns one
+    loss per slice. ``batched=False`` keeps in-place probing; ``max_slices`` caps the slices of
+    one forward (the activation memory). A model the mode cannot serve falls back to in-place
+    probing with a warning that names the parameter."""
 
     matrix_space: type
+    uses_model = True  # optional here: it turns batched queries on
 
-    def __init__(self, params, defaults, estimator, vector_settings, seed):
+    def __init__(self, params, defaults, estimator, vector_settings, seed, model=None,
+                 batched: bool | None = None, max_slices: int | None = None):
         self._vector_settings = vector_settings
         super().__init__(params, defaults, estimator, seed=seed)
+        if batched and model is None:
+            raise ValueError("batched queries need the model the closure runs: pass model=")
+        if model is not None and batched is not False:
+            self.batched = BatchedQueries(model, max_slices)
 
     def add_param_group(self, param_group: dict) -> None:
         # Every group, at construction or later, is split into its matrices and its vectors.
@@ -186,10 +202,10 @@ class LOZO(_MatrixMethod):
 
     def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, rank: int = 2,
                  resample_every: int = 50, momentum: float = 0.0, weight_decay: float = 0.0,
-                 noise: str = "gaussian", seed: int | None = None):
+                 noise: str = "gaussian", seed: int | None = None, **batching):
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       momentum=momentum, weight_decay=weight_decay, noise=noise),
-                         Central(1), lambda g: {}, seed)
+                         Central(1), lambda g: {}, seed, **batching)
 
     def transforms(self, group):
         beta = group["momentum"]
@@ -206,10 +222,10 @@ class SubZero(_MatrixMethod):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, rank: int = 8,
                  resample_every: int = 1000, weight_decay: float = 0.0, noise: str = "gaussian",
-                 seed: int | None = None):
+                 seed: int | None = None, **batching):
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       weight_decay=weight_decay, noise=noise),
-                         Central(1), lambda g: {}, seed)
+                         Central(1), lambda g: {}, seed, **batching)
 
 
 class SubspaceMeZO(_MatrixMethod):
@@ -225,13 +241,14 @@ class SubspaceMeZO(_MatrixMethod):
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, queries: int = 1, vector_lr: float = 1e-7,
                  weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
+                 model=None, batched: bool | None = None, max_slices: int | None = None,
                  **extra):
         _check_settings(self, extra)
         _check_queries(queries)
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       vector_lr=vector_lr, weight_decay=weight_decay,
                                       noise=noise, **extra),
-                         self._estimator(queries), _vector_lr, seed)
+                         self._estimator(queries), _vector_lr, seed, model, batched, max_slices)
 
     @staticmethod
     def _estimator(queries):

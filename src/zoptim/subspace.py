@@ -183,6 +183,15 @@ class _Factored(Space):
     def transfer(self, c, old: dict, new: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def lifted_factors(self, p, state, coords) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``A @ B`` the matrix view of ``coords`` lifted to the parameter: a
+        rank-r product, which lets a layer apply the perturbation to its activations."""
+        raise NotImplementedError
+
+    def add_lifted_(self, p, state, coords, alpha):
+        a, b = self.lifted_factors(p, state, coords)
+        as_matrix(p).addmm_(a, b, alpha=alpha)
+
     def perturb_(self, p, state, key, alpha, scratch):
         self.add_lifted_(p, state, self.coords(p, state, key, scratch), alpha)
 
@@ -205,9 +214,8 @@ class Projected(_Factored):
         P = state["P"]
         return noise(key, (P.shape[1], as_matrix(p).shape[1]), self.noise_kind, p.dtype, p.device)
 
-    def add_lifted_(self, p, state, coords, alpha):
-        w = as_matrix(p)
-        w.addmm_(state["P"], coords, alpha=alpha)
+    def lifted_factors(self, p, state, coords):
+        return state["P"], coords
 
     def transfer(self, c, old, new):
         return new["P"].T @ (old["P"] @ c)
@@ -230,8 +238,8 @@ class LowRank(_Factored):
         V = state["V"]
         return noise(key, (as_matrix(p).shape[0], V.shape[1]), self.noise_kind, p.dtype, p.device)
 
-    def add_lifted_(self, p, state, coords, alpha):
-        as_matrix(p).addmm_(coords, state["V"].T, alpha=alpha)
+    def lifted_factors(self, p, state, coords):
+        return coords, state["V"].T
 
     def transfer(self, c, old, new):
         # LOZO-M's momentum transfer: M V_old^T V_new / n (V_old^T V_new / n ~ I for V_new = V_old).
@@ -257,10 +265,10 @@ class TwoSided(_Factored):
         r = state["U"].shape[1]
         return noise(key, (r, r), self.noise_kind, p.dtype, p.device)
 
-    def add_lifted_(self, p, state, coords, alpha):
+    def lifted_factors(self, p, state, coords):
         m, n = as_matrix(p).shape
         scale = math.sqrt(m * n) / state["U"].shape[1]
-        as_matrix(p).addmm_(state["U"], coords @ state["V"].T, alpha=alpha * scale)
+        return state["U"], (coords @ state["V"].T).mul_(scale)
 
     def transfer(self, c, old, new):
         return new["U"].T @ old["U"] @ c @ old["V"].T @ new["V"]

@@ -71,9 +71,9 @@ def build(cfg: TrainConfig) -> Run:
         raise RunError(f"method.settings.rank={rank} exceeds every matrix of this model and "
                        f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
     # The method and its settings were checked when the configuration was built.
-    extra = {"model": clf} if cfg.method.name == "forward-gradient" else {}
-    opt = config.method_class(cfg.method.name)(list(params.values()), seed=cfg.seed,
-                                               **cfg.method.settings, **extra)
+    cls = config.method_class(cfg.method.name)
+    extra = {"model": clf} if config.takes_model(cls) else {}
+    opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings, **extra)
     return Run(cfg, splits, clf, params, opt)
 
 
@@ -283,7 +283,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             open(folder / "metrics.jsonl", "a") as metrics:
         while run.opt.steps < cfg.steps:
             examples = batch(run, run.opt.steps)
-            loss = run.opt.step(lambda: run.clf.loss(examples))
+            # Batched queries call the closure with the number of slices to stack.
+            loss = run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
             step, skipped = run.opt.steps, run.opt.last_skip
             guard.observe(run.opt.last_values, skipped)
             writer.append(journal.Entry(step - 1, run.opt.step_seed(step - 1), run.opt.last_values,

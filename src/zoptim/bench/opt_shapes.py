@@ -7,7 +7,8 @@ each shape and sequence length it measures, side by side in one run:
 - one forward pass of the loss, and the peak memory of inference (``no_grad``),
 - MeZO's two-point step (Gaussian noise) and ZO-Muon's two-point step (one query and its
   baseline), as step / (2 x forward), and their peak memory over inference's,
-- ZO-Muon with 4 queries and a baseline, per evaluation (step / (5 x forward)).
+- ZO-Muon with 4 queries and a baseline, per evaluation (step / (5 x forward)), in place and
+  with batched queries (one forward pass on a stacked batch).
 
     python -m zoptim.bench.opt_shapes --shapes 1.3b,6.7b --tokens 64,256 --out opt.json
 
@@ -21,8 +22,10 @@ import json
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import zoptim
+from zoptim.batched import per_slice, stack
 
 from .step_cost import median_seconds
 
@@ -57,8 +60,12 @@ def lm_loss(model, batch: int, tokens: int, device: str):
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(4, model.config.vocab_size, (batch, tokens), generator=g).to(device)
 
-    def loss():
-        return model(input_ids=ids, labels=ids).loss
+    def loss(slices=None):
+        batch = ids if slices is None else stack(ids, slices)
+        logits = model(input_ids=batch).logits[:, :-1]
+        tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                 batch[:, 1:].reshape(-1), reduction="none")
+        return tokens.mean() if slices is None else per_slice(tokens, slices)
 
     return loss
 
@@ -85,6 +92,8 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype: torch.dtype
         "mezo": (zoptim.MeZO(params, lr=1e-7, eps=1e-3, seed=0), 2),
         "zo-muon, 1 query": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=1, seed=0), 2),
         "zo-muon, 4 queries": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=4, seed=0), 5),
+        "zo-muon, 4 batched": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=4, seed=0,
+                                             model=model), 5),
     }
     rows = []
     for name, (opt, evaluations) in methods.items():

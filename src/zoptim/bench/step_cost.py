@@ -7,7 +7,8 @@ package, so it works offline) on a batch of 16 x 48 tokens, it times:
 - a reference-style MeZO step, as the anchors implement it: full Gaussian noise drawn with
   ``torch.normal`` for every tensor, four times a step (perturb, perturb, restore, update),
 - zoptim's MeZO step with Gaussian and with Rademacher noise,
-- zoptim's ZO-Muon step (4 queries and a baseline),
+- zoptim's ZO-Muon step (4 queries and a baseline), in place and with batched queries (all
+  five evaluations in one forward pass on a stacked batch, perturbations on activations),
 
 and prints each step's cost over the forward passes it evaluates (the floor: 2 for MeZO, 5
 for ZO-Muon). Figures are also written as JSON with ``--out``.
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 import zoptim
+from zoptim.batched import per_slice, stack
 
 
 def load_minilm():
@@ -46,9 +48,15 @@ def make_loss(model, batch: int, tokens: int, seed: int = 0):
     head = torch.randn(model.config.hidden_size, 2, generator=g) / model.config.hidden_size**0.5
     labels = torch.randint(0, 2, (batch,), generator=g)
 
-    def loss():
-        cls = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
-        return torch.nn.functional.cross_entropy(cls @ head, labels)
+    def loss(slices=None):
+        if slices is None:
+            cls = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+            return torch.nn.functional.cross_entropy(cls @ head, labels)
+        # batched queries: the batch stacked once per slice, one loss per slice
+        out = model(input_ids=stack(ids, slices), attention_mask=stack(mask, slices))
+        losses = torch.nn.functional.cross_entropy(out.last_hidden_state[:, 0] @ head,
+                                                   stack(labels, slices), reduction="none")
+        return per_slice(losses, slices)
 
     return loss
 
@@ -117,6 +125,8 @@ def main(argv=None) -> int:
         "zoptim MeZO, Rademacher": (zoptim.MeZO(params, lr=1e-7, noise="rademacher", seed=0), 2),
         "zoptim ZO-Muon (4 queries + baseline)": (zoptim.ZOMuon(params, lr=1e-4, rank=32,
                                                                 queries=4, seed=0), 5),
+        "zoptim ZO-Muon, batched queries": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=4,
+                                                          seed=0, model=model), 5),
     }
     rows = []
     for name, (opt, passes) in methods.items():

@@ -12,7 +12,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..batched import per_slice, stack
 from ..tasks import Example, Prompt
+
+
+class CosineHead(torch.nn.Module):
+    """``scale * cos(x, w_k)`` for each label row ``w_k``: a leaf module, so batched queries
+    can run it once per slice with its perturbed rows."""
+
+    def __init__(self, rows: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(F.normalize(rows, dim=-1).clone())
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T).float()
 
 
 class PromptClassifier(torch.nn.Module):
@@ -34,7 +48,7 @@ class PromptClassifier(torch.nn.Module):
         else:
             with torch.no_grad():
                 anchors = self._embed([prompt.label_text(i) for i in range(len(prompt.label_words))])
-            self.head = torch.nn.Parameter(F.normalize(anchors, dim=-1).clone())
+            self.head = CosineHead(anchors, scale)
 
     def _encode(self, texts: list[str]):
         device = next(self.backbone.parameters()).device
@@ -42,24 +56,33 @@ class PromptClassifier(torch.nn.Module):
                                return_tensors="pt")
         return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        batch = self._encode(texts)
+    def _embed(self, texts: list[str], slices: int = 1) -> torch.Tensor:
+        batch = self._stacked(self._encode(texts), slices)
         hidden = self.backbone(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        """Label logits, one row per text."""
+    @staticmethod
+    def _stacked(batch: dict, slices: int) -> dict:
+        return batch if slices == 1 else {k: stack(v, slices) for k, v in batch.items()}
+
+    def forward(self, texts: list[str], slices: int = 1) -> torch.Tensor:
+        """Label logits, one row per text; with ``slices``, of the batch stacked that many
+        times (batched queries)."""
         if self.decoder:
-            batch = self._encode([self.prompt.context(t) for t in texts])
+            batch = self._stacked(self._encode([self.prompt.context(t) for t in texts]), slices)
             logits = self.backbone(**batch, logits_to_keep=1).logits[:, -1]
             return logits[:, self.label_ids].float()
-        pooled = F.normalize(self._embed(texts), dim=-1)
-        return self.scale * (pooled @ F.normalize(self.head, dim=-1).T).float()
+        return self.head(self._embed(texts, slices))
 
-    def loss(self, examples: list[Example]) -> torch.Tensor:
-        labels = torch.tensor([e.label for e in examples])
-        return F.cross_entropy(self(list(e.text for e in examples)), labels.to(self._device()))
+    def loss(self, examples: list[Example], slices: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy; given ``slices``, one mean per slice of the stacked batch."""
+        labels = torch.tensor([e.label for e in examples], device=self._device())
+        texts = [e.text for e in examples]
+        if slices is None:
+            return F.cross_entropy(self(texts), labels)
+        losses = F.cross_entropy(self(texts, slices), stack(labels, slices), reduction="none")
+        return per_slice(losses, slices)
 
     def _device(self):
         return next(self.parameters()).device
