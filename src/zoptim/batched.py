@@ -131,7 +131,7 @@ class BatchedQueries:
         for start in range(0, len(points), size):
             chunk = points[start:start + size]
             deltas = self._deltas(probe, plan, chunk)
-            handles = [m.register_forward_hook(self._hook(m, entries, deltas, len(chunk)),
+            handles = [m.register_forward_hook(self._hook(entries, deltas, len(chunk)),
                                                with_kwargs=True)
                        for m, entries in plan.items()]
             self.rows = None
@@ -180,7 +180,7 @@ class BatchedQueries:
                     out[(id(s.p), role)] = torch.stack(ds)
         return out
 
-    def _hook(self, module, entries, deltas, slices: int):
+    def _hook(self, entries, deltas, slices: int):
         inside = []
 
         def hook(mod, args, kwargs, output):

@@ -104,14 +104,20 @@ def _config(spec: dict, method: Method, point: dict, seed: int):
     return run_config.build(data)
 
 
-def _cells(spec: dict):
-    """Every cell of the benchmark, validated: (label, seed, point, config). The tuning cells
-    (every grid point) run on the first seed; the other seeds run the chosen point."""
+def _layout(spec: dict) -> tuple[list[Method], list[int], str]:
+    """The methods, the seeds and the baseline's label, checked."""
     methods, seeds = _methods(spec), spec.get("seeds") or [0]
     baseline = spec.get("baseline", methods[0].label)
     if baseline not in [m.label for m in methods]:
         raise BenchError(f"baseline {baseline!r} is not one of the method labels "
                          f"{[m.label for m in methods]}")
+    return methods, seeds, baseline
+
+
+def _cells(spec: dict):
+    """Every cell of the benchmark, validated: (label, seed, point, config). The tuning cells
+    (every grid point) run on the first seed; the other seeds run the chosen point."""
+    methods, seeds, _ = _layout(spec)
     for m in methods:
         for point in m.grid:
             yield m.label, seeds[0], point, _config(spec, m, point, seeds[0])
@@ -144,8 +150,7 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     spec = run_config.read_file(config_path)
     folder = Path(out)
     list(_cells(spec))  # validates every cell before any runs
-    methods, seeds = _methods(spec), spec.get("seeds") or [0]
-    baseline = spec.get("baseline", methods[0].label)
+    methods, seeds, baseline = _layout(spec)
     cells: dict[str, dict[int, Path]] = {}
     tuning, settings = {}, {}
     for m in methods:

@@ -34,7 +34,7 @@ class PromptClassifier(torch.nn.Module):
                  max_length: int = 128, scale: float = 20.0):
         super().__init__()
         self.backbone, self.tokenizer, self.prompt = backbone, tokenizer, prompt
-        self.decoder, self.max_length, self.scale = decoder, max_length, scale
+        self.decoder, self.max_length = decoder, max_length
         if decoder:
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
