@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .perturb import NOISE_KINDS, mix
+from .perturb import NOISE_KINDS, add_noise_many_, mix
 from .subspace import Space
 from .transforms import Transform
 
@@ -36,6 +36,31 @@ class _Slot:
     chain: list[Transform]
 
 
+@dataclass
+class _Dense:
+    """The slots of one group whose perturbation is whole-tensor noise (``Space`` itself):
+    they move together, in one noise pass (one kernel launch per dtype on a GPU)."""
+    group: dict
+    kind: str
+    slots: list[_Slot]
+
+    def add_(self, seed: int, alpha: float) -> None:
+        add_noise_many_([s.p for s in self.slots], [s.index for s in self.slots], seed, alpha,
+                        self.kind)
+
+
+def _split_dense(slots: list[_Slot]) -> tuple[list[_Dense], list[_Slot]]:
+    dense: dict[int, _Dense] = {}
+    rest = []
+    for s in slots:
+        if type(s.space).perturb_ is Space.perturb_:  # not overridden: whole-tensor noise
+            d = dense.setdefault(id(s.group), _Dense(s.group, s.space.noise_kind, []))
+            d.slots.append(s)
+        else:
+            rest.append(s)
+    return list(dense.values()), rest
+
+
 class _Probe:
     """What an estimator may do to the model: shift along a direction, evaluate, count.
 
@@ -46,11 +71,14 @@ class _Probe:
     def __init__(self, opt: "ZOOptimizer", slots: list[_Slot], scratch: dict, closure,
                  replay: list[float] | None = None):
         self.opt, self.slots, self.scratch, self.closure = opt, slots, scratch, closure
+        self.dense, self.rest = _split_dense(slots)
         self.values: list[float] = []
         self._replay = None if replay is None else list(replay)
 
     def shift(self, seed: int, scale: float) -> None:
-        for s in self.slots:
+        for d in self.dense:
+            d.add_(seed, scale * d.group["eps"])
+        for s in self.rest:
             s.space.perturb_(s.p, self.opt.state[s.p], mix(seed, s.index),
                              scale * s.group["eps"], self.scratch[s.p])
 
@@ -265,19 +293,38 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         """Per-direction gradient coefficients of one tensor: ``diff / eps``, averaged."""
         return [d.diff / slot.group["eps"] / len(dirs) for d in dirs]
 
+    @staticmethod
+    def _fusable(s: _Slot) -> bool:
+        return s.space.linear and not s.chain and s.group["weight_decay"] == 0
+
+    def _fused_weights(self, s: _Slot, dirs, pending) -> dict[int, float]:
+        """Restore and update as one weight per direction seed: applied in one pass each, a
+        MeZO step writes every tensor three times in all."""
+        lr, eps = s.group["lr"], s.group["eps"]
+        weights = {d.seed: -lr * c for d, c in zip(dirs, self._coefs(s, dirs))}
+        for seed, scale in pending:
+            weights[seed] = weights.get(seed, 0.0) + scale * eps
+        return weights
+
     def _update(self, probe: _Probe, dirs, pending) -> None:
+        done = set()
+        for d in probe.dense:
+            if self._fusable(d.slots[0]):  # the group decides, so one slot speaks for all
+                for seed, w in self._fused_weights(d.slots[0], dirs, pending).items():
+                    d.add_(seed, w)
+                done.update(id(s) for s in d.slots)
         for s in probe.slots:
+            if id(s) in done:
+                continue
             state, scratch = self.state[s.p], probe.scratch[s.p]
             lr, wd, eps = s.group["lr"], s.group["weight_decay"], s.group["eps"]
             keys = [mix(d.seed, s.index) for d in dirs]
             coefs = self._coefs(s, dirs)
             restore = [(mix(seed, s.index), scale * eps) for seed, scale in pending]
-            if s.space.linear and not s.chain and wd == 0:
-                # Restore and update fused: a MeZO step writes each tensor three times in all.
-                weights = dict(zip(keys, (-lr * c for c in coefs)))
-                for key, a in restore:
-                    weights[key] = weights.get(key, 0.0) + a
-                s.space.add_directions_(s.p, state, list(weights), list(weights.values()), scratch)
+            if self._fusable(s):
+                weights = self._fused_weights(s, dirs, pending)
+                s.space.add_directions_(s.p, state, [mix(k, s.index) for k in weights],
+                                        list(weights.values()), scratch)
                 continue
             for key, a in restore:
                 s.space.perturb_(s.p, state, key, a, scratch)

@@ -32,21 +32,33 @@ import zoptim
 from zoptim.batched import per_slice, stack
 
 
-def load_minilm():
-    from ..integrations.models import load_model
+# all-MiniLM-L6-v2's architecture, for timing without its weights (cost does not depend on them)
+MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                    intermediate_size=1536, vocab_size=30522, max_position_embeddings=512)
+
+
+def load_minilm(random_weights: bool = False):
+    if random_weights:
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        return BertModel(BertConfig(**MINILM_SHAPE), add_pooling_layer=False).eval()
+    from ..integrations.models import ModelError, load_model
 
     try:
         return load_model("minilm-l6")[0]
-    except ImportError:
-        sys.exit("this benchmark needs: pip install 'zoptim[bench]'")
+    except (ImportError, ModelError) as err:
+        sys.exit(f"{err}\n(or time the same architecture with --random-weights)")
 
 
 def make_loss(model, batch: int, tokens: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, model.config.vocab_size, (batch, tokens), generator=g)
+    dev = next(model.parameters()).device
+    ids = torch.randint(1000, model.config.vocab_size, (batch, tokens), generator=g).to(dev)
     mask = torch.ones_like(ids)
-    head = torch.randn(model.config.hidden_size, 2, generator=g) / model.config.hidden_size**0.5
-    labels = torch.randint(0, 2, (batch,), generator=g)
+    head = (torch.randn(model.config.hidden_size, 2, generator=g)
+            / model.config.hidden_size**0.5).to(dev)
+    labels = torch.randint(0, 2, (batch,), generator=g).to(dev)
 
     def loss(slices=None):
         if slices is None:
@@ -70,7 +82,7 @@ class ReferenceMeZO:
     def _perturb(self, seed: int, scale: float):
         torch.manual_seed(seed)
         for p in self.params:
-            z = torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype)
+            z = torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype, device=p.device)
             p.data = p.data + scale * self.eps * z
 
     @torch.no_grad()
@@ -84,7 +96,7 @@ class ReferenceMeZO:
         g = (plus - minus) / (2 * self.eps)
         torch.manual_seed(seed)
         for p in self.params:
-            z = torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype)
+            z = torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype, device=p.device)
             p.data = p.data - self.lr * g * z
         return plus
 
@@ -104,15 +116,26 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="time MiniLM's architecture with random weights (no package needed)")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs an NVIDIA GPU")
 
-    model = load_minilm()
+    model = load_minilm(args.random_weights).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = make_loss(model, args.batch, args.tokens)
     n_params = sum(p.numel() for p in params)
@@ -135,7 +158,7 @@ def main(argv=None) -> int:
                          ratio=seconds / (passes * forward)))
 
     print(f"all-MiniLM-L6-v2, {n_params / 1e6:.1f}M parameters, batch {args.batch} x "
-          f"{args.tokens} tokens, fp32, {torch.get_num_threads()} threads, "
+          f"{args.tokens} tokens, fp32, {_device_name(args.device)}, "
           f"torch {torch.__version__}, noise backend {zoptim.perturb.get_backend()}")
     print(f"forward: {forward * 1e3:.1f} ms (median of {args.steps})\n")
     print(f"{'method':40s}{'step':>10s}{'floor':>10s}{'step / floor':>14s}")
@@ -145,6 +168,7 @@ def main(argv=None) -> int:
     if args.out:
         record = dict(model="all-MiniLM-L6-v2", parameters=n_params, batch=args.batch,
                       tokens=args.tokens, forward_s=forward, rows=rows,
+                      device=_device_name(args.device), random_weights=args.random_weights,
                       threads=torch.get_num_threads(), torch=torch.__version__,
                       machine=platform.machine(), processor=platform.processor(),
                       noise_backend=zoptim.perturb.get_backend(),
