@@ -93,34 +93,47 @@ class _Probe:
         self.values.append(value)
         return value
 
+    def _parallel(self):
+        """The optimizer's ``Parallel`` while probing live (a replay runs on recorded values)."""
+        return self.opt.parallel if self._replay is None else None
+
     def evaluate(self) -> float:
-        return self._record(lambda: float(self.closure()))
+        par = self._parallel()
+        if par is None:
+            return self._record(lambda: float(self.closure()))
+        return self._record(lambda: par.combine([float(self.closure())], everyone=True)[0])
 
     def evaluate_points(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
         """The objective at each point (``None``: the current parameters; ``(seed, scale)``:
         moved by ``scale * eps * z(seed)``), and the shifts left applied, which the update
         undoes. In place, the parameters move from point to point (one write when only the
         scale changes); batched, every point is one slice of a stacked forward pass and the
-        parameters are never written."""
-        if self.opt.batched is not None and self._replay is None:
-            values = self.opt.batched.evaluate(self, points)
-            for v in values:
-                self._record(lambda v=v: v)
-            return values, []
-        if self.opt.batched is not None:  # replaying a batched step: values only, no shifts
-            return [self._record(lambda: 0.0) for _ in points], []
-        at, values = None, []
-        for point in points:
-            if at is not None and point is not None and at[0] == point[0]:
-                self.shift(at[0], point[1] - at[1])
-            else:
-                if at is not None:
-                    self.shift(at[0], -at[1])
-                if point is not None:
-                    self.shift(*point)
-            at = point
-            values.append(self.evaluate())
-        return values, [] if at is None else [(at[0], -at[1])]
+        parameters are never written. Across ranks (``zoptim.distributed``), each rank
+        evaluates its own points and one all-reduce gives every rank all the values."""
+        par = self._parallel()
+        mine = [par is None or par.owns(i) for i in range(len(points))]
+        live = self._replay is None
+        pending: list[tuple[int, float]] = []
+        if self.opt.batched is not None:
+            # batched: no shifts, and a replay needs the recorded values only
+            own = [pt for pt, m in zip(points, mine) if m]
+            got = iter(self.opt.batched.evaluate(self, own) if live and own else [])
+            raw = [next(got) if m and live else None for m in mine]
+        else:
+            at, raw = None, []
+            for point, m in zip(points, mine):
+                if at is not None and point is not None and at[0] == point[0]:
+                    self.shift(at[0], point[1] - at[1])
+                else:
+                    if at is not None:
+                        self.shift(at[0], -at[1])
+                    if point is not None:
+                        self.shift(*point)
+                at = point
+                raw.append(float(self.closure()) if m and live else None)
+            pending = [] if at is None else [(at[0], -at[1])]
+        values = raw if par is None else par.combine(raw)
+        return [self._record(lambda v=v: v) for v in values], pending
 
     def leftover(self) -> int:
         """Recorded values a replayed step did not use (0 when not replaying)."""
@@ -133,7 +146,9 @@ class _Probe:
 
         def compute():
             params = [s.p for s in self.slots]
-            result.extend(derivative(params, self.tangents(seed)))
+            values = [float(v) for v in derivative(params, self.tangents(seed))]
+            par = self._parallel()
+            result.extend(values if par is None else par.combine(values, everyone=True))
             return result[0]
 
         loss = self._record(compute)
@@ -226,6 +241,8 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         # Evaluates a step's points on one stacked batch (methods with low-rank spaces, given
         # the model); None: in place, one point at a time.
         self.batched = None
+        # Shares each step's evaluations among processes (zoptim.distributed.Parallel.attach).
+        self.parallel = None
 
     # -- composition hooks: a method overrides these -------------------------------------
     def space(self, group: dict) -> Space:
