@@ -61,6 +61,19 @@ def _split_dense(slots: list[_Slot]) -> tuple[list[_Dense], list[_Slot]]:
     return list(dense.values()), rest
 
 
+def walk(shift: Callable[[int, float], None], at, point):
+    """Move from point ``at`` to ``point`` by ``shift(seed, scale)`` calls, one write when only
+    the scale changes; returns ``point``, the new position."""
+    if at is not None and point is not None and at[0] == point[0]:
+        shift(at[0], point[1] - at[1])
+    else:
+        if at is not None:
+            shift(at[0], -at[1])
+        if point is not None:
+            shift(*point)
+    return point
+
+
 class _Probe:
     """What an estimator may do to the model: shift along a direction, evaluate, count.
 
@@ -74,6 +87,12 @@ class _Probe:
         self.dense, self.rest = _split_dense(slots)
         self.values: list[float] = []
         self._replay = None if replay is None else list(replay)
+
+    def subset(self, slots: list[_Slot]) -> "_Probe":
+        """The same probe restricted to ``slots`` (a part of the model moved on its own)."""
+        part = _Probe(self.opt, slots, self.scratch, self.closure)
+        part.values, part._replay = self.values, self._replay
+        return part
 
     def shift(self, seed: int, scale: float) -> None:
         for d in self.dense:
@@ -114,7 +133,11 @@ class _Probe:
         mine = [par is None or par.owns(i) for i in range(len(points))]
         live = self._replay is None
         pending: list[tuple[int, float]] = []
-        if self.opt.batched is not None:
+        if self.opt.offload is not None and live:
+            if par is not None:
+                raise RuntimeError("offloading and distributed training cannot be combined yet")
+            raw, pending = self.opt.offload.evaluate(self, points, self.opt._prepare_slots)
+        elif self.opt.batched is not None:
             # batched: no shifts, and a replay needs the recorded values only
             own = [pt for pt, m in zip(points, mine) if m]
             got = iter(self.opt.batched.evaluate(self, own) if live and own else [])
@@ -122,14 +145,7 @@ class _Probe:
         else:
             at, raw = None, []
             for point, m in zip(points, mine):
-                if at is not None and point is not None and at[0] == point[0]:
-                    self.shift(at[0], point[1] - at[1])
-                else:
-                    if at is not None:
-                        self.shift(at[0], -at[1])
-                    if point is not None:
-                        self.shift(*point)
-                at = point
+                at = walk(self.shift, at, point)
                 raw.append(float(self.closure()) if m and live else None)
             pending = [] if at is None else [(at[0], -at[1])]
         values = raw if par is None else par.combine(raw)
@@ -243,6 +259,9 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         self.batched = None
         # Shares each step's evaluations among processes (zoptim.distributed.Parallel.attach).
         self.parallel = None
+        # Streams the model's blocks from CPU memory (zoptim.offload.Offload.attach).
+        self.offload = None
+        self._scratch: dict = {}
 
     # -- composition hooks: a method overrides these -------------------------------------
     def space(self, group: dict) -> Space:
@@ -273,15 +292,12 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         if closure is None and replay is None:
             raise ValueError("a zeroth-order optimizer needs a closure that returns the loss")
         slots = self._slots()
-        scratch = {s.p: {} for s in slots}
-        for s in slots:
-            state = self.state[s.p]
-            transfer = s.space.prepare(s.p, state, self.steps, mix(self.seed, s.index), scratch[s.p])
-            if transfer is not None:
-                for t in s.chain:
-                    for name in t.carried:
-                        if name in state:
-                            state[name] = transfer(state[name])
+        self._scratch = scratch = {s.p: {} for s in slots}
+        # Streamed parameters are prepared, and updated, when they are next on the device.
+        streaming = self.offload is not None and replay is None
+        if self.offload is not None and not streaming:
+            self.offload.flush()
+        self._prepare_slots([s for s in slots if not (streaming and self.offload.holds(s.p))])
         if self.batched is not None:
             _, reason = self.batched.plan(slots)
             if reason is not None:
@@ -291,12 +307,23 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         probe = _Probe(self, slots, scratch, closure, replay)
         loss, dirs, pending = self.estimator(probe, self.step_seed(self.steps))
         reason = self.guard(probe.values) if self.guard is not None else None
+
+        def finish(part: _Probe) -> None:
+            if reason is None:
+                self._update(part, dirs, pending)
+            else:  # undo the probing, leave parameters and state as they were
+                for seed, scale in pending:
+                    part.shift(seed, scale)
+
+        if streaming:
+            held = [s for s in slots if self.offload.holds(s.p)]
+            finish(probe.subset([s for s in slots if not self.offload.holds(s.p)]))
+            self.offload.defer(held, lambda part: finish(probe.subset(part)))
+        else:
+            finish(probe)
         if reason is None:
-            self._update(probe, dirs, pending)
             self._after_update(probe, dirs, loss)
-        else:  # undo the probing, leave parameters and state as they were
-            for seed, scale in pending:
-                probe.shift(seed, scale)
+        else:
             self.skipped += 1
         self.steps += 1
         self.last_values, self.last_skip = probe.values, reason
@@ -304,6 +331,19 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
             raise ValueError("the recorded step has more values than the step evaluates: "
                              "it was recorded with another method or configuration")
         return loss
+
+    def _prepare_slots(self, slots: list[_Slot]) -> None:
+        """The spaces' preparation for this step (factors resampled on schedule), carrying
+        coordinate state over to new factors."""
+        for s in slots:
+            state = self.state[s.p]
+            transfer = s.space.prepare(s.p, state, self.steps, mix(self.seed, s.index),
+                                       self._scratch[s.p])
+            if transfer is not None:
+                for t in s.chain:
+                    for name in t.carried:
+                        if name in state:
+                            state[name] = transfer(state[name])
 
     @staticmethod
     def _coefs(slot: _Slot, dirs) -> list[float]:

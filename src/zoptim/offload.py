@@ -1,0 +1,282 @@
+"""Offloading: train a model larger than the GPU by streaming its blocks, as ZO2 does (Wang et
+al., 2024, "ZO2: Scalable Zeroth-Order Fine-Tuning for Extremely Large Language Models with
+Limited GPU Memory"), for every method whose update is applied once after its evaluations.
+
+The parameters of the model's repeated blocks (a transformer's layer list, found generically)
+live in CPU memory (pinned when the working device is a GPU); everything else stays on the
+working device. A step's evaluation points are evaluated in one pass over the model on a batch
+stacked once per point (the closure API of batched queries: ``closure(slices)``, see
+``zoptim.batched``). Each block, when its turn comes:
+
+1. arrives on the working device (uploaded on a side stream while the previous block computes),
+2. applies the previous step's update and this step's preparation, deferred until now,
+3. runs every slice of the stacked batch at that slice's point, moving its own parameters in
+   place from point to point, exactly the writes of in-place probing,
+4. goes back to CPU memory.
+
+So every block is transferred once per step and the trajectory is the same, write for write,
+as resident in-place training. ``flush()`` applies the deferred updates (checkpoints and
+evaluations call it). Parameters outside the blocks (embeddings, final norm, head) are resident
+and walk through the points the same way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from .core import walk
+
+
+class OffloadError(ValueError):
+    """A model or optimizer the offloading engine cannot serve; the message says why."""
+
+
+def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's repeated block list: the largest ``nn.ModuleList`` whose children (two or
+    more) all have the same class."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and \
+                len(Counter(type(c) for c in m)) == 1:
+            if best is None or len(m) > len(best[1]):
+                best = (name, m)
+    if best is None:
+        raise OffloadError(f"{type(model).__name__} has no repeated block list (an nn.ModuleList "
+                           "of two or more modules of one class) to stream; pass blocks=")
+    return best[1]
+
+
+def _split(v, k: int, rows: int, total: int):
+    """Slice ``k`` of a stacked argument (a tensor of two or more dimensions whose first is the
+    stacked batch: hidden states, masks, position ids); others are shared and pass unchanged."""
+    if torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == total:
+        return v[k * rows:(k + 1) * rows]
+    return v
+
+
+def _cat(outs: list):
+    first = outs[0]
+    if torch.is_tensor(first):
+        return torch.cat(outs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([o[i] for o in outs]) if first[i] is not None else None
+                            for i in range(len(first)))
+    if first is None:
+        return None
+    raise OffloadError(f"offloading: cannot join block outputs of type {type(first).__name__}")
+
+
+class _Unit:
+    """A module whose optimized parameters walk through a step's points together; offloaded
+    units also stream between CPU memory and the working device."""
+
+    def __init__(self, module: torch.nn.Module, offloaded: bool):
+        self.module, self.offloaded = module, offloaded
+        self.slots = []
+        self.deferred = []  # updates waiting for the unit to be resident
+        self.ready = None  # CUDA event: the upload finished
+
+
+class Offload:
+    """Streams ``blocks`` (default: ``find_blocks(model)``) of ``model`` from CPU memory to
+    ``device``; attach it to an optimizer with ``attach``."""
+
+    def __init__(self, model: torch.nn.Module, device="cuda", blocks=None):
+        self.model, self.device = model, torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise OffloadError("offloading to cuda needs an NVIDIA GPU; use device='cpu' to run "
+                               "the same code path on the CPU")
+        self.blocks = list(find_blocks(model) if blocks is None else blocks)
+        # A key/value cache would let a block's later slices attend to its earlier ones.
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            model.config.use_cache = False
+        in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # non-block parts live on the device; block parameters in (pinned) CPU memory
+        for p in model.parameters():
+            if id(p) not in in_blocks:
+                p.data = p.data.to(self.device)
+        for b in model.buffers():
+            b.data = b.data.to(self.device)
+        for blk in self.blocks:
+            for p in blk.parameters():
+                p.data = p.data.to("cpu").pin_memory() if self.cuda else p.data.to("cpu")
+        self.units: list[_Unit] = []
+        self.optimizer = None
+        self._points = None
+
+    # -- wiring -----------------------------------------------------------------------------
+    def attach(self, optimizer) -> "Offload":
+        """Serve ``optimizer``'s steps (returns ``self``)."""
+        from .optimizers import ForwardGradient, ZOSGDConservative
+
+        if isinstance(optimizer, (ForwardGradient, ZOSGDConservative)):
+            raise OffloadError(f"{type(optimizer).__name__} evaluates after its update or by "
+                               "forward-mode derivatives; offloading serves methods whose "
+                               "update follows their evaluations")
+        if optimizer.parallel is not None:
+            raise OffloadError("offloading and distributed training cannot be combined yet")
+        optimizer.batched = None  # offloading has its own stacked evaluation
+        optimizer.offload = self
+        optimizer_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        # Units: the blocks, then every other module that owns optimized parameters directly
+        # (a tied weight has several owners, each of which walks).
+        self.units, self._streamed = [], {}
+        in_blocks = set()
+        for blk in self.blocks:
+            unit = _Unit(blk, offloaded=True)
+            for p in blk.parameters():
+                in_blocks.add(id(p))
+                if id(p) in optimizer_params:
+                    self._streamed[id(p)] = unit
+            self.units.append(unit)
+        owned, walking = set(in_blocks), []
+        for name, m in self.model.named_modules():
+            mine = [p for p in m.parameters(recurse=False) if id(p) not in in_blocks]
+            owned.update(id(p) for p in mine)
+            if not any(id(p) in optimizer_params for p in mine) or \
+                    any(name.startswith(w + ".") for w in walking):
+                continue  # a unit already walking walks its whole subtree
+            if any(b is c for b in self.blocks for c in m.modules()):
+                raise OffloadError(f"{name or type(m).__name__} owns optimized parameters and "
+                                   "contains the blocks; offloading needs them in leaf modules")
+            walking.append(name)
+            self.units.append(_Unit(m, offloaded=False))
+        if not optimizer_params <= owned:
+            raise OffloadError("an optimized parameter does not belong to the model")
+        return self
+
+    def holds(self, p) -> bool:
+        """Whether ``p`` streams (its preparation and update wait for its upload)."""
+        return id(p) in self._streamed
+
+    def defer(self, slots, apply) -> None:
+        """Run ``apply(slots_of_unit)`` for each streamed unit when it is next resident."""
+        by_unit = {}
+        for s in slots:
+            by_unit.setdefault(id(self._streamed[id(s.p)]), []).append(s)
+        for unit in self.units:
+            if id(unit) in by_unit:
+                unit.deferred.append((apply, by_unit[id(unit)]))
+
+    # -- streaming --------------------------------------------------------------------------
+    def _params(self, unit):
+        return list(unit.module.parameters())
+
+    def _prefetch(self, unit) -> None:
+        if unit.ready is not None:
+            return
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                for p in self._params(unit):
+                    p.data = p.data.to(self.device, non_blocking=True)
+                unit.ready = torch.cuda.Event()
+                unit.ready.record()
+        else:
+            for p in self._params(unit):
+                p.data = p.data.clone()  # the same logic, with CPU as both devices
+            unit.ready = True
+
+    def _arrive(self, unit) -> None:
+        self._prefetch(unit)
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(unit.ready)
+            for p in self._params(unit):
+                p.data.record_stream(torch.cuda.current_stream())
+        for apply, slots in unit.deferred:
+            apply(slots)
+        unit.deferred.clear()
+
+    def _leave(self, unit) -> None:
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(done)
+                for p in self._params(unit):
+                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+                    host.copy_(p.data, non_blocking=True)
+                    p.data.record_stream(self.copy_stream)
+                    p.data = host
+        else:
+            for p in self._params(unit):
+                p.data = p.data.clone()
+        unit.ready = None
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the updates still deferred (before reading, saving or evaluating the model)."""
+        for unit in self.units:
+            if unit.offloaded and unit.deferred:
+                self._arrive(unit)
+                self._leave(unit)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # -- a step's evaluation ----------------------------------------------------------------
+    def evaluate(self, probe, points: list, prepare) -> tuple[list[float], list]:
+        """The objective at every point in one pass on a stacked batch; ``prepare(slots)`` is
+        the step's preparation of a streamed unit's slots, run once it is resident."""
+        slot_of = {id(s.p): s for s in probe.slots}
+        n = len(points)
+        at = {}  # each parameter's current point
+        order = [u for u in self.units if any(id(p) in slot_of for p in u.module.parameters())]
+        following = {id(a): b for a, b in zip(order, order[1:])}
+
+        def move(slots, point):
+            # group by current point (a tied weight may arrive already moved) and walk
+            groups = {}
+            for s in slots:
+                groups.setdefault(at.get(id(s.p)), []).append(s)
+            for start, group in groups.items():
+                walk(probe.subset(group).shift, start, point)
+                at.update((id(s.p), point) for s in group)
+
+        def walk_forward(unit, forward):
+            def run(*args, **kwargs):
+                slots = [slot_of[id(p)] for p in unit.module.parameters() if id(p) in slot_of]
+                if unit.offloaded:
+                    self._arrive(unit)
+                    nxt = following.get(id(unit))
+                    if nxt is not None and nxt.offloaded:
+                        self._prefetch(nxt)  # overlaps this block's compute
+                    prepare(slots)
+                stacked = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim()]
+                total = stacked[0].shape[0] if stacked else 0
+                if not stacked or total % n:
+                    raise OffloadError(f"offloading: {type(unit.module).__name__} got {total} "
+                                       f"rows, not a multiple of the {n} points; stack the batch "
+                                       "with zoptim.batched.stack")
+                rows = total // n
+                outs = []
+                for k, point in enumerate(points):
+                    move(slots, point)
+                    outs.append(forward(*(_split(a, k, rows, total) for a in args),
+                                        **{key: _split(v, k, rows, total)
+                                           for key, v in kwargs.items()}))
+                if unit.offloaded:
+                    self._leave(unit)
+                return _cat(outs)
+            return run
+
+        for unit in order:
+            unit.module.forward = walk_forward(unit, unit.module.forward)
+        try:
+            out = torch.as_tensor(probe.closure(n)).detach().flatten()
+        finally:
+            for unit in order:
+                del unit.module.forward  # the class's forward again
+        if out.numel() != n:
+            raise OffloadError(f"offloading: the closure is called with the number of slices "
+                               f"({n}) and must return one loss per slice; it returned "
+                               f"{out.numel()} values")
+        missed = [u for u in order if any(id(p) not in at
+                                          for p in u.module.parameters() if id(p) in slot_of)]
+        if missed:
+            raise OffloadError(f"offloading: {type(missed[0].module).__name__} was not run by the "
+                               "closure; every optimized parameter must take part")
+        last = points[-1]
+        return [float(v) for v in out.tolist()], [] if last is None else [(last[0], -last[1])]

@@ -1,0 +1,101 @@
+"""Offloading on the CPU (CPU as both devices, the GPU's code path): offloaded training equals
+resident in-place training bit for bit, and bad models or optimizers are refused."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoptim
+from zoptim.batched import per_slice, stack
+from zoptim.offload import Offload, OffloadError, find_blocks
+
+STEPS = 4
+
+
+def tiny_opt(tie: bool = False):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64,
+                       word_embed_proj_dim=32, max_position_embeddings=64, vocab_size=100,
+                       dropout=0.0, attention_dropout=0.0, tie_word_embeddings=tie)
+    return OPTForCausalLM(config).eval()
+
+
+def lm_closure(model):
+    ids = torch.randint(4, 100, (4, 12), generator=torch.Generator().manual_seed(1))
+
+    def closure(slices=None):
+        batch = ids if slices is None else stack(ids, slices)
+        logits = model(input_ids=batch).logits[:, :-1]
+        tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                 reduction="none")
+        return tokens.mean() if slices is None else per_slice(tokens, slices)
+
+    return closure
+
+
+METHODS = {
+    "mezo": lambda ps: zoptim.MeZO(ps, lr=1e-3, eps=1e-3, queries=2, seed=0),
+    "zo-adam": lambda ps: zoptim.ZOAdam(ps, lr=1e-3, eps=1e-3, seed=0),
+    "zo-muon": lambda ps: zoptim.ZOMuon(ps, lr=1e-2, rank=4, queries=3, resample_every=2,
+                                        seed=0),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_offloaded_equals_resident(method):
+    resident = tiny_opt()  # untied: tied weights are walked by each module that uses them
+    streamed = copy.deepcopy(resident)
+    opt_r = METHODS[method](list(resident.parameters()))
+    opt_s = METHODS[method](list(streamed.parameters()))
+    offload = Offload(streamed, device="cpu").attach(opt_s)
+    blocks = find_blocks(streamed)
+    assert len(blocks) == 3 and offload.holds(next(blocks[0].parameters()))
+    closure_r, closure_s = lm_closure(resident), lm_closure(streamed)
+    for _ in range(STEPS):
+        loss_r = opt_r.step(closure_r)
+        loss_s = opt_s.step(closure_s)
+        assert loss_r == loss_s
+        assert opt_r.last_values == opt_s.last_values
+    offload.flush()
+    for (name, a), b in zip(resident.named_parameters(), streamed.parameters()):
+        assert torch.equal(a, b), name
+    assert opt_r.queries == opt_s.queries
+
+
+def test_tied_weights_follow_resident_training():
+    resident = tiny_opt(tie=True)
+    streamed = copy.deepcopy(resident)
+    opt_r = METHODS["mezo"](list(resident.parameters()))
+    opt_s = METHODS["mezo"](list(streamed.parameters()))
+    offload = Offload(streamed, device="cpu").attach(opt_s)
+    for _ in range(STEPS):
+        opt_r.step(lm_closure(resident))
+        opt_s.step(lm_closure(streamed))
+    offload.flush()
+    for a, b in zip(resident.parameters(), streamed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # rounding of the extra walks
+
+
+def test_model_without_blocks_is_refused():
+    with pytest.raises(OffloadError, match="no repeated block list"):
+        Offload(torch.nn.Sequential(torch.nn.Linear(3, 3)), device="cpu")
+
+
+def test_methods_that_evaluate_after_their_update_are_refused():
+    model = tiny_opt()
+    opt = zoptim.ZOSGDConservative(model.parameters(), lr=1e-3)
+    with pytest.raises(OffloadError, match="after its update"):
+        Offload(model, device="cpu").attach(opt)
+
+
+def test_closure_must_stack_its_batch():
+    model = tiny_opt()
+    opt = zoptim.MeZO(model.parameters(), lr=1e-3, seed=0)
+    Offload(model, device="cpu").attach(opt)
+    ids = torch.randint(4, 100, (3, 5))
+    with pytest.raises(OffloadError, match="not a multiple"):
+        opt.step(lambda slices=None: model(input_ids=ids).logits.float().mean().repeat(2))
