@@ -26,6 +26,7 @@ def tiny_opt(tie: bool = False):
 
 def lm_closure(model):
     ids = torch.randint(4, 100, (4, 12), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(model.get_input_embeddings().weight.device)
 
     def closure(slices=None):
         batch = ids if slices is None else stack(ids, slices)
@@ -80,6 +81,26 @@ def test_tied_weights_follow_resident_training():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # rounding of the extra walks
 
 
+def test_low_precision_transfer_keeps_blocks_in_bfloat16():
+    resident = tiny_opt()
+    streamed = copy.deepcopy(resident)
+    opt_r = METHODS["mezo"](list(resident.parameters()))
+    opt_s = METHODS["mezo"](list(streamed.parameters()))
+    offload = Offload(streamed, device="cpu", transfer_dtype=torch.bfloat16).attach(opt_s)
+    block = find_blocks(streamed)[0]
+    seen = []
+    block.fc1.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    for _ in range(STEPS):
+        opt_r.step(lm_closure(resident))
+        opt_s.step(lm_closure(streamed))
+        # between steps a block is held in bfloat16; it computes in float32
+        assert next(block.parameters()).dtype == torch.bfloat16
+        torch.testing.assert_close(torch.tensor(opt_s.last_values),
+                                   torch.tensor(opt_r.last_values), rtol=0, atol=2e-2)
+    assert seen and set(seen) == {torch.float32}
+    offload.flush()
+
+
 def test_model_without_blocks_is_refused():
     with pytest.raises(OffloadError, match="no repeated block list"):
         Offload(torch.nn.Sequential(torch.nn.Linear(3, 3)), device="cpu")
@@ -99,3 +120,19 @@ def test_closure_must_stack_its_batch():
     ids = torch.randint(4, 100, (3, 5))
     with pytest.raises(OffloadError, match="not a multiple"):
         opt.step(lambda slices=None: model(input_ids=ids).logits.float().mean().repeat(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_streamed_from_pinned_memory_equals_resident_on_the_gpu():
+    resident = tiny_opt().cuda()
+    streamed = tiny_opt()
+    opt_r = METHODS["mezo"](list(resident.parameters()))
+    opt_s = METHODS["mezo"](list(streamed.parameters()))
+    offload = Offload(streamed, device="cuda").attach(opt_s)
+    assert next(find_blocks(streamed)[0].parameters()).is_pinned()
+    for _ in range(STEPS):
+        opt_r.step(lm_closure(resident))
+        opt_s.step(lm_closure(streamed))
+    offload.flush()
+    for a, b in zip(resident.parameters(), streamed.parameters()):
+        assert torch.equal(a.cpu(), b.cpu())

@@ -81,9 +81,15 @@ class _Unit:
 
 class Offload:
     """Streams ``blocks`` (default: ``find_blocks(model)``) of ``model`` from CPU memory to
-    ``device``; attach it to an optimizer with ``attach``."""
+    ``device``; attach it to an optimizer with ``attach``.
 
-    def __init__(self, model: torch.nn.Module, device="cuda", blocks=None):
+    ``transfer_dtype`` (``torch.bfloat16``, or ``torch.float8_e4m3fn``) keeps the blocks in
+    CPU memory, and moves them, in that precision, computing in the model's own on the device:
+    half or a quarter of the bytes moved and held. It is lossy: the weights are rounded to it
+    after every step, and an update smaller than its resolution is lost."""
+
+    def __init__(self, model: torch.nn.Module, device="cuda", blocks=None,
+                 transfer_dtype: torch.dtype | None = None):
         self.model, self.device = model, torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise OffloadError("offloading to cuda needs an NVIDIA GPU; use device='cpu' to run "
@@ -101,9 +107,13 @@ class Offload:
                 p.data = p.data.to(self.device)
         for b in model.buffers():
             b.data = b.data.to(self.device)
+        self.transfer_dtype = transfer_dtype
+        self._dtype = {}  # a streamed parameter's precision on the device
         for blk in self.blocks:
             for p in blk.parameters():
-                p.data = p.data.to("cpu").pin_memory() if self.cuda else p.data.to("cpu")
+                self._dtype[id(p)] = p.dtype
+                host = p.data.to("cpu", dtype=transfer_dtype or p.dtype)
+                p.data = host.pin_memory() if self.cuda else host
         self.units: list[_Unit] = []
         self.optimizer = None
         self._points = None
@@ -172,12 +182,12 @@ class Offload:
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 for p in self._params(unit):
-                    p.data = p.data.to(self.device, non_blocking=True)
+                    p.data = p.data.to(self.device, non_blocking=True).to(self._dtype[id(p)])
                 unit.ready = torch.cuda.Event()
                 unit.ready.record()
         else:
-            for p in self._params(unit):
-                p.data = p.data.clone()  # the same logic, with CPU as both devices
+            for p in self._params(unit):  # the same logic, with CPU as both devices
+                p.data = p.data.to(self._dtype[id(p)], copy=True)
             unit.ready = True
 
     def _arrive(self, unit) -> None:
@@ -197,13 +207,14 @@ class Offload:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(done)
                 for p in self._params(unit):
-                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
-                    host.copy_(p.data, non_blocking=True)
-                    p.data.record_stream(self.copy_stream)
+                    low = p.data.to(self.transfer_dtype or p.dtype)
+                    host = torch.empty(p.shape, dtype=low.dtype, pin_memory=True)
+                    host.copy_(low, non_blocking=True)
+                    low.record_stream(self.copy_stream)
                     p.data = host
         else:
             for p in self._params(unit):
-                p.data = p.data.clone()
+                p.data = p.data.to(self.transfer_dtype or p.dtype, copy=True)
         unit.ready = None
 
     @torch.no_grad()
