@@ -161,3 +161,27 @@ def test_every_method_steps_a_real_transformer(data):
         loss = opt.step(lambda: clf.loss(data.train[:4]))
         assert torch.isfinite(torch.tensor(loss)) and opt.last_skip is None, name
         assert changed(before, clf), name
+
+
+def test_torchrun_run_equals_one_process(tmp_path):
+    """Two processes under torchrun (perturbation parallelism, each evaluating one side of
+    each two-point difference) write the run a single process writes."""
+    import os
+    import subprocess
+    import sys
+
+    sets = []
+    for s in TINY[:-1] + ["method.settings={lr = 1e-4, eps = 1e-3, queries = 2}"]:
+        sets += ["--set", s]
+    common = ["train", "--steps", "3", "--no-progress", "--method", "mezo", *sets]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-port", "29517", "-m", "zoptim.cli", *common,
+                    "--out", str(tmp_path / "two")], check=True, env=env, timeout=600)
+    a = load_file(str(tmp_path / "one" / "checkpoint-3" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoint-3" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["after"]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["after"]
+    assert one["queries"] == two["queries"] == 12 and one["test_acc"] == two["test_acc"]

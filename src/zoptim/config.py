@@ -55,6 +55,13 @@ class GuardConfig(_Strict):
     max_consecutive: int = Field(5, ge=1)
 
 
+class ParallelConfig(_Strict):
+    """Under ``torchrun``: ``data`` ranks split each batch, the others (``world / data``)
+    split each step's evaluations (``zoptim.distributed``). Ignored in a single process."""
+
+    data: int = Field(1, ge=1)
+
+
 class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
@@ -66,6 +73,7 @@ class TrainConfig(_Strict):
     save_every: int = Field(50, ge=1)
     journal_fsync_every: int = Field(1, ge=0)  # steps between fsyncs of the journal (0: at saves)
     guard: GuardConfig = GuardConfig()
+    parallel: ParallelConfig = ParallelConfig()
     seed: int = 0
 
     @model_validator(mode="after")

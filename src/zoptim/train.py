@@ -40,6 +40,22 @@ class RunError(RuntimeError):
     pass
 
 
+def _parallel(cfg: TrainConfig):
+    """The run's ``Parallel`` when started by ``torchrun`` with more than one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    from .distributed import Parallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # runs train on the CPU; the reductions are scalars
+    try:
+        return Parallel(data=cfg.parallel.data)
+    except ValueError as err:
+        raise RunError(f"parallel.data: {err}") from err
+
+
 @dataclass
 class Run:
     cfg: TrainConfig
@@ -227,7 +243,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     run loads the latest checkpoint, redoes the journalled steps after it, and continues: its
     final weights equal an uninterrupted run's, bit for bit on the CPU."""
     folder = Path(out)
+    par = _parallel(cfg)
+    lead = par is None or par.rank == 0  # the one process that writes the run folder
+    if not lead:
+        log = _quiet
     has_run = (folder / "config.json").exists()
+    if par is not None:
+        _barrier()  # every rank has looked at the folder before the lead writes to it
     if has_run and not resume:
         raise RunError(f"{folder} already holds a run; pass --resume to continue it or choose "
                        "another --out")
@@ -237,9 +259,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             raise RunError(f"{folder} was started with a different configuration; resume it "
                            "with the same one (only steps may change)")
     run = build(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "config.json", json.loads(cfg.model_dump_json()))
-    _write_json(folder / "split.json", run.splits.record)
+    if par is not None:
+        par.attach(run.opt)
+    if lead:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / "config.json", json.loads(cfg.model_dump_json()))
+        _write_json(folder / "split.json", run.splits.record)
 
     summary_path = folder / "summary.json"
     journal_path = folder / "journal.jsonl"
@@ -250,7 +275,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         progress_state = json.loads((checkpoint / "progress.json").read_text())
         guard.history = progress_state["guard_history"]
     summary = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
-    entries = journal.truncate_to_good(journal_path) if resume else []
+    if par is None:
+        entries = journal.truncate_to_good(journal_path) if resume else []
+    else:  # the lead cuts a torn tail, then every rank reads the same entries
+        if lead and resume:
+            journal.truncate_to_good(journal_path)
+        _barrier()
+        entries = journal.read(journal_path)[0] if resume else []
     # A first-order step cannot be redone from its losses: its journalled steps after the
     # checkpoint are run again instead (the batches are a function of the step).
     replayable = getattr(run.opt, "replayable", True)
@@ -259,16 +290,20 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         _roll_forward(run, later, guard)
         log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): "
             f"{checkpoint.name if checkpoint else 'no checkpoint'} + {len(later)} journalled steps")
-    if "before" not in summary:
+    if "before" not in summary and lead:
         dev0 = run.clf.accuracy(run.splits.dev, cfg.eval_batch_size)
         test0 = run.clf.accuracy(run.splits.test, cfg.eval_batch_size)
         summary = {"before": {"dev_acc": dev0, "test_acc": test0}}
         _write_json(summary_path, summary)
         log(f"before: dev {dev0:.4f}  test {test0:.4f}  ({len(run.params)} tensors, "
             f"{sum(p.numel() for p in run.params.values()):,} trainable parameters)")
-    journal.truncate_to_good(journal_path, keep_below=run.opt.steps)
-    _truncate_jsonl(folder / "metrics.jsonl", run.opt.steps)
+    if lead:
+        journal.truncate_to_good(journal_path, keep_below=run.opt.steps)
+        _truncate_jsonl(folder / "metrics.jsonl", run.opt.steps)
     run.opt.guard = guard.decide
+    # Under torchrun every rank steps; the lead alone evaluates and writes.
+    if not lead:
+        return _follow(run, cfg, guard, par)
 
     bar = None
     if progress:
@@ -283,6 +318,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             open(folder / "metrics.jsonl", "a") as metrics:
         while run.opt.steps < cfg.steps:
             examples = batch(run, run.opt.steps)
+            if par is not None:
+                examples = par.shard(examples)
             # Batched queries call the closure with the number of slices to stack.
             loss = run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
             step, skipped = run.opt.steps, run.opt.last_skip
@@ -330,6 +367,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         f"queries; before: dev {before.get('dev_acc', float('nan')):.4f}  "
         f"test {before.get('test_acc', float('nan')):.4f})")
     return summary
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _follow(run: Run, cfg: TrainConfig, guard: LossGuard, par) -> dict:
+    """A rank other than the lead: the same steps on its share of the work, nothing written."""
+    failures = 0
+    while run.opt.steps < cfg.steps:
+        examples = par.shard(batch(run, run.opt.steps))
+        run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+        guard.observe(run.opt.last_values, run.opt.last_skip)
+        # the lead stops on divergence by the same rule, from the same values
+        failures = failures + 1 if run.opt.last_skip else 0
+        if failures >= cfg.guard.max_consecutive:
+            raise Diverged("stopped after skipped steps in a row (see the lead's log)")
+    return {"rank": par.rank, "steps": run.opt.steps, "queries": run.opt.queries}
 
 
 def open_run(folder: str | Path) -> tuple[Run, Path]:
