@@ -21,6 +21,8 @@ METHODS = {
     "zo-muon": (zoptim.ZOMuon, dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2), 5),
     "zo-muon-svd": (zoptim.ZOMuon, dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2,
                                         ortho="svd"), 5),
+    "zo-rank-sgd": (zoptim.ZORankSGD, dict(lr=1e-2, candidates=4), 4),
+    "zo-comparison": (zoptim.ZOComparison, dict(lr=1e-2, pairs=2), 4),
 }
 
 

@@ -12,7 +12,9 @@ from .optimizers import (
     SubspaceMeZO,
     SubZero,
     ZOAdam,
+    ZOComparison,
     ZOMuon,
+    ZORankSGD,
     ZOSGDConservative,
     ZOSGDMomentum,
     ZOSignSGD,
@@ -33,6 +35,8 @@ METHODS = {
     "subzero": SubZero,
     "subspace-mezo": SubspaceMeZO,
     "zo-muon": ZOMuon,
+    "zo-rank-sgd": ZORankSGD,
+    "zo-comparison": ZOComparison,
 }
 
 __all__ = ["ZOOptimizer", "Composed", "METHODS", *(cls.__name__ for cls in METHODS.values()), "ZOSGD"]

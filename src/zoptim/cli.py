@@ -6,6 +6,7 @@
 - ``zoptim eval RUN`` / ``zoptim replay RUN``: evaluate a saved run; redo it from its journal.
 - ``zoptim bench``: a matrix of methods x seeds, queries-to-target against a baseline, a report.
 - ``zoptim demo``: small networks on scikit-learn's digits, methods side by side.
+- ``zoptim rank``: steer a colour by ranking candidates (ZO-RankSGD, a person as the oracle).
 """
 
 from __future__ import annotations
@@ -70,6 +71,21 @@ def demo_command(args) -> int:
     return run(args)
 
 
+def rank_command(args) -> int:
+    from .rank_session import session
+
+    def ask(prompt: str) -> str:
+        try:
+            return input(prompt)
+        except EOFError:
+            raise ValueError("no answer (end of input); the session so far is kept in --state "
+                             "when given") from None
+
+    session(ask, print, rounds=args.rounds, candidates=args.candidates, lr=args.lr,
+            eps=args.eps, seed=args.seed, state=args.state)
+    return 0
+
+
 def main(argv=None) -> int:
     from .config import ConfigError
     from .integrations.models import ModelError
@@ -117,6 +133,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=300, help="steps between progress lines")
     p.set_defaults(handler=demo_command)
+
+    p = sub.add_parser("rank", help="steer a colour by ranking candidates (ZO-RankSGD)")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--candidates", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.3)
+    p.add_argument("--eps", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", help="JSON file that keeps the session between runs")
+    p.set_defaults(handler=rank_command)
 
     args = parser.parse_args(argv)
     try:

@@ -74,6 +74,29 @@ def walk(shift: Callable[[int, float], None], at, point):
     return point
 
 
+@dataclass
+class _Asked:
+    """A step that ``ask`` opened: its points, slots and scratch, and how many of its points
+    ``candidates`` has walked to (in place, the writes of a closure step)."""
+    points: list
+    slots: list[_Slot]
+    scratch: dict
+    walked: int = 0
+    at: tuple | None = None
+
+
+class _PointsOnly(Exception):
+    def __init__(self, points):
+        self.points = points
+
+
+class _AskProbe:
+    """Stops the estimator at its first request, capturing the points it names."""
+
+    def evaluate_points(self, points):
+        raise _PointsOnly(list(points))
+
+
 class _Probe:
     """What an estimator may do to the model: shift along a direction, evaluate, count.
 
@@ -143,9 +166,13 @@ class _Probe:
             got = iter(self.opt.batched.evaluate(self, own) if live and own else [])
             raw = [next(got) if m and live else None for m in mine]
         else:
-            at, raw = None, []
-            for point, m in zip(points, mine):
-                at = walk(self.shift, at, point)
+            # ask/tell: the points ``candidates`` already walked to are not walked again
+            asked = self.opt._asked
+            done, at = (asked.walked, asked.at) if asked is not None else (0, None)
+            raw = []
+            for i, (point, m) in enumerate(zip(points, mine)):
+                if i >= done:
+                    at = walk(self.shift, at, point)
                 raw.append(float(self.closure()) if m and live else None)
             pending = [] if at is None else [(at[0], -at[1])]
         values = raw if par is None else par.combine(raw)
@@ -262,6 +289,7 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         # Streams the model's blocks from CPU memory (zoptim.offload.Offload.attach).
         self.offload = None
         self._scratch: dict = {}
+        self._asked: _Asked | None = None  # the step ``ask`` opened, until ``tell``
 
     # -- composition hooks: a method overrides these -------------------------------------
     def space(self, group: dict) -> Space:
@@ -291,13 +319,19 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         bit for bit without a closure (a journal replays a run this way)."""
         if closure is None and replay is None:
             raise ValueError("a zeroth-order optimizer needs a closure that returns the loss")
-        slots = self._slots()
-        self._scratch = scratch = {s.p: {} for s in slots}
-        # Streamed parameters are prepared, and updated, when they are next on the device.
+        if self._asked is not None and closure is not None:
+            raise RuntimeError("a step was asked for and not told: finish it with tell()")
         streaming = self.offload is not None and replay is None
-        if self.offload is not None and not streaming:
-            self.offload.flush()
-        self._prepare_slots([s for s in slots if not (streaming and self.offload.holds(s.p))])
+        if self._asked is not None:  # told: the asked step's slots, already prepared
+            slots, scratch = self._asked.slots, self._asked.scratch
+            self._scratch = scratch
+        else:
+            slots = self._slots()
+            self._scratch = scratch = {s.p: {} for s in slots}
+            # Streamed parameters are prepared, and updated, when they are next on the device.
+            if self.offload is not None and not streaming:
+                self.offload.flush()
+            self._prepare_slots([s for s in slots if not (streaming and self.offload.holds(s.p))])
         if self.batched is not None:
             _, reason = self.batched.plan(slots)
             if reason is not None:
@@ -305,7 +339,10 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
                               "instead (pass batched=False to silence this)", stacklevel=2)
                 self.batched = None
         probe = _Probe(self, slots, scratch, closure, replay)
-        loss, dirs, pending = self.estimator(probe, self.step_seed(self.steps))
+        try:
+            loss, dirs, pending = self.estimator(probe, self.step_seed(self.steps))
+        finally:
+            self._asked = None
         reason = self.guard(probe.values) if self.guard is not None else None
 
         def finish(part: _Probe) -> None:
@@ -331,6 +368,77 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
             raise ValueError("the recorded step has more values than the step evaluates: "
                              "it was recorded with another method or configuration")
         return loss
+
+    # -- ask / tell: the objective answers outside the step ------------------------------
+    @torch.no_grad()
+    def ask(self) -> list:
+        """Open the next step and return its candidates, each ``None`` (the current
+        parameters) or ``(seed, scale)`` (moved by ``scale * eps * z(seed)``): seeds, nothing
+        stored. Iterate ``candidates()`` to put the model at each in turn, then ``tell`` the
+        values, ranking or comparisons. The same seeds give the same parameters as ``step``."""
+        if self._asked is not None:
+            return list(self._asked.points)
+        if self.batched is not None or self.offload is not None or self.parallel is not None:
+            raise RuntimeError("ask/tell moves the model in place on one process: build the "
+                               "optimizer with batched=False and without offloading or "
+                               "distributed training")
+        if type(self)._after_update is not ZOOptimizer._after_update:
+            raise RuntimeError(f"{type(self).__name__} evaluates again after its update; it "
+                               "has no ask/tell form")
+        try:
+            self.estimator(_AskProbe(), self.step_seed(self.steps))
+            raise RuntimeError("the estimator named no points")
+        except _PointsOnly as asked:
+            points = asked.points
+        except AttributeError as err:  # a forward-mode estimator: no points to name
+            raise RuntimeError(f"{type(self).__name__} needs forward-mode derivatives; it has "
+                               "no ask/tell form") from err
+        slots = self._slots()
+        self._scratch = {s.p: {} for s in slots}
+        self._prepare_slots(slots)
+        self._asked = _Asked(points, slots, self._scratch)
+        return list(points)
+
+    @torch.no_grad()
+    def candidates(self):
+        """Put the model at each asked candidate in turn (yields its index); the model is left
+        at the last one until ``tell``."""
+        asked = self._asked
+        if asked is None:
+            raise RuntimeError("no step was asked for: call ask() first")
+        probe = _Probe(self, asked.slots, asked.scratch, None)
+        for i in range(asked.walked, len(asked.points)):
+            asked.at = walk(probe.shift, asked.at, asked.points[i])
+            asked.walked = i + 1
+            yield i
+
+    def tell(self, values: list[float] | None = None, *, ranking: list[int] | None = None,
+             better: list[int] | None = None) -> float:
+        """Finish the asked step from the objective's answers, one of: ``values`` (one per
+        candidate, lower is better), ``ranking`` (candidate indices, best first) or ``better``
+        (per consecutive pair of candidates, 0 or 1: which of the two is better). Rankings
+        and comparisons become places (0 best), which the ordinal methods read."""
+        asked = self._asked
+        if asked is None:
+            raise RuntimeError("no step was asked for: call ask() first")
+        n = len(asked.points)
+        if sum(a is not None for a in (values, ranking, better)) != 1:
+            raise ValueError("tell one of values=, ranking= or better=")
+        if ranking is not None:
+            if sorted(ranking) != list(range(n)):
+                raise ValueError(f"ranking must order all {n} candidates (indices 0..{n - 1}, "
+                                 f"each once), got {ranking}")
+            values = [0.0] * n
+            for place, k in enumerate(ranking):
+                values[k] = float(place)
+        elif better is not None:
+            if n % 2 or len(better) != n // 2 or any(b not in (0, 1) for b in better):
+                raise ValueError(f"better must give 0 or 1 for each of the {n // 2} pairs of "
+                                 f"candidates, got {better}")
+            values = [float(v) for b in better for v in ((0, 1) if b == 0 else (1, 0))]
+        elif len(values) != n:
+            raise ValueError(f"{n} candidates were asked for, {len(values)} values told")
+        return self.step(replay=[float(v) for v in values])
 
     def _prepare_slots(self, slots: list[_Slot]) -> None:
         """The spaces' preparation for this step (factors resampled on schedule), carrying

@@ -74,6 +74,46 @@ class Forward:
         return base, [Direction(s, v - base) for s, v in zip(seeds, values)], pending
 
 
+class Ranking:
+    """ZO-RankSGD's estimator (Tang et al., 2024, "Zeroth-Order Optimization Meets Human
+    Feedback: Provable Learning via Ranking Oracles", ICLR): ``m`` candidates ``x + eps z_i``,
+    of which only the order matters. Over every ordered pair (better ``i``, worse ``j``) it
+    averages ``z_j - z_i``, which for a full ranking gives ``z_k`` the weight
+    ``(2 r_k - m + 1) / (m (m - 1) / 2)``, ``r_k`` the candidate's place (0: best). The values
+    may be the objective's or the places themselves; ties keep the candidates' order.
+    ``diff`` carries ``m`` times that weight (the optimizer averages over directions)."""
+
+    def __init__(self, candidates: int = 4):
+        self.candidates = candidates
+
+    def __call__(self, probe: Probe, step_seed: int):
+        seeds = _seeds(step_seed, self.candidates)
+        values, pending = probe.evaluate_points([(s, 1.0) for s in seeds])
+        m = len(seeds)
+        order = sorted(range(m), key=lambda k: values[k])
+        place = {k: r for r, k in enumerate(order)}
+        pairs = m * (m - 1) / 2
+        dirs = [Direction(s, m * (2 * place[k] - m + 1) / pairs) for k, s in enumerate(seeds)]
+        return min(values), dirs, pending
+
+
+class Comparison:
+    """A comparison oracle's estimator: for each of ``pairs`` directions the oracle only says
+    which of ``x + eps z`` and ``x - eps z`` is better, and the estimate averages
+    ``sign(f(x + eps z) - f(x - eps z)) z`` (the one-bit estimator of Cai et al., 2022, "A
+    One-bit, Comparison-Based Gradient Estimator", ACHA). ``diff`` carries the sign."""
+
+    def __init__(self, pairs: int = 1):
+        self.pairs = pairs
+
+    def __call__(self, probe: Probe, step_seed: int):
+        seeds = _seeds(step_seed, self.pairs)
+        values, pending = probe.evaluate_points([pt for s in seeds for pt in ((s, 1.0), (s, -1.0))])
+        pairs = list(zip(values[0::2], values[1::2]))
+        sign = [(plus > minus) - (plus < minus) for plus, minus in pairs]
+        return min(values), [Direction(s, float(c)) for s, c in zip(seeds, sign)], pending
+
+
 class ThreePoint:
     """Baseline plus central difference, ``f(x)``, ``f(x + eps z)``, ``f(x - eps z)``: the
     directional derivative and the curvature along ``z`` (HiZOO; conservative ZO-SGD)."""

@@ -9,7 +9,7 @@ import torch
 from .batched import BatchedQueries
 from .core import ZOOptimizer, split_matrices
 from .perturb import mix
-from .estimators import JVP, Central, Forward, ThreePoint
+from .estimators import JVP, Central, Comparison, Forward, Ranking, ThreePoint
 from .subspace import HessianScaled, LowRank, Masked, Projected, Space, TwoSided
 from .transforms import Adam, Momentum, Orthogonalize, Sign
 
@@ -78,6 +78,41 @@ class ZOAdam(MeZO):
 
     def transforms(self, group):
         return [Adam(group["betas"], group["adam_eps"])]
+
+
+class _OrdinalMethod(ZOOptimizer):
+    """A method that reads only the order of its values: the estimate's scale comes from the
+    ranks or signs, not from ``eps``, so ``lr`` is the step length along it."""
+
+    @staticmethod
+    def _coefs(slot, dirs) -> list[float]:
+        return [d.diff / len(dirs) for d in dirs]
+
+
+class ZORankSGD(_OrdinalMethod):
+    """ZO-RankSGD (Tang et al., 2024, ICLR, arXiv 2303.03751): ``candidates`` perturbations
+    ``x + eps z_i`` are ranked, and ``x <- x - lr * g`` with ``g`` the rank-weighted sum of
+    ``estimators.Ranking``. The closure's values are used only through their order; with
+    ``ask``/``tell(ranking=...)`` the objective need only rank the candidates."""
+
+    def __init__(self, params, lr: float = 1e-3, eps: float = 1e-2, candidates: int = 4,
+                 noise: str = "gaussian", seed: int | None = None):
+        if not (isinstance(candidates, int) and candidates >= 2):
+            raise ValueError(f"candidates={candidates!r} is invalid: rank at least 2")
+        super().__init__(params, dict(lr=lr, eps=eps, noise=noise), Ranking(candidates),
+                         seed=seed)
+
+
+class ZOComparison(_OrdinalMethod):
+    """Descent from a comparison oracle: per direction, only which of ``x + eps z`` and
+    ``x - eps z`` is better is known (``estimators.Comparison``); ``x <- x - lr * mean_i
+    sign_i z_i``. With ``ask``/``tell(better=...)`` the objective need only compare."""
+
+    def __init__(self, params, lr: float = 1e-3, eps: float = 1e-2, pairs: int = 1,
+                 noise: str = "gaussian", seed: int | None = None):
+        if not (isinstance(pairs, int) and pairs >= 1):
+            raise ValueError(f"pairs={pairs!r} is invalid: compare at least 1 pair")
+        super().__init__(params, dict(lr=lr, eps=eps, noise=noise), Comparison(pairs), seed=seed)
 
 
 class ZOSGDConservative(ZOOptimizer):
