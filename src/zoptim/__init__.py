@@ -20,6 +20,8 @@ from .optimizers import (
     ZOSignSGD,
 )
 
+from .polystep import PolyStep
+
 __version__ = "0.1.0"
 
 METHODS = {
@@ -39,4 +41,4 @@ METHODS = {
     "zo-comparison": ZOComparison,
 }
 
-__all__ = ["ZOOptimizer", "Composed", "METHODS", *(cls.__name__ for cls in METHODS.values()), "ZOSGD"]
+__all__ = ["ZOOptimizer", "Composed", "PolyStep", "METHODS", *(cls.__name__ for cls in METHODS.values()), "ZOSGD"]
