@@ -3,7 +3,8 @@
 On scikit-learn's digits (1,257 training and 540 test images, 8 x 8), each method trains a
 64-32-10 network whose hidden layer is a tanh (differentiable), a hard threshold or int8
 (weights and inputs rounded in every pass), with the same budget of queries, and the table
-gives test accuracy and queries spent. Beside them, the first-order ceiling: AdamW through
+gives test accuracy and queries spent (PolyStep and DeepZero, which spend many cheap queries a
+step, get a longer budget). Beside them, the first-order ceiling: AdamW through
 surrogate gradients (sigmoid slope for thresholds, straight-through for rounding), one
 query per backpropagated batch, with the same budget.
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoptim
+from zoptim.deepzero import DeepZero
 from zoptim.nondiff import HardThreshold, Int8Linear, use_surrogates
 from zoptim.polystep import PolyStep
 
@@ -46,7 +48,10 @@ METHODS = {
                                                 seed=1),
     "polystep": lambda ps, m, eps: PolyStep(ps, model=m, rank=2, temperature=0.1,
                                             step_radius=2.0, probe_radius=1.0, seed=0),
+    "deepzero": lambda ps, m, eps: DeepZero(m, F.cross_entropy, lr=0.05, mu=eps,
+                                            sparsity=0.5, seed=0),
 }
+LONG = ("polystep", "deepzero")  # many cheap queries a step: given the long budget
 
 
 def digits():
@@ -68,10 +73,13 @@ def run_zo(method, kind, queries, data, polystep_queries):
     model = network(kind)
     eps = 1e-2 if kind != "hard-threshold" else 5e-2
     opt = METHODS[method](list(model.parameters()), model, eps)
-    budget = polystep_queries if method == "polystep" else queries
+    budget = polystep_queries if method in LONG else queries
     while opt.queries < budget:
         xb, yb = _batch(xtr, ytr, opt.steps, 256 if method == "polystep" else 128)
-        opt.step(lambda: F.cross_entropy(model(xb), yb))
+        if method == "deepzero":
+            opt.step(xb, yb)
+        else:
+            opt.step(lambda: F.cross_entropy(model(xb), yb))
     return model, opt.queries
 
 
@@ -92,7 +100,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", type=int, default=6000, help="budget of each ZO method")
     parser.add_argument("--polystep-queries", type=int, default=64000,
-                        help="PolyStep's budget (a step costs 640 queries here)")
+                        help="the budget of PolyStep and DeepZero, whose queries are many and "
+                             "cheap (640 a PolyStep step here; DeepZero's are partial forwards)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)

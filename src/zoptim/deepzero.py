@@ -1,0 +1,150 @@
+"""DeepZero (Chen et al., ICLR 2024, "DeepZero: Scaling up Zeroth-Order Optimization for Deep
+Model Training"): training small networks from scratch with coordinate-wise estimates.
+
+- **Coordinate-wise gradient estimate (CGE)**: ``g_i = (f(theta + mu e_i) - f(theta)) / mu``,
+  one query per coordinate, on a sparse set of coordinates.
+- **Sparsity prior by ZO pruning (ZO-GraSP)**: at the start, GraSP's score
+  ``-theta * (H g)`` is estimated from forward passes alone (``g`` by random directions,
+  ``H g`` by a finite difference of two such estimates with common directions); keeping the
+  top ``1 - sparsity`` scores gives each layer its density. Every step then estimates a fresh
+  random set of coordinates per layer at that density (the sparse pattern moves, the
+  layer-wise ratios stay).
+- **Feature reuse**: the model is an ``nn.Sequential``; the input of every layer at the
+  current parameters is kept, so a coordinate of layer ``l`` costs the forward pass of layers
+  ``l`` onwards only.
+- **Forward parallelism**: the coordinate queries are independent; here they run one after
+  another (``zoptim.distributed`` shares steps of the other methods between processes).
+
+``step(inputs, targets)`` takes the batch itself (feature reuse needs the inputs); the loss is
+``loss_fn(model(inputs), targets)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .core import Counted
+from .perturb import mix, noise
+
+
+class DeepZero(Counted, torch.optim.Optimizer):
+    replayable = False
+
+    def __init__(self, model: torch.nn.Sequential, loss_fn, lr: float = 0.1, mu: float = 5e-3,
+                 sparsity: float = 0.5, momentum: float = 0.9, prior_queries: int = 64,
+                 seed: int | None = None):
+        if not isinstance(model, torch.nn.Sequential):
+            raise ValueError("DeepZero reuses features layer by layer: give an nn.Sequential")
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity={sparsity!r} is invalid: must be in [0, 1)")
+        if not (lr > 0 and mu > 0):
+            raise ValueError("lr and mu must be > 0")
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, dict(lr=lr, mu=mu, momentum=momentum))
+        self.model, self.loss_fn, self.sparsity = model, loss_fn, sparsity
+        self.prior_queries = prior_queries
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.queries = self.steps = self.skipped = 0
+        # (layer index, parameter) for every optimized parameter, in order
+        self._where = [(i, p) for i, layer in enumerate(model) for p in layer.parameters()
+                       if p.requires_grad]
+        self.density: list[float] | None = None  # per parameter, from the prior
+
+    # -- evaluation with feature reuse ------------------------------------------------------
+    def _features(self, x) -> list[torch.Tensor]:
+        """The input of every layer at the current parameters."""
+        feats = [x]
+        for layer in self.model:
+            feats.append(layer(feats[-1]))
+        return feats
+
+    def _loss_from(self, layer: int, feats, y) -> float:
+        h = feats[layer]
+        for m in list(self.model)[layer:]:
+            h = m(h)
+        self.queries += 1
+        return float(self.loss_fn(h, y))
+
+    # -- the sparsity prior -----------------------------------------------------------------
+    def _rge(self, x, y, key: int) -> list[torch.Tensor]:
+        """A random-direction gradient estimate with ``prior_queries`` directions."""
+        mu = self.param_groups[0]["mu"]
+        base = self._loss_from(0, [x], y)
+        g = [torch.zeros_like(p) for _, p in self._where]
+        for q in range(self.prior_queries):
+            us = [noise(mix(key, q, j), p.shape, dtype=p.dtype) for j, (_, p) in
+                  enumerate(self._where)]
+            for (_, p), u in zip(self._where, us):
+                p.add_(u, alpha=mu)
+            diff = (self._loss_from(0, [x], y) - base) / mu
+            for (_, p), u, gj in zip(self._where, us, g):
+                p.sub_(u, alpha=mu)
+                gj.add_(u, alpha=diff / self.prior_queries)
+        return g
+
+    @torch.no_grad()
+    def prior(self, x, y) -> list[float]:
+        """ZO-GraSP: the layer-wise densities from ``-theta * (H g)``, estimated on a batch."""
+        key = mix(self.seed, 0x6A5)
+        saved = [p.detach().clone() for _, p in self._where]
+        g = self._rge(x, y, key)
+        delta = 1e-2 / max(float(torch.cat([t.flatten() for t in g]).norm()), 1e-12)
+        for (_, p), gj in zip(self._where, g):
+            p.add_(gj, alpha=delta)
+        g2 = self._rge(x, y, key)  # common directions: the difference is H g's estimate
+        for (_, p), s in zip(self._where, saved):
+            p.copy_(s)
+        scores = [-(p * (b - a) / delta) for (_, p), a, b in zip(self._where, g, g2)]
+        flat = torch.cat([s.flatten() for s in scores])
+        keep = max(1, math.ceil((1 - self.sparsity) * flat.numel()))
+        threshold = flat.topk(keep).values.min()
+        self.density = [max(float((s >= threshold).float().mean()), 1 / s.numel())
+                        for s in scores]
+        return self.density
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, x, y) -> float:  # type: ignore[override]
+        """One step of CGE on a fresh sparse set of coordinates; returns the loss at theta."""
+        if self.density is None:
+            self.prior(x, y)
+        group = self.param_groups[0]
+        mu, lr, beta = group["mu"], group["lr"], group["momentum"]
+        feats = self._features(x)
+        self.queries += 1
+        base = float(self.loss_fn(feats[-1], y))
+        step_key = mix(self.seed, self.steps)
+        grads = []  # every estimate at the same theta, then the update
+        for j, ((layer, p), density) in enumerate(zip(self._where, self.density)):
+            flat = p.view(-1)
+            n = flat.numel()
+            count = max(1, round(density * n))
+            g = torch.Generator().manual_seed(mix(step_key, j) & ((1 << 63) - 1))
+            coords = torch.randperm(n, generator=g)[:count]
+            grad = torch.zeros(n, dtype=p.dtype)
+            for i in coords.tolist():
+                old = flat[i].clone()
+                flat[i] = old + mu
+                grad[i] = (self._loss_from(layer, feats, y) - base) / mu
+                flat[i] = old  # restored exactly
+            grads.append(grad)
+        for (_, p), grad in zip(self._where, grads):
+            state = self.state[p]
+            buf = state.get("momentum")
+            buf = grad if buf is None else buf.mul_(beta).add_(grad)
+            state["momentum"] = buf
+            p.view(-1).sub_(buf.to(p.device), alpha=lr)
+        self.steps += 1
+        return base
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["zo"]["density"] = self.density
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        density = state_dict["zo"].get("density")
+        super().load_state_dict(state_dict)
+        self.density = density
