@@ -53,7 +53,8 @@ def test_backpropagation_gives_no_signal(kind, digits):
 
 
 CASES = {  # (network, method, objective, eps, lr, stated accuracy; measured)
-    "hard-threshold, mezo": ("hard-threshold", zoptim.MeZO, F.cross_entropy, 5e-2, 1e-2, 0.75),  # 0.835
+    "hard-threshold, mezo": ("hard-threshold", zoptim.MeZO, F.cross_entropy, 5e-2, 1e-2,
+                             0.75),  # 0.835
     "hard-threshold, rank": ("hard-threshold", zoptim.ZORankSGD, F.cross_entropy, 5e-2, 1e-2,
                              0.70),  # 0.798
     "int8, mezo": ("int8", zoptim.MeZO, F.cross_entropy, 1e-2, 1e-2, 0.83),  # 0.911

@@ -74,7 +74,7 @@ class DeepZero(Counted, torch.optim.Optimizer):
         base = self._loss_from(0, [x], y)
         g = [torch.zeros_like(p) for _, p in self._where]
         for q in range(self.prior_queries):
-            us = [noise(mix(key, q, j), p.shape, dtype=p.dtype) for j, (_, p) in
+            us = [noise(mix(key, q, j), p.shape, dtype=p.dtype, device=p.device) for j, (_, p) in
                   enumerate(self._where)]
             for (_, p), u in zip(self._where, us):
                 p.add_(u, alpha=mu)

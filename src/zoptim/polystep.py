@@ -95,7 +95,7 @@ class PolyStep(Counted, torch.optim.Optimizer):
             zi = z[at:at + size]
             at += size
             move = zi if proj is None else proj @ zi
-            out[name] = self.state[p]["base"] + move.view(p.shape).to(p.dtype)
+            out[name] = self.state[p]["base"] + move.view(p.shape).to(p.device, p.dtype)
         return out
 
     @torch.no_grad()
@@ -116,7 +116,7 @@ class PolyStep(Counted, torch.optim.Optimizer):
             self.queries += len(costs)
             c = torch.tensor(costs)
             losses.extend(costs)
-            if not torch.isfinite(c).all():
+            if not torch.isfinite(c).all():  # a block with a non-finite probe stays
                 moves.append(torch.zeros(self.block))
                 continue
             w = torch.softmax(-(c - c.min()) / group["temperature"], 0)

@@ -63,7 +63,8 @@ def session(ask: Callable[[str], str], say: Callable[[str], None], *, rounds: in
         shown = [colour(x.detach()) for _ in opt.candidates()]
         lines = [f"round {r + 1}: current colour {hex_colour(colour(x.detach()))}"]
         lines += [f"  [{i}] {hex_colour(c)}  rgb{c}" for i, c in enumerate(shown)]
-        prompt = "\n".join(lines) + f"\nrank them, best first (e.g. {' '.join(map(str, range(candidates)))}): "
+        example = " ".join(map(str, range(candidates)))
+        prompt = "\n".join(lines) + f"\nrank them, best first (e.g. {example}): "
         while (ranking := _parse(ask(prompt), candidates)) is None:
             say(f"please give each index 0..{candidates - 1} once, separated by spaces")
         opt.tell(ranking=ranking)

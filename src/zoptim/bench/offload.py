@@ -59,7 +59,8 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype, repeats: in
     offload.flush()
 
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    fits = dev.type != "cuda" or param_bytes < 0.7 * torch.cuda.get_device_properties(dev).total_memory
+    fits = dev.type != "cuda" or \
+        param_bytes < 0.7 * torch.cuda.get_device_properties(dev).total_memory
     if fits:
         model.to(dev)
         opt = zoptim.MeZO(model.parameters(), lr=1e-7, eps=1e-3, seed=0)

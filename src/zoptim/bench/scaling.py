@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     rows = [measure(1, "single", threads=share, **run), measure(1, "single", threads=cores, **run)]
     for mode in ("perturbation", "data"):
         rows.append(measure(args.world, mode, threads=share, **run))
-    print(f"{'a 2-layer BERT' if args.tiny else 'MiniLM architecture'}, MeZO 4 directions (8 evaluations a step), batch {args.batch} x "
+    model = "a 2-layer BERT" if args.tiny else "MiniLM architecture"
+    print(f"{model}, MeZO 4 directions (8 evaluations a step), batch {args.batch} x "
           f"{args.tokens} tokens, {cores} cores, gloo\n")
     print(f"{'parallelism':14s}{'world':>7s}{'threads/rank':>14s}{'queries/s':>11s}"
           f"{'speed-up':>10s}{'bytes/step':>12s}")
