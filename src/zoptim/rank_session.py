@@ -54,8 +54,7 @@ def session(ask: Callable[[str], str], say: Callable[[str], None], *, rounds: in
         saved = json.loads(path.read_text())
         with torch.no_grad():
             x.copy_(torch.tensor(saved["x"]))
-        opt.seed, opt.steps = saved["optimizer"]["seed"], saved["optimizer"]["steps"]
-        opt.queries = saved["optimizer"]["queries"]
+        opt.load_state_dict({**opt.state_dict(), "zo": saved["optimizer"]})
         done = saved["rounds"]
         say(f"continuing from round {done} ({path})")
     for r in range(done, done + rounds):
