@@ -115,8 +115,6 @@ class Offload:
                 host = p.data.to("cpu", dtype=transfer_dtype or p.dtype)
                 p.data = host.pin_memory() if self.cuda else host
         self.units: list[_Unit] = []
-        self.optimizer = None
-        self._points = None
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, optimizer) -> "Offload":
