@@ -28,12 +28,13 @@ DEMO_SETTINGS = {
 }
 
 
-def _digits(seed: int):
+def digits(seed: int = 0):
+    """scikit-learn's digits scaled to [0, 1]: train and test inputs, train and test labels."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        sys.exit("zoptim demo needs scikit-learn: pip install 'zoptim[demo]'")
+        sys.exit("scikit-learn's digits need scikit-learn: pip install 'zoptim[demo]'")
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     return train_test_split(x, torch.tensor(y), test_size=0.3, random_state=seed)
@@ -64,7 +65,7 @@ def run(args) -> int:
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if args.queries < 1 or args.batch < 1:
         raise ValueError("--queries and --batch must be positive")
-    data = _digits(args.seed)
+    data = digits(args.seed)
     print(f"digits: {len(data[0])} train / {len(data[1])} test, MLP 64-32-10, "
           f"{args.queries} queries per method, batch {args.batch}")
     rows = [_train(n, data, args.queries, args.batch, args.seed, args.log_every) for n in names]

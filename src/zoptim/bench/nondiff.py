@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import zoptim
 from zoptim.deepzero import DeepZero
+from zoptim.demo import digits
 from zoptim.nondiff import HardThreshold, Int8Linear, use_surrogates
 from zoptim.polystep import PolyStep
 
@@ -52,15 +53,6 @@ METHODS = {
                                             sparsity=0.5, seed=0),
 }
 LONG = ("polystep", "deepzero")  # many cheap queries a step: given the long budget
-
-
-def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    return train_test_split(x, torch.tensor(y), test_size=0.3, random_state=0)
 
 
 def _batch(xs, ys, step, size=128):

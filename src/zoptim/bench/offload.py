@@ -23,19 +23,8 @@ import torch
 import zoptim
 from zoptim.offload import Offload
 
-from .opt_shapes import SHAPES, build_opt, lm_loss
+from .opt_shapes import add_shape_options, build_opt, checked_shapes, lm_loss, peak_bytes
 from .step_cost import median_seconds
-
-
-def _peak(fn, device: torch.device) -> int | None:
-    if device.type != "cuda":
-        fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
 
 
 def measure(shape: str, batch: int, tokens: int, device: str, dtype, repeats: int) -> dict:
@@ -55,7 +44,7 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype, repeats: in
     loss = lm_loss(model, batch, tokens, device)
     print(f"{shape}: streaming", file=sys.stderr, flush=True)
     record["offloaded_step_s"] = median_seconds(lambda: opt.step(loss), repeats, warmup=1)
-    record["offloaded_peak_bytes"] = _peak(lambda: opt.step(loss), dev)
+    record["offloaded_peak_bytes"] = peak_bytes(lambda: opt.step(loss), device)
     offload.flush()
 
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -65,7 +54,7 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype, repeats: in
         model.to(dev)
         opt = zoptim.MeZO(model.parameters(), lr=1e-7, eps=1e-3, seed=0)
         record["resident_step_s"] = median_seconds(lambda: opt.step(loss), repeats, warmup=1)
-        record["resident_peak_bytes"] = _peak(lambda: opt.step(loss), dev)
+        record["resident_peak_bytes"] = peak_bytes(lambda: opt.step(loss), device)
         record["offload_time_ratio"] = record["offloaded_step_s"] / record["resident_step_s"]
     del model, opt, offload
     if dev.type == "cuda":
@@ -75,20 +64,10 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype, repeats: in
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="1.3b,13b", help=f"from {', '.join(SHAPES)}")
+    add_shape_options(parser, shapes="1.3b,13b", repeats=3)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode")
-    parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda needs an NVIDIA GPU; use --device cpu (with small shapes)")
+    shapes = checked_shapes(parser, args)
 
     def gb(v):
         return "-" if v is None else f"{v / 2**30:.2f} GB"

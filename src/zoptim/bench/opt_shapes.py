@@ -71,7 +71,8 @@ def lm_loss(model, batch: int, tokens: int, device: str):
     return loss
 
 
-def _peak(fn, device: str) -> int | None:
+def peak_bytes(fn, device: str) -> int | None:
+    """Peak GPU memory allocated while ``fn`` runs (None off a GPU, where ``fn`` is not run)."""
     if not device.startswith("cuda"):
         return None
     torch.cuda.synchronize()
@@ -88,7 +89,7 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype: torch.dtype
     loss = lm_loss(model, batch, tokens, device)
     with torch.no_grad():
         forward = median_seconds(loss, repeats)
-        inference_peak = _peak(loss, device)
+        inference_peak = peak_bytes(loss, device)
     methods = {
         "mezo": (zoptim.MeZO(params, lr=1e-7, eps=1e-3, seed=0), 2),
         "zo-muon, 1 query": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=1, seed=0), 2),
@@ -99,7 +100,7 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype: torch.dtype
     rows = []
     for name, (opt, evaluations) in methods.items():
         seconds = median_seconds(lambda: opt.step(loss), repeats)
-        peak = _peak(lambda: opt.step(loss), device)
+        peak = peak_bytes(lambda: opt.step(loss), device)
         rows.append({"method": name, "step_s": seconds, "evaluations": evaluations,
                      "step_over_evaluations": seconds / (evaluations * forward),
                      "peak_bytes": peak,
@@ -114,22 +115,33 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype: torch.dtype
     return record
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="1.3b,6.7b", help=f"from {', '.join(SHAPES)}")
-    parser.add_argument("--tokens", default="64,256", help="sequence lengths, comma-separated")
+def add_shape_options(parser: argparse.ArgumentParser, shapes: str, repeats: int) -> None:
+    """The options every OPT-shape benchmark takes (besides its sequence lengths)."""
+    parser.add_argument("--shapes", default=shapes, help=f"from {', '.join(SHAPES)}")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed steps per method")
     parser.add_argument("--out", help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
+
+
+def checked_shapes(parser: argparse.ArgumentParser, args) -> list[str]:
+    """``--shapes`` as a list, after refusing unknown shapes and a GPU that is not there."""
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda needs an NVIDIA GPU; use --device cpu (with small shapes)")
+    return shapes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_options(parser, shapes="1.3b,6.7b", repeats=10)
+    parser.add_argument("--tokens", default="64,256", help="sequence lengths, comma-separated")
+    args = parser.parse_args(argv)
+    shapes = checked_shapes(parser, args)
     dtype = getattr(torch, args.dtype)
     records = []
     print(f"{'shape':>6s}{'tokens':>8s}{'forward':>10s}  {'method':20s}{'step':>10s}"
