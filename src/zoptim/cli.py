@@ -1,8 +1,8 @@
 """Command line.
 
-- ``zoptim train``: fine-tune a language model on a task from a config (TOML or YAML) and
-  ``--set key=value`` overrides; without any, a short ZO-Muon fine-tune of all-MiniLM-L6-v2
-  on the movie-review snippets.
+- ``zoptim train``: fine-tune a language or image model on a task from a config (TOML or
+  YAML) and ``--set key=value`` overrides; without any, a short ZO-Muon fine-tune of
+  all-MiniLM-L6-v2 on the movie-review snippets.
 - ``zoptim eval RUN`` / ``zoptim replay RUN``: evaluate a saved run; redo it from its journal.
 - ``zoptim bench``: a matrix of methods x seeds, queries-to-target against a baseline, a report.
 - ``zoptim demo``: small networks on scikit-learn's digits, methods side by side.
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a language model on a task")
+    p = sub.add_parser("train", help="fine-tune a language or image model on a task")
     p.add_argument("--config", help="TOML or YAML file (defaults: zoptim.config.TrainConfig)")
     p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--model")
     p.add_argument("--scheme")
     p.add_argument("--task")
-    p.add_argument("--task-path", help="the task's data file")
+    p.add_argument("--task-path", help="the task's data file or image folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=train_command)
 

@@ -16,13 +16,15 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name: str = "minilm-l6"
+    name: str | None = None  # default: minilm-l6 for text tasks, efficientnet-lite0 for images
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    scheme: Literal["full", "lora", "prefix", "prompt"] = "full"
+    scheme: Literal["full", "head", "lora", "prefix", "prompt"] = "full"
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     virtual_tokens: int = Field(10, ge=1)
     max_length: int = Field(128, ge=8)
+    image_size: int | None = Field(None, ge=8)  # image models; default: the model's own
+    weights: str | None = None  # image models: a local checkpoint (state dict) to start from
 
 
 class TaskConfig(_Strict):
@@ -36,6 +38,7 @@ class TaskConfig(_Strict):
     train: int = Field(1000, ge=1)
     dev: int = Field(500, ge=1)
     test: int = Field(1000, ge=1)
+    shots: int | None = Field(None, ge=1)  # k-shot: this many training examples per label
     seed: int = 42
 
 
@@ -77,8 +80,21 @@ class TrainConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _labels_match(self):
-        if self.task.labels is not None and len(self.task.labels) != len(self.task.label_words):
+    def _model_fits_task(self):
+        from .integrations.vision import VISION_MODELS, is_vision_model
+        from .tasks.images import is_image_task
+
+        images = is_image_task(self.task.name)
+        if self.model.name is None:
+            self.model.name = "efficientnet-lite0" if images else "minilm-l6"
+        if images and not is_vision_model(self.model.name):
+            raise ValueError(f"task {self.task.name!r} is an image task; model.name must be an "
+                             f"image model ({', '.join(VISION_MODELS)}), not {self.model.name!r}")
+        if not images and is_vision_model(self.model.name):
+            raise ValueError(f"model {self.model.name!r} is an image model; task.name must be "
+                             f"an image task, not {self.task.name!r}")
+        if not images and self.task.labels is not None and \
+                len(self.task.labels) != len(self.task.label_words):
             raise ValueError("task.labels and task.label_words must have the same length")
         return self
 
@@ -172,7 +188,8 @@ def _check_task(task: TaskConfig) -> None:
         Prompt(task.template, tuple(task.label_words))
     except ValueError as err:
         raise ConfigError(f"task.template / task.label_words: {err}") from err
-    if task.path and task.name != "sst2" and not Path(task.path).exists():
+    downloads = ("sst2", "cifar10", "cifar100")  # their path is a hub id or download folder
+    if task.path and task.name not in downloads and not Path(task.path).exists():
         raise ConfigError(f"task.path: {task.path} does not exist")
 
 

@@ -1,5 +1,7 @@
 """A fine-tuning run: data, model, scheme and method from a config; progress, metrics,
-checkpoints, a journal of every step's values, resume, replay and evaluation.
+checkpoints, a journal of every step's values, resume, replay and evaluation. Text tasks run
+a language model as a prompt classifier (``integrations.classifier``), image tasks a vision
+model with a new head (``integrations.vision``); the loop is the same.
 
 A run folder holds:
 
@@ -31,9 +33,10 @@ from . import config, journal
 from .config import TrainConfig
 from .core import skip_non_finite
 from .integrations.classifier import PromptClassifier
-from .integrations.models import load_model
+from .integrations.models import DTYPES, load_model
 from .integrations.schemes import apply_scheme
 from .tasks import Prompt, Splits, load_task
+from .tasks.images import is_image_task
 
 
 class RunError(RuntimeError):
@@ -60,26 +63,46 @@ def _parallel(cfg: TrainConfig):
 class Run:
     cfg: TrainConfig
     splits: Splits
-    clf: PromptClassifier
+    clf: torch.nn.Module  # a PromptClassifier or an ImageClassifier: loss(), accuracy()
     params: dict[str, torch.nn.Parameter]
     opt: torch.optim.Optimizer
 
 
-def build(cfg: TrainConfig) -> Run:
-    """Everything a run needs, at its starting weights (adapters are initialized from
-    ``cfg.seed``)."""
+def _prompt_classifier(cfg: TrainConfig, splits: Splits) -> PromptClassifier:
     t = cfg.task
-    splits = load_task(t.name, t.path, train=t.train, dev=t.dev, test=t.test, seed=t.seed,
-                       text_column=t.text_column, label_column=t.label_column, labels=t.labels)
     if len(splits.labels) != len(t.label_words):
         raise RunError(f"the task has {len(splits.labels)} labels {splits.labels} but "
                        f"{len(t.label_words)} label words are given (task.label_words)")
     model, tokenizer, decoder = load_model(cfg.model.name, cfg.model.dtype)
     prompt = Prompt(t.template, tuple(t.label_words))
     clf = PromptClassifier(model, tokenizer, prompt, decoder, cfg.model.max_length)
-    torch.manual_seed(cfg.seed)
-    apply_scheme(clf, cfg.model.scheme, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
-                 virtual_tokens=cfg.model.virtual_tokens)
+    torch.manual_seed(cfg.seed)  # adapters are initialized from the run's seed
+    return clf
+
+
+def _image_classifier(cfg: TrainConfig, splits: Splits):
+    from .integrations.vision import image_classifier
+
+    torch.manual_seed(cfg.seed)  # the new head is initialized from the run's seed
+    clf = image_classifier(cfg.model.name, len(splits.labels), weights=cfg.model.weights,
+                           image_size=cfg.model.image_size)
+    return clf.to(DTYPES[cfg.model.dtype])
+
+
+def build(cfg: TrainConfig) -> Run:
+    """Everything a run needs, at its starting weights (adapters and new heads are initialized
+    from ``cfg.seed``)."""
+    t = cfg.task
+    splits = load_task(t.name, t.path, train=t.train, dev=t.dev, test=t.test, seed=t.seed,
+                       shots=t.shots, text_column=t.text_column, label_column=t.label_column,
+                       labels=t.labels)
+    make = _image_classifier if is_image_task(t.name) else _prompt_classifier
+    try:
+        clf = make(cfg, splits)
+        apply_scheme(clf, cfg.model.scheme, lora_r=cfg.model.lora_r,
+                     lora_alpha=cfg.model.lora_alpha, virtual_tokens=cfg.model.virtual_tokens)
+    except ValueError as err:  # a model that cannot be loaded, a scheme it does not take
+        raise RunError(str(err)) from err
     params = {n: p for n, p in clf.named_parameters() if p.requires_grad}
     rank = cfg.method.settings.get("rank")
     rows = [p.shape[0] for p in params.values() if p.dim() >= 2]

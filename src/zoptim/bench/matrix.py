@@ -25,6 +25,7 @@ keys of a train config), the seeds, the baseline's label, and the methods::
     name = "zo-muon"
     settings = { lr = 1e-2, rank = 32, queries = 4 }
     steps = 400          # optional: cells may differ in steps to equalize queries
+    model = { scheme = "head" }   # optional: any run setting, merged into [base]
     grid = { lr = [3e-3, 1e-2, 3e-2] }   # optional: tuned on the first seed
 
 A method with a ``grid`` is tuned: every point (the product of the listed values, added to its
@@ -96,9 +97,18 @@ def _methods(spec: dict) -> list[Method]:
     return methods
 
 
+def _merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s keys set, tables merged key by key (a method's
+    ``model = { scheme = "head" }`` keeps the shared model settings)."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
 def _config(spec: dict, method: Method, point: dict, seed: int):
-    data = json.loads(json.dumps(spec.get("base", {})))
-    data.update(method.extra)
+    data = _merged(json.loads(json.dumps(spec.get("base", {}))), method.extra)
     data["seed"] = seed
     data["method"] = {"name": method.name, "settings": {**method.settings, **point}}
     return run_config.build(data)

@@ -1,10 +1,11 @@
-"""Which parameters a fine-tune changes: ZO-Bench's four schemes, through ``peft``."""
+"""Which parameters a fine-tune changes: ZO-Bench's four schemes (through ``peft``), and the
+head alone (a linear probe)."""
 
 from __future__ import annotations
 
 import torch
 
-SCHEMES = ("full", "lora", "prefix", "prompt")
+SCHEMES = ("full", "head", "lora", "prefix", "prompt")
 
 
 def apply_scheme(clf, scheme: str, *, lora_r: int = 8, lora_alpha: int = 16,
@@ -12,15 +13,26 @@ def apply_scheme(clf, scheme: str, *, lora_r: int = 8, lora_alpha: int = 16,
     """Wrap ``clf.backbone`` for ``scheme`` and return the trainable parameters.
 
     - ``full``: every parameter (and the encoder head).
+    - ``head``: the task head alone (an encoder's label rows, an image model's new classifier),
+      the backbone frozen: a linear probe.
     - ``lora``: LoRA adapters on every linear layer of the backbone, base frozen; the encoder
       head stays trainable.
     - ``prefix`` / ``prompt``: prefix tuning / prompt tuning of a decoder (peft), base frozen.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
-    if scheme != "full":
+    if scheme == "head":
+        if getattr(clf, "head", None) is None:
+            raise ValueError("the head scheme needs a task head; a decoder scores label words "
+                             "with its own output layer, so use full, lora, prefix or prompt")
+        clf.requires_grad_(False)
+        clf.head.requires_grad_(True)
+    elif scheme != "full":
         import peft
 
+        if not hasattr(clf, "tokenizer"):
+            raise ValueError(f"the {scheme} scheme is for language models here; fine-tune an "
+                             "image model with full or head")
         if scheme == "lora":
             config = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                      target_modules="all-linear")

@@ -198,29 +198,56 @@ def load_file(path: str | None, text_column: str = "text", label_column: str = "
 LOADERS = {"mr": load_mr, "sst2": load_sst2, "20ng": load_20ng}
 
 
-def split(pool: list[Example], labels: list[str], train: int, dev: int, test: int,
-          seed: int) -> Splits:
-    """Disjoint random train / dev / test subsets of the given sizes, drawn with ``seed``."""
+def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: int,
+          shots: int | None = None) -> Splits:
+    """Disjoint random train / dev / test subsets of the given sizes, drawn with ``seed``. With
+    ``shots``, the training set is instead ``shots`` examples of every label (k-shot, as in
+    MeZO's experiments), and dev and test are drawn from the rest."""
     if min(train, dev, test) < 0:
         raise DataError("split sizes must be >= 0")
-    if train + dev + test > len(pool):
-        raise DataError(f"asked for {train}+{dev}+{test} examples but the task has {len(pool)}")
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
-    cut = [order[:train], order[train:train + dev], order[train + dev:train + dev + test]]
+    if shots is None:
+        if train + dev + test > len(pool):
+            raise DataError(f"asked for {train}+{dev}+{test} examples but the task has "
+                            f"{len(pool)}")
+        picked = order[:train]
+    else:
+        per_label: dict[int, list[int]] = {}
+        for i in order:
+            per_label.setdefault(pool[i].label, []).append(i)
+        short = [labels[k] for k in range(len(labels)) if len(per_label.get(k, [])) < shots]
+        if short:
+            raise DataError(f"{shots}-shot asked, but labels {short[:5]} have fewer examples")
+        chosen = {i for k in sorted(per_label) for i in per_label[k][:shots]}
+        picked = [i for i in order if i in chosen]
+        if len(picked) + dev + test > len(pool):
+            raise DataError(f"asked for {len(picked)} ({shots}-shot)+{dev}+{test} examples but "
+                            f"the task has {len(pool)}")
+        taken = set(picked)
+        order = picked + [i for i in order if i not in taken]
+    n = len(picked)
+    cut = [order[:n], order[n:n + dev], order[n + dev:n + dev + test]]
     parts = [[pool[i] for i in idx] for idx in cut]
-    record = {"seed": seed, "pool": len(pool), "sizes": [train, dev, test],
+    record = {"seed": seed, "pool": len(pool), "sizes": [n, dev, test], "shots": shots,
               "indices": {"train": cut[0], "dev": cut[1], "test": cut[2]}}
     return Splits(labels, *parts, record=record)
 
 
 def load_task(name: str, path: str | None = None, *, train: int, dev: int, test: int,
-              seed: int, text_column: str = "text", label_column: str = "label",
-              labels: list[str] | None = None) -> Splits:
+              seed: int, shots: int | None = None, text_column: str = "text",
+              label_column: str = "label", labels: list[str] | None = None) -> Splits:
+    """A task's splits: text tasks (``mr``, ``sst2``, ``20ng``, ``file``) give ``Example``s,
+    image tasks (``tasks.images``) give ``ImageExample``s."""
+    from .images import IMAGE_LOADERS
+
     if name == "file":
         pool, names = load_file(path, text_column, label_column, labels)
     elif name in LOADERS:
         pool, names = LOADERS[name](path)
+    elif name in IMAGE_LOADERS:
+        pool, names = IMAGE_LOADERS[name](path)
     else:
-        raise DataError(f"unknown task {name!r}; choose one of {', '.join([*LOADERS, 'file'])}")
-    return split(pool, names, train, dev, test, seed)
+        raise DataError(f"unknown task {name!r}; choose one of "
+                        f"{', '.join([*LOADERS, 'file', *IMAGE_LOADERS])}")
+    return split(pool, names, train, dev, test, seed, shots)
