@@ -113,3 +113,56 @@ def test_bench_refuses_unequal_tuning_budgets(tmp_path, capsys):
     cfg.write_text(CONFIG.replace('steps = 2\n', 'steps = 2\ngrid = { lr = [1e-2, 1e-3] }\n'))
     assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 2
     assert "same tuning budget" in capsys.readouterr().err
+
+
+IMAGES = """
+seeds = [0]
+baseline = "mezo"
+
+[base]
+steps = 4
+eval_every = 2
+save_every = 10
+batch_size = 8
+eval_batch_size = 32
+[base.model]
+name = "efficientnet-lite0"
+image_size = 32
+[base.task]
+name = "digits"
+train = 32
+dev = 32
+test = 32
+
+[[methods]]
+label = "mezo"
+name = "mezo"
+settings = { lr = 1e-5 }
+
+[[methods]]
+label = "probe"
+name = "adamw"
+settings = { lr = 1e-3 }
+model = { scheme = "head" }
+
+[[methods]]
+label = "unstable"
+name = "mezo"
+settings = { lr = 1e4, eps = 1e-3 }
+guard = { window = 1, max_consecutive = 1 }
+"""
+
+
+def test_bench_on_images_merges_method_settings_and_survives_a_divergence(tmp_path):
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text(IMAGES)
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
+    probe = json.loads((out / "probe" / "seed-0" / "config.json").read_text())
+    assert probe["model"]["scheme"] == "head" and probe["model"]["image_size"] == 32
+    results = json.loads((out / "results.json").read_text())
+    unstable = results["methods"]["unstable"]
+    assert unstable["diverged_seeds"] == [0] and results["methods"]["mezo"]["diverged_seeds"] == []
+    summary = json.loads((out / "unstable" / "seed-0" / "summary.json").read_text())
+    assert summary["after"]["steps"] < 4 and "skipped steps in a row" in summary["after"]["diverged"]
+    assert "Diverged" in (out / "report.md").read_text()

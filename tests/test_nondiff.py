@@ -197,6 +197,27 @@ def test_feature_reuse_equals_a_full_forward(digits):
     assert reused == full
 
 
+def test_forward_parallelism_equals_one_query_at_a_time(digits):
+    """``parallel`` coordinate queries in one vectorized forward give the estimates of the
+    one-by-one loop (up to rounding), with the same query count."""
+    from zoptim.deepzero import DeepZero
+
+    x, y = digits[0][:64].view(-1, 1, 8, 8), digits[1][:64]
+    runs = []
+    for parallel in (1, 16):
+        model = small_cnn()
+        opt = DeepZero(model, F.cross_entropy, lr=0.05, sparsity=0.5, parallel=parallel, seed=3)
+        for _ in range(2):
+            opt.step(x, y)
+        runs.append((opt, [p.detach().clone() for p in model.parameters()]))
+    (one, p1), (many, p16) = runs
+    assert one.queries == many.queries and one.density == many.density
+    for a, b in zip(p1, p16):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="parallel=0"):
+        DeepZero(small_cnn(), F.cross_entropy, parallel=0)
+
+
 def test_deepzero_needs_a_sequential_model():
     from zoptim.deepzero import DeepZero
 

@@ -145,3 +145,11 @@ def test_efficientnet_lite0_fine_tune_on_mnist5k_beats_the_untuned_head(tmp_path
     summary = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert summary["after"]["queries"] == 600
     assert summary["after"]["test_acc"] >= summary["before"]["test_acc"] + 0.15
+
+
+def test_too_small_an_image_size_is_refused_clearly(tmp_path):
+    from zoptim.integrations.models import ModelError
+    from zoptim.integrations.vision import image_classifier
+
+    with pytest.raises(ModelError, match="image_size=8 is too small for efficientnet-lite0"):
+        image_classifier("efficientnet-lite0", 10, image_size=8)

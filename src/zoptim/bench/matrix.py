@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as run_config
-from ..train import train
+from ..train import Diverged, open_run, train
 from .figures import load_curve, spread, to_target
 from .plots import accuracy_plots
 
@@ -148,9 +148,27 @@ def _run_cell(cfg, cell: Path, log, what: str) -> dict:
     done = _finished(cell)
     if done is None:
         log(f"{what}: {cfg.steps} steps")
-        train(cfg, cell, resume=cell.exists(), progress=False, log=lambda *_: None)
+        try:
+            train(cfg, cell, resume=cell.exists(), progress=False, log=lambda *_: None)
+        except Diverged as err:
+            log(f"{what}: diverged ({err})")
+            _record_divergence(cell, str(err))
         done = _finished(cell)
     return done
+
+
+def _record_divergence(cell: Path, reason: str) -> None:
+    """A diverged cell ends at its last good weights (saved when the run stopped): its final
+    figures are theirs, marked ``diverged``, so one unstable setting does not stop the matrix."""
+    run, _ = open_run(cell)
+    path = cell / "summary.json"
+    summary = json.loads(path.read_text())
+    size = run.cfg.eval_batch_size
+    summary["after"] = {"dev_acc": run.clf.accuracy(run.splits.dev, size),
+                        "test_acc": run.clf.accuracy(run.splits.test, size),
+                        "steps": run.opt.steps, "queries": run.opt.queries,
+                        "skipped_steps": run.opt.skipped, "diverged": reason}
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def run(config_path: str, out: str | Path, log=print, command: list[str] | None = None) -> dict:
@@ -213,6 +231,8 @@ def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dic
             "final_test": spread([s["after"]["test_acc"] for s in finals[label].values()]),
             "zero_shot_dev": spread([s["before"]["dev_acc"] for s in finals[label].values()]),
             "queries": spread([s["after"]["queries"] for s in finals[label].values()]),
+            "diverged_seeds": [seed for seed, s in finals[label].items()
+                               if "diverged" in s["after"]],
         }
     return out, curves
 
@@ -254,6 +274,11 @@ def report(results: dict, plots: list[str]) -> str:
         lines.append(f"| {label} | {_fmt(m['queries_to_target'], 2)} | "
                      f"{_fmt(m['time_to_target'], 2)} | {_fmt(m['final_dev'])} | "
                      f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} |")
+    diverged = {label: m["diverged_seeds"] for label, m in results["methods"].items()
+                if m.get("diverged_seeds")}
+    if diverged:
+        lines += ["", "Diverged (stopped by the loss guard; figures at the last good weights): " +
+                  "; ".join(f"{label} seeds {seeds}" for label, seeds in diverged.items())]
     tuned = {label: m for label, m in results["methods"].items() if "tuning" in m}
     if tuned:
         lines += ["", "Tuning (final dev accuracy of each grid point on seed "

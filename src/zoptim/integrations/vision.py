@@ -188,4 +188,10 @@ def image_classifier(name: str, classes: int, *, weights: str | None = None,
     """A pretrained vision model with a fresh ``classes``-way head, in eval mode."""
     model, native_size, mean, std = load_vision_model(name, weights)
     head = replace_head(model, classes)
-    return ImageClassifier(model, head, image_size or native_size, mean, std).eval()
+    size = image_size or native_size
+    try:  # a resolution below the model's total stride fails inside it, cryptically
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError as err:
+        raise ModelError(f"model.image_size={size} is too small for {name} ({err})") from err
+    return ImageClassifier(model, head, size, mean, std).eval()
