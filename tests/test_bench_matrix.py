@@ -82,6 +82,25 @@ def test_the_headline_configuration_validates_and_equalizes_queries():
         assert 7990 <= budget <= 8000, (label, budget)
 
 
+def test_the_vision_configuration_validates_and_equalizes_queries():
+    from pathlib import Path
+
+    from zoptim import config
+    from zoptim.bench.matrix import _cells
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist5k_efficientnet.toml"
+    cells = list(_cells(config.read_file(path)))
+    assert len(cells) == 10 * (2 + 2)  # two tuning cells on seed 0, two more seeds
+    per_step = {"zo-muon": 5, "hizoo": 3}
+    for label, seed, point, cfg in cells:
+        assert cfg.task.name == "mnist-5k" and cfg.model.name == "efficientnet-lite0"
+        if cfg.method.name == "adamw":
+            assert cfg.model.scheme == ("head" if label == "linear-probe" else "full")
+            continue
+        budget = cfg.steps * per_step.get(cfg.method.name, 2)
+        assert 1990 <= budget <= 2000, (label, budget)
+
+
 def test_bench_tunes_each_method_on_the_first_seed_and_runs_the_best_point(tmp_path):
     tuned = CONFIG.replace("settings = { lr = 1e-3, eps = 1e-2 }",
                            "settings = { eps = 1e-2 }\ngrid = { lr = [0.0, 1e-3] }")
