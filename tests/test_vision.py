@@ -3,6 +3,7 @@ classifier's preprocessing, convolution kernels under the matrix methods, and a 
 EfficientNet-Lite0 fine-tune on MNIST-5k."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -116,28 +117,28 @@ def test_conv_update_of_zo_muon_has_equal_singular_values_in_its_subspace():
     assert float(sv[4:].max()) < 1e-6
 
 
-def _cfg(tmp_path, **sets):
+def _cfg(**sets):
     overrides = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sets.items()]
     return config.load(None, overrides)
 
 
 def test_image_task_picks_an_image_model_and_refuses_a_text_one(tmp_path):
-    cfg = _cfg(tmp_path, **{"task.name": "mnist-5k"})
+    cfg = _cfg(**{"task.name": "mnist-5k"})
     assert cfg.model.name == "efficientnet-lite0"
     assert config.load(None, []).model.name == "minilm-l6"
     with pytest.raises(config.ConfigError, match="image task"):
-        _cfg(tmp_path, **{"task.name": "digits", "model.name": "minilm-l6"})
+        _cfg(**{"task.name": "digits", "model.name": "minilm-l6"})
     with pytest.raises(config.ConfigError, match="image model"):
-        _cfg(tmp_path, **{"task.name": "mr", "model.name": "torchvision:resnet18"})
+        _cfg(**{"task.name": "mr", "model.name": "torchvision:resnet18"})
 
 
 def test_efficientnet_lite0_fine_tune_on_mnist5k_beats_the_untuned_head(tmp_path):
     """A short real fine-tune: all 3.4M parameters of the ImageNet-trained EfficientNet-Lite0
     under ZO-Muon, 1,000 queries at 32 x 32 pixels, improve test accuracy by at least 12 points
     over the freshly initialized 10-way head (measured: 0.123 -> 0.313)."""
-    from zoptim.train import train
+    from zoptim.train import evaluate, train, verify_replay
 
-    cfg = _cfg(tmp_path, **{
+    cfg = _cfg(**{
         "task.name": "mnist-5k", "task.train": 500, "task.dev": 100, "task.test": 300,
         "model.image_size": 32, "method.name": "zo-muon", "steps": 200, "eval_every": 200,
         "save_every": 200})
@@ -146,3 +147,74 @@ def test_efficientnet_lite0_fine_tune_on_mnist5k_beats_the_untuned_head(tmp_path
     summary = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert summary["after"]["queries"] == 1000
     assert summary["after"]["test_acc"] >= summary["before"]["test_acc"] + 0.12
+    # the run folder serves eval and replay like a language model's
+    assert evaluate(tmp_path / "run", "test") == summary["after"]["test_acc"]
+    steps, queries, checkpoint, same = verify_replay(tmp_path / "run")
+    assert (steps, queries, checkpoint, same) == (200, 1000, "checkpoint-200", True)
+
+
+def test_bad_image_runs_fail_clearly_and_write_nothing(tmp_path, capsys):
+    from zoptim.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", "digits", "--scheme", "lora", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "full or head" in capsys.readouterr().err and not out.exists()
+    assert main(["train", "--task", "imagefolder", "--task-path", str(tmp_path / "none"),
+                 "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    assert main(["train", "--task", "digits", "--model", "minilm-l6", "--out", str(out)]) == 2
+    assert "image task" in capsys.readouterr().err and not out.exists()
+
+
+def test_local_checkpoint_loads_and_a_wrong_one_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from zoptim.integrations.models import ModelError
+    from zoptim.integrations.vision import load_vision_model
+
+    model, size, mean, std = load_vision_model("efficientnet-lite0")
+    assert size == 224 and len(mean) == len(std) == 3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["_fc.bias"] = torch.arange(1000, dtype=torch.float32)  # a checkpoint of our own
+    save_file(state, str(tmp_path / "mine.safetensors"))
+    mine, *_ = load_vision_model("efficientnet-lite0", str(tmp_path / "mine.safetensors"))
+    assert torch.equal(mine._fc.bias, state["_fc.bias"])
+    torch.save({"state_dict": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ModelError, match="do not fit efficientnet-lite0"):
+        load_vision_model("efficientnet-lite0", str(tmp_path / "other.pt"))
+    with pytest.raises(ModelError, match="no such file"):
+        load_vision_model("efficientnet-lite0", str(tmp_path / "missing.pt"))
+    with pytest.raises(ModelError, match="unknown vision model"):
+        load_vision_model("resnet18")
+
+
+def test_torchvision_and_timm_models_by_name(monkeypatch):
+    """The glue around torchvision and timm (which need a build matching the installed torch),
+    through stand-ins with their APIs: published weights by default, the head replaced."""
+    import types
+
+    from zoptim.integrations.vision import image_classifier
+
+    asked = {}
+
+    def get_model(arch, weights):
+        asked["torchvision"] = (arch, weights)
+        return _Net()
+
+    def create_model(arch, pretrained):
+        asked["timm"] = (arch, pretrained)
+        net = _Net()
+        net.pretrained_cfg = {"input_size": (3, 40, 40), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+        return net
+
+    monkeypatch.setitem(sys.modules, "torchvision",
+                        types.SimpleNamespace(models=types.SimpleNamespace(get_model=get_model)))
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    clf = image_classifier("torchvision:resnet18", 7)
+    assert asked["torchvision"] == ("resnet18", "DEFAULT")
+    assert clf.image_size == 224 and clf.head.out_features == 7 and clf.backbone.fc is clf.head
+    clf = image_classifier("timm:vit_base_patch16_224", 5)
+    assert asked["timm"] == ("vit_base_patch16_224", True)
+    assert clf.image_size == 40 and clf.head.out_features == 5
+    assert torch.equal(clf.mean.flatten(), torch.full((3,), 0.5))
