@@ -157,8 +157,10 @@ def test_bad_image_runs_fail_clearly_and_write_nothing(tmp_path, capsys):
     from zoptim.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--task", "digits", "--scheme", "lora", "--out", str(out),
-                 "--no-progress"]) == 2
+    assert main(["train", "--task", "digits", "--out", str(out)]) == 2
+    assert "lower task.train" in capsys.readouterr().err and not out.exists()
+    small = ["--set", "task.train=100", "--set", "task.dev=50", "--set", "task.test=50"]
+    assert main(["train", "--task", "digits", "--scheme", "lora", "--out", str(out), *small]) == 2
     assert "full or head" in capsys.readouterr().err and not out.exists()
     assert main(["train", "--task", "imagefolder", "--task-path", str(tmp_path / "none"),
                  "--out", str(out)]) == 2

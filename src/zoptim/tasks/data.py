@@ -210,7 +210,7 @@ def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: 
     if shots is None:
         if train + dev + test > len(pool):
             raise DataError(f"asked for {train}+{dev}+{test} examples but the task has "
-                            f"{len(pool)}")
+                            f"{len(pool)}; lower task.train, task.dev or task.test")
         picked = order[:train]
     else:
         per_label: dict[int, list[int]] = {}
@@ -223,7 +223,7 @@ def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: 
         picked = [i for i in order if i in chosen]
         if len(picked) + dev + test > len(pool):
             raise DataError(f"asked for {len(picked)} ({shots}-shot)+{dev}+{test} examples but "
-                            f"the task has {len(pool)}")
+                            f"the task has {len(pool)}; lower task.shots, task.dev or task.test")
         taken = set(picked)
         order = picked + [i for i in order if i not in taken]
     n = len(picked)
