@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as run_config
-from ..train import Diverged, open_run, train
+from ..train import Diverged, _write_json, open_run, train
 from .figures import load_curve, spread, to_target
 from .plots import accuracy_plots
 
@@ -168,7 +168,7 @@ def _record_divergence(cell: Path, reason: str) -> None:
                         "test_acc": run.clf.accuracy(run.splits.test, size),
                         "steps": run.opt.steps, "queries": run.opt.queries,
                         "skipped_steps": run.opt.skipped, "diverged": reason}
-    path.write_text(json.dumps(summary, indent=2))
+    _write_json(path, summary)
 
 
 def run(config_path: str, out: str | Path, log=print, command: list[str] | None = None) -> dict:

