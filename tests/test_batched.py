@@ -65,7 +65,9 @@ def test_batched_steps_match_in_place_steps(cls, settings):
     runs = {}
     for batched in (False, True):
         reset(net, start)
-        opt = cls(net.parameters(), lr=1e-2, seed=3, model=net, batched=batched, **settings)
+        # eps 1e-2: the float32 losses' last-bit differences, divided by eps, stay below 1e-5
+        opt = cls(net.parameters(), lr=1e-2, eps=1e-2, seed=3, model=net, batched=batched,
+                  **settings)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="batched queries")
             for _ in range(3):

@@ -33,8 +33,8 @@ from collections import defaultdict
 import torch
 from torch.func import functional_call
 
-from .perturb import mix
-from .subspace import _Factored
+from .perturb import mix, noise_stacks
+from .subspace import Space, _Factored
 
 RECOMPUTE_MAX_NUMEL = 1 << 23  # 8M entries: OPT's position table fits, a vocabulary does not
 
@@ -130,10 +130,10 @@ class BatchedQueries:
         values: list[float] = []
         for start in range(0, len(points), size):
             chunk = points[start:start + size]
-            deltas = self._deltas(probe, plan, chunk)
-            handles = [m.register_forward_hook(self._hook(entries, deltas, len(chunk)),
+            draws, runs = _draw(probe, plan, chunk), _runs(chunk)
+            handles = [m.register_forward_hook(self._hook(entries, draws, runs, len(chunk)),
                                                with_kwargs=True)
-                       for m, entries in plan.items()]
+                       for m, entries in plan.items()] if runs else []
             self.rows = None
             _ACTIVE.append(self)
             try:
@@ -150,37 +150,7 @@ class BatchedQueries:
             values.extend(float(v) for v in out.tolist())
         return values
 
-    @staticmethod
-    def _deltas(probe, plan, chunk) -> dict:
-        """Per slot, the stacked perturbations of the chunk's slices (zero for ``None``):
-        ``(A, B)`` stacks for low-rank roles, materialized tensors otherwise."""
-        out = {}
-        for entries in plan.values():
-            for _, role, s in entries:
-                if (id(s.p), role) in out:  # a tied parameter, already drawn
-                    continue
-                state, scratch, eps = probe.opt.state[s.p], probe.scratch[s.p], s.group["eps"]
-                if role == _Role.LOW_RANK:
-                    a_list, b_list = [], []
-                    for point in chunk:
-                        seed, scale = point if point is not None else (0, 0.0)
-                        coords = s.space.coords(s.p, state, mix(seed, s.index), scratch)
-                        a, b = s.space.lifted_factors(s.p, state, coords)
-                        a_list.append(a)
-                        b_list.append(b * (scale * eps))
-                    out[(id(s.p), role)] = (torch.stack(a_list), torch.stack(b_list))
-                else:
-                    ds = []
-                    for point in chunk:
-                        d = torch.zeros_like(s.p)
-                        if point is not None:
-                            s.space.perturb_(d, state, mix(point[0], s.index), point[1] * eps,
-                                             scratch)
-                        ds.append(d)
-                    out[(id(s.p), role)] = torch.stack(ds)
-        return out
-
-    def _hook(self, entries, deltas, slices: int):
+    def _hook(self, entries, draws, runs, slices: int):
         inside = []
 
         def hook(mod, args, kwargs, output):
@@ -192,7 +162,7 @@ class BatchedQueries:
                     raise ValueError(f"batched queries: {type(mod).__name__}'s output is shared "
                                      "by the whole batch; stack the batch with "
                                      "zoptim.batched.stack so that its size is known")
-                output = output.expand(self.rows, *output.shape[1:]).contiguous()
+                output = output.expand(self.rows, *output.shape[1:])
                 args = tuple(a.expand(self.rows, *a.shape[1:])
                              if torch.is_tensor(a) and a.dim() and a.shape[0] == 1 else a
                              for a in args)
@@ -205,40 +175,120 @@ class BatchedQueries:
             if entries[0][1] == _Role.RECOMPUTE:
                 inside.append(True)
                 try:
-                    return self._recompute(mod, args, kwargs, output, entries, deltas, slices)
+                    return _recompute(mod, args, kwargs, output, entries, draws, runs, slices)
                 finally:
                     inside.clear()
-            out = output.reshape(slices, -1, output.shape[-1])
+            out = output.contiguous().view(slices, -1, output.shape[-1])
             for name, role, s in entries:
-                d = deltas[(id(s.p), role)]
-                if role == _Role.BIAS:
-                    out += d.unsqueeze(1)
-                elif isinstance(mod, torch.nn.Embedding):
-                    a, b = d
-                    ids = args[0].reshape(slices, -1)
-                    rows = torch.stack([a[i][ids[i]] for i in range(slices)])
-                    out += torch.bmm(rows, b)
-                else:
-                    a, b = d
-                    x = args[0].reshape(slices, -1, args[0].shape[-1])
-                    out += torch.bmm(torch.bmm(x, b.transpose(1, 2)), a.transpose(1, 2))
-            return out.reshape(output.shape)
+                for a, b, j in runs:
+                    _correct(mod, role, draws[id(s.p)], args[0], out, slices, a, b, j)
+            return out.view(output.shape)
 
         return hook
 
-    @staticmethod
-    def _recompute(mod, args, kwargs, output, entries, deltas, slices):
-        rows = output.shape[0] // slices
 
-        def part(v, i):
-            return v[i * rows:(i + 1) * rows] if torch.is_tensor(v) and v.dim() and \
-                v.shape[0] == output.shape[0] else v
+class _Draw:
+    """One parameter's perturbations in a chunk: the coordinates ``z`` of its perturbed slices
+    (stacked, unscaled) and each slice's ``scale * eps``; for a low-rank role also the factors
+    ``(A, B)`` of ``z`` (``Space.batched_factors``)."""
 
-        pieces = []
-        for i in range(slices):
-            params = {name: getattr(mod, name) + deltas[(id(s.p), role)][i]
-                      for name, role, s in entries}
-            pieces.append(functional_call(mod, params, tuple(part(a, i) for a in args),
-                                          {k: part(v, i) for k, v in kwargs.items()}))
-        return torch.cat(pieces)
+    def __init__(self, slot, state, z: torch.Tensor, scale: torch.Tensor, low_rank: bool):
+        self.z, self.scale = z, scale
+        self.factors = slot.space.batched_factors(slot.p, state, z) if low_rank else None
 
+
+def _runs(chunk) -> list[tuple[int, int, int]]:
+    """The chunk's perturbed slices as runs ``(first, end, j)`` of consecutive slices, ``j``
+    the run's first row in the stacked coordinates (the baseline, ``None``, has none)."""
+    runs, j = [], 0
+    for i, point in enumerate(chunk):
+        if point is None:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, j])
+        j += 1
+    return [tuple(r) for r in runs]
+
+
+def _draw(probe, plan, chunk) -> dict[int, _Draw]:
+    """Every planned parameter's coordinates for the chunk's perturbed slices, drawn together
+    (one noise kernel per dtype on a CPU) and left in the slots' scratch for the update."""
+    live = [pt for pt in chunk if pt is not None]
+    seeds = list(dict.fromkeys(seed for seed, _ in live))
+    where = [seeds.index(seed) for seed, _ in live]
+    slots = {id(s.p): (s, role) for entries in plan.values() for _, role, s in entries}
+    plain, other = defaultdict(list), []
+    for s, role in slots.values():
+        if role == _Role.LOW_RANK or type(s.space).perturb_ is Space.perturb_:
+            plain[(s.p.dtype, s.p.device, s.space.noise_kind)].append((s, role))
+        else:
+            other.append((s, role))
+    draws = {}
+    for (dtype, device, kind), group in plain.items():
+        shapes = [s.space.coords_shape(s.p, probe.opt.state[s.p]) for s, _ in group]
+        keys = [[mix(seed, s.index) for seed in seeds] for s, _ in group]
+        for (s, role), z, ks in zip(group, noise_stacks(keys, shapes, kind, dtype, device), keys):
+            probe.scratch[s.p].setdefault("coords", {}).update(zip(ks, z))
+            if where != list(range(len(seeds))):  # a seed evaluated at several scales
+                z = z[where]
+            draws[id(s.p)] = _Draw(s, probe.opt.state[s.p], z, _scales(s, live), role ==
+                                   _Role.LOW_RANK)
+    for s, role in other:  # spaces with their own perturbation (Masked, HessianScaled)
+        z = torch.zeros((len(live), *s.p.shape), dtype=s.p.dtype, device=s.p.device)
+        for zi, (seed, _) in zip(z, live):
+            s.space.perturb_(zi, probe.opt.state[s.p], mix(seed, s.index), 1.0,
+                             probe.scratch[s.p])
+        draws[id(s.p)] = _Draw(s, probe.opt.state[s.p], z, _scales(s, live), False)
+    return draws
+
+
+def _scales(slot, live) -> torch.Tensor:
+    return torch.tensor([scale * slot.group["eps"] for _, scale in live], dtype=slot.p.dtype,
+                        device=slot.p.device)
+
+
+def _correct(mod, role, draw: _Draw, x, out, slices, a, b, j) -> None:
+    """Add the perturbation's effect to slices ``a:b`` of a layer's output ``out``
+    ``(slices, rows, features)``, in place; the coordinates of those slices start at ``j``."""
+    y, rows = out[a:b], slice(j, j + b - a)
+    scale = draw.scale[rows].view(-1, 1, 1)
+    if role == _Role.BIAS:
+        y += draw.z[rows].unsqueeze(1) * scale
+        return
+    A, B = draw.factors
+    if isinstance(mod, torch.nn.Embedding):
+        ids = x.reshape(slices, -1)[a:b]
+        if A.dim() == 2:  # shared rows: one gather for every slice
+            y.baddbmm_(A[ids] * scale, B[rows])
+        else:
+            picked = A[rows][torch.arange(b - a, device=ids.device).unsqueeze(1), ids]
+            y.view(-1, y.shape[-1]).addmm_((picked * scale).flatten(0, 1), B)
+        return
+    # a linear layer: y += scale (x B^T) A^T, the shared factor applied to all slices at once
+    x = x.reshape(slices, -1, x.shape[-1])[a:b]
+    if A.dim() == 2:
+        h = torch.bmm(x, B[rows].transpose(1, 2)).mul_(scale)
+        y.view(-1, y.shape[-1]).addmm_(h.flatten(0, 1), A.T)
+    else:
+        h = (x.flatten(0, 1) @ B.T).view(b - a, -1, B.shape[0]).mul_(scale)
+        y.baddbmm_(h, A[rows].transpose(1, 2))
+
+
+def _recompute(mod, args, kwargs, output, entries, draws, runs, slices):
+    """The module run again on each perturbed slice with its perturbed parameters."""
+    rows = output.shape[0] // slices
+
+    def part(v, i):
+        return v[i * rows:(i + 1) * rows] if torch.is_tensor(v) and v.dim() and \
+            v.shape[0] == output.shape[0] else v
+
+    pieces = list(output.split(rows))
+    for a, b, j in runs:
+        for i in range(a, b):
+            params = {name: getattr(mod, name) + draws[id(s.p)].z[j + i - a]
+                      * draws[id(s.p)].scale[j + i - a] for name, _, s in entries}
+            pieces[i] = functional_call(mod, params, tuple(part(v, i) for v in args),
+                                        {k: part(v, i) for k, v in kwargs.items()})
+    return torch.cat(pieces)

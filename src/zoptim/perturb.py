@@ -27,6 +27,7 @@ perturbation is always undone exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -98,7 +99,26 @@ def _add_rademacher(flat, keys, alpha, offset):
     flat.add_(_rademacher(idx, keys) * alpha)
 
 
-_KERNELS = {"gaussian": _add_gaussian, "rademacher": _add_rademacher}
+def _segment_ids(flat, ends, starts):
+    """Each element's segment and its index within it, for buffers holding many tensors."""
+    idx = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+    seg = torch.bucketize(idx, ends, right=True, out_int32=True)
+    return seg, idx - starts[seg]
+
+
+def _add_gaussian_segments(flat, ends, starts, k0, k1, alpha):
+    seg, idx = _segment_ids(flat, ends, starts)
+    flat.add_(_gaussian(idx, (k0[seg], k1[seg])) * alpha)
+
+
+def _add_rademacher_segments(flat, ends, starts, k0, k1, alpha):
+    seg, idx = _segment_ids(flat, ends, starts)
+    flat.add_(_rademacher(idx, (k0[seg], k1[seg])) * alpha)
+
+
+_KERNELS = {"gaussian": _add_gaussian, "rademacher": _add_rademacher,
+            "gaussian-segments": _add_gaussian_segments,
+            "rademacher-segments": _add_rademacher_segments}
 # Single elements take the eager path: dynamo specializes sizes 0 and 1, and a kernel per
 # such size would eat into its recompile limit.
 FUSED_MIN_NUMEL = 2
@@ -159,11 +179,36 @@ def _fused(kind: str):
     return _compiled[kind]
 
 
-def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") -> torch.Tensor:
-    """Add ``alpha * z`` to ``x`` in place, where ``z`` is the noise of ``key`` shaped like ``x``."""
+def _run_fused(kind: str, flat: torch.Tensor, *args) -> bool:
+    """Run the compiled kernel of ``kind`` on ``flat``; False where the eager path must do it."""
     global _backend
+    if _backend == "eager" or flat.numel() < FUSED_MIN_NUMEL:
+        return False
+    try:
+        _fused(kind)(flat, *args)
+        return True
+    except Exception as err:  # a missing compiler, an unsupported device or dtype
+        if _backend == "compiled":
+            raise
+        warnings.warn(f"zoptim: fused noise kernel unavailable ({type(err).__name__}: {err}); "
+                      "using the eager path", RuntimeWarning, stacklevel=3)
+        _backend = "eager"
+        return False
+
+
+def _key_halves(keys: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([_as_int32(k) for k in keys], dtype=torch.int32, device=device),
+            torch.tensor([_as_int32(k >> 32) for k in keys], dtype=torch.int32, device=device))
+
+
+def _check(kind: str) -> None:
     if kind not in NOISE_KINDS:
         raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
+
+
+def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") -> torch.Tensor:
+    """Add ``alpha * z`` to ``x`` in place, where ``z`` is the noise of ``key`` shaped like ``x``."""
+    _check(kind)
     if x.numel() >= 1 << 31:
         raise ValueError("tensors of 2**31 elements or more are not supported; split the parameter")
     if not x.is_contiguous():
@@ -175,18 +220,10 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
         return x
     flat = x.view(-1)
     dev = x.device
-    keys = torch.tensor([_as_int32(key), _as_int32(key >> 32)], dtype=torch.int32, device=dev)
+    keys = torch.stack(_key_halves([key], dev)).view(2)
     a = torch.tensor(alpha, dtype=torch.float32, device=dev)
-    if _backend != "eager" and flat.numel() >= FUSED_MIN_NUMEL:
-        try:
-            _fused(kind)(flat, keys, a, torch.zeros((), dtype=torch.int32, device=dev))
-            return x
-        except Exception as err:  # a missing compiler, an unsupported device or dtype
-            if _backend == "compiled":
-                raise
-            warnings.warn(f"zoptim: fused noise kernel unavailable ({type(err).__name__}: {err}); "
-                          "using the eager path", RuntimeWarning, stacklevel=2)
-            _backend = "eager"
+    if _run_fused(kind, flat, keys, a, torch.zeros((), dtype=torch.int32, device=dev)):
+        return x
     kernel = _KERNELS[kind]
     for start in range(0, flat.numel(), EAGER_CHUNK):
         off = torch.tensor(start, dtype=torch.int32, device=dev)
@@ -194,20 +231,72 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
     return x
 
 
+def _add_segments_(flat: torch.Tensor, keys: list[int], sizes: list[int], alpha: float,
+                   kind: str) -> None:
+    """``add_noise_`` on consecutive pieces of ``flat`` (sizes ``sizes``, keys ``keys``), in
+    one compiled kernel where there is one: on a CPU a call costs more than a small tensor's
+    noise, and a step's tensors are mostly small."""
+    if flat.numel() >= 1 << 31:
+        raise ValueError("tensors of 2**31 elements or more are not supported; split the parameter")
+    dev = flat.device
+    if _triton_for([flat]) is None and len(sizes) > 1:
+        ends = torch.tensor(sizes, dtype=torch.int32, device=dev).cumsum(0, dtype=torch.int32)
+        k0, k1 = _key_halves(keys, dev)
+        a = torch.tensor(alpha, dtype=torch.float32, device=dev)
+        if _run_fused(f"{kind}-segments", flat, ends, ends - torch.tensor(sizes, dtype=torch.int32,
+                      device=dev), k0, k1, a):
+            return
+    for piece, key in zip(flat.split(sizes), keys):
+        add_noise_(piece, key, alpha, kind)
+
+
+# Small tensors share one kernel on a CPU (``add_noise_many_``), through a buffer this large.
+SEGMENTS_MAX_NUMEL = 1 << 20
+
+
 def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, alpha: float,
                     kind: str = "gaussian") -> None:
     """``add_noise_(t_j, mix(seed, indices_j), alpha)`` for every tensor: on a GPU, one kernel
-    launch per dtype whatever the number of tensors."""
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
+    launch per dtype whatever the number of tensors; elsewhere the small tensors' noise is
+    drawn together in buffers of at most ``SEGMENTS_MAX_NUMEL`` entries."""
+    _check(kind)
     if alpha == 0:
         return
     module = _triton_for(tensors)
     if module is not None and _launch_triton(module.add_noise_many_, tensors, indices, mix(seed),
                                              alpha, kind == "gaussian"):
         return
+    small: dict[tuple, list] = {}
     for t, i in zip(tensors, indices):
-        add_noise_(t, mix(seed, i), alpha, kind)
+        if t.numel() * 4 <= SEGMENTS_MAX_NUMEL and t.is_contiguous() and not t.is_cuda:
+            small.setdefault((t.dtype, t.device), []).append((t, mix(seed, i)))
+        else:
+            add_noise_(t, mix(seed, i), alpha, kind)
+    for (_, dev), items in small.items():
+        while items:
+            batch, total = [], 0
+            while items and total + items[0][0].numel() <= SEGMENTS_MAX_NUMEL:
+                total += items[0][0].numel()
+                batch.append(items.pop(0))
+            ts = [t for t, _ in batch]
+            # drawn in float32 and added with one rounding, as add_noise_ does
+            zs = noise_stacks([[k] for _, k in batch], [t.shape for t in ts], kind,
+                              torch.float32, dev)
+            for t, z in zip(ts, zs):
+                t.add_(z[0].mul_(alpha))
+
+
+def noise_stacks(keys: list[list[int]], shapes: list, kind: str = "gaussian",
+                 dtype=torch.float32, device=None) -> list[torch.Tensor]:
+    """For each ``j``, the stack ``(len(keys[j]), *shapes[j])`` of ``noise(k, shapes[j])`` for
+    ``k`` in ``keys[j]``: views of one buffer, drawn in one kernel where possible."""
+    _check(kind)
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = torch.zeros(sum(len(k) * n for k, n in zip(keys, sizes)), dtype=dtype, device=device)
+    _add_segments_(flat, [k for ks in keys for k in ks],
+                   [n for ks, n in zip(keys, sizes) for _ in ks], 1.0, kind)
+    pieces = flat.split([len(k) * n for k, n in zip(keys, sizes)])
+    return [piece.view(len(k), *shape) for piece, k, shape in zip(pieces, keys, shapes)]
 
 
 def noise(key: int, shape, kind: str = "gaussian", dtype=torch.float32, device=None) -> torch.Tensor:

@@ -65,8 +65,18 @@ class Space:
     def perturb_(self, p, state, key: int, alpha: float, scratch: dict) -> None:
         add_noise_(p, key, alpha, self.noise_kind)
 
+    def coords_shape(self, p, state) -> tuple[int, ...]:
+        """The shape of the coordinates, which are the noise of this shape (``coords``)."""
+        return tuple(p.shape)
+
     def coords(self, p, state, key: int, scratch: dict) -> torch.Tensor:
-        return noise(key, p.shape, self.noise_kind, p.dtype, p.device)
+        """The coordinates of ``key``'s perturbation. A batched evaluation draws every slice's
+        at once and leaves them in ``scratch["coords"]``, where the update takes them (each
+        once) instead of drawing them again."""
+        drawn = scratch.get("coords")
+        if drawn is not None and key in drawn:
+            return drawn.pop(key)
+        return noise(key, self.coords_shape(p, state), self.noise_kind, p.dtype, p.device)
 
     def add_lifted_(self, p, state, coords: torch.Tensor, alpha: float) -> None:
         p.add_(coords, alpha=alpha)
@@ -108,7 +118,7 @@ class Masked(Space):
         return None
 
     def coords(self, p, state, key, scratch):
-        return super().coords(p, state, key, scratch).mul_(scratch["mask"])
+        return noise(key, p.shape, self.noise_kind, p.dtype, p.device).mul_(scratch["mask"])
 
     def perturb_(self, p, state, key, alpha, scratch):
         p.add_(self.coords(p, state, key, scratch), alpha=alpha)
@@ -183,10 +193,17 @@ class _Factored(Space):
     def transfer(self, c, old: dict, new: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def lifted_factors(self, p, state, coords) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` with ``A @ B`` the matrix view of ``coords`` lifted to the parameter: a
-        rank-r product, which lets a layer apply the perturbation to its activations."""
+    def batched_factors(self, p, state, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a stack of coordinates ``(k, ...)``, ``(A, B)`` with ``A[i] @ B[i]`` the matrix
+        view of ``coords[i]`` lifted to the parameter: a rank-r product, which lets a layer
+        apply the perturbation to its activations. One factor is shared by every coordinate
+        and returned once, two-dimensional (ZO-Muon's ``P``, LOZO's ``V^T``)."""
         raise NotImplementedError
+
+    def lifted_factors(self, p, state, coords) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``A @ B`` the matrix view of ``coords`` lifted to the parameter."""
+        a, b = self.batched_factors(p, state, coords.unsqueeze(0))
+        return (a[0] if a.dim() == 3 else a), (b[0] if b.dim() == 3 else b)
 
     def add_lifted_(self, p, state, coords, alpha):
         a, b = self.lifted_factors(p, state, coords)
@@ -210,11 +227,10 @@ class Projected(_Factored):
     def draw(self, key, m, n, r, dtype, device):
         return {"P": orthonormal(key, m, r, dtype, device)}
 
-    def coords(self, p, state, key, scratch):
-        P = state["P"]
-        return noise(key, (P.shape[1], as_matrix(p).shape[1]), self.noise_kind, p.dtype, p.device)
+    def coords_shape(self, p, state):
+        return state["P"].shape[1], as_matrix(p).shape[1]
 
-    def lifted_factors(self, p, state, coords):
+    def batched_factors(self, p, state, coords):
         return state["P"], coords
 
     def transfer(self, c, old, new):
@@ -234,11 +250,10 @@ class LowRank(_Factored):
     def draw(self, key, m, n, r, dtype, device):
         return {"V": noise(key, (n, r), self.noise_kind, dtype, device)}
 
-    def coords(self, p, state, key, scratch):
-        V = state["V"]
-        return noise(key, (as_matrix(p).shape[0], V.shape[1]), self.noise_kind, p.dtype, p.device)
+    def coords_shape(self, p, state):
+        return as_matrix(p).shape[0], state["V"].shape[1]
 
-    def lifted_factors(self, p, state, coords):
+    def batched_factors(self, p, state, coords):
         return coords, state["V"].T
 
     def transfer(self, c, old, new):
@@ -261,11 +276,11 @@ class TwoSided(_Factored):
         return {"U": orthonormal(mix(key, 0), m, r, dtype, device),
                 "V": orthonormal(mix(key, 1), n, r, dtype, device)}
 
-    def coords(self, p, state, key, scratch):
+    def coords_shape(self, p, state):
         r = state["U"].shape[1]
-        return noise(key, (r, r), self.noise_kind, p.dtype, p.device)
+        return r, r
 
-    def lifted_factors(self, p, state, coords):
+    def batched_factors(self, p, state, coords):
         m, n = as_matrix(p).shape
         scale = math.sqrt(m * n) / state["U"].shape[1]
         return state["U"], (coords @ state["V"].T).mul_(scale)
