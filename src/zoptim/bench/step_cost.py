@@ -7,13 +7,18 @@ package, so it works offline) on a batch of 16 x 48 tokens, it times:
 - a reference-style MeZO step, as the anchors implement it: full Gaussian noise drawn with
   ``torch.normal`` for every tensor, four times a step (perturb, perturb, restore, update),
 - zoptim's MeZO step with Gaussian and with Rademacher noise,
-- zoptim's ZO-Muon step (4 queries and a baseline), in place and with batched queries (all
-  five evaluations in one forward pass on a stacked batch, perturbations on activations),
+- zoptim's ZO-Muon step (4 queries and a baseline) at each rank of ``--ranks``, in place and
+  with batched queries (all five evaluations in one forward pass on a stacked batch,
+  perturbations on activations),
+- the stacked forward pass of batched queries without any perturbation: the floor of the
+  batched mode on this machine (a batch five times larger is not always five times slower),
 
 and prints each step's cost over the forward passes it evaluates (the floor: 2 for MeZO, 5
-for ZO-Muon). Figures are also written as JSON with ``--out``.
+for ZO-Muon). The timings are taken in rounds, one of each per round, and the medians over
+rounds compared, so that a machine whose speed drifts during the run (other load, memory
+being reclaimed) weighs on every figure alike. Figures are also written as JSON with ``--out``.
 
-    python -m zoptim.bench.step_cost [--steps 10] [--out step_cost.json]
+    python -m zoptim.bench.step_cost [--steps 10] [--ranks 8,32] [--out step_cost.json]
 """
 
 from __future__ import annotations
@@ -101,6 +106,19 @@ class ReferenceMeZO:
         return plus
 
 
+STACKED = "stacked forward x5, no perturbation (batched floor)"
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ranks")
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: ranks must be at least 1")
+    return ranks
+
+
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     # On a GPU, wait for the queued kernels so that each time covers the work itself.
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -116,6 +134,22 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds of each function, timed in rounds of one call each (in order), so that
+    drift in the machine's speed affects all of them alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -124,7 +158,9 @@ def _device_name(device: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (steps per method)")
+    parser.add_argument("--ranks", type=_ranks, default=[8, 32],
+                        help="ZO-Muon's ranks, comma-separated (default 8,32)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -139,32 +175,34 @@ def main(argv=None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     loss = make_loss(model, args.batch, args.tokens)
     n_params = sum(p.numel() for p in params)
-    with torch.no_grad():
-        forward = median_seconds(loss, args.steps)
 
     methods = {
         "reference MeZO (torch.normal x4)": (ReferenceMeZO(params, lr=1e-7, eps=1e-3), 2),
         "zoptim MeZO, Gaussian": (zoptim.MeZO(params, lr=1e-7, seed=0), 2),
         "zoptim MeZO, Rademacher": (zoptim.MeZO(params, lr=1e-7, noise="rademacher", seed=0), 2),
-        "zoptim ZO-Muon (4 queries + baseline)": (zoptim.ZOMuon(params, lr=1e-4, rank=32,
-                                                                queries=4, seed=0), 5),
-        "zoptim ZO-Muon, batched queries": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=4,
-                                                          seed=0, model=model), 5),
     }
-    rows = []
-    for name, (opt, passes) in methods.items():
-        seconds = median_seconds(lambda: opt.step(loss), args.steps)
-        rows.append(dict(method=name, step_s=seconds, forwards=passes,
-                         ratio=seconds / (passes * forward)))
+    for rank in args.ranks:
+        methods[f"zoptim ZO-Muon rank {rank} (4 queries + baseline)"] = (
+            zoptim.ZOMuon(params, lr=1e-4, rank=rank, queries=4, seed=0), 5)
+        methods[f"zoptim ZO-Muon rank {rank}, batched queries"] = (
+            zoptim.ZOMuon(params, lr=1e-4, rank=rank, queries=4, seed=0, model=model), 5)
+    timed = {"forward": loss, STACKED: lambda: loss(5)}
+    timed.update({name: (lambda opt=opt: opt.step(loss)) for name, (opt, _) in methods.items()})
+    with torch.no_grad():
+        seconds = interleaved_medians(timed, args.steps)
+    forward = seconds["forward"]
+    rows = [dict(method=name, step_s=seconds[name], forwards=passes,
+                 ratio=seconds[name] / (passes * forward))
+            for name, passes in [(STACKED, 5)] + [(n, p) for n, (_, p) in methods.items()]]
 
     print(f"all-MiniLM-L6-v2, {n_params / 1e6:.1f}M parameters, batch {args.batch} x "
           f"{args.tokens} tokens, fp32, {_device_name(args.device)}, "
           f"torch {torch.__version__}, noise backend {zoptim.perturb.get_backend()}")
-    print(f"forward: {forward * 1e3:.1f} ms (median of {args.steps})\n")
-    print(f"{'method':40s}{'step':>10s}{'floor':>10s}{'step / floor':>14s}")
+    print(f"forward: {forward * 1e3:.1f} ms (median of {args.steps} rounds)\n")
+    print(f"{'method':52s}{'step':>10s}{'floor':>10s}{'step / floor':>14s}")
     for r in rows:
         floor = f"{r['forwards']} x fwd"
-        print(f"{r['method']:40s}{r['step_s'] * 1e3:8.1f}ms{floor:>10s}{r['ratio']:14.2f}")
+        print(f"{r['method']:52s}{r['step_s'] * 1e3:8.1f}ms{floor:>10s}{r['ratio']:14.2f}")
     if args.out:
         record = dict(model="all-MiniLM-L6-v2", parameters=n_params, batch=args.batch,
                       tokens=args.tokens, forward_s=forward, rows=rows,
@@ -172,7 +210,8 @@ def main(argv=None) -> int:
                       threads=torch.get_num_threads(), torch=torch.__version__,
                       machine=platform.machine(), processor=platform.processor(),
                       noise_backend=zoptim.perturb.get_backend(),
-                      command=["python", "-m", "zoptim.bench.step_cost", *sys.argv[1:]])
+                      command=["python", "-m", "zoptim.bench.step_cost",
+                               *(sys.argv[1:] if argv is None else argv)])
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)
     return 0
