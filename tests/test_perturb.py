@@ -65,3 +65,18 @@ def test_bad_arguments_are_refused():
         add_noise_(torch.zeros(4, 4).T, 1, 1.0)
     with pytest.raises(ValueError, match="backend"):
         perturb.set_backend("gpu")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_noise_stacks_equal_the_noise_of_each_key(kind):
+    from zoptim.perturb import mix, noise, noise_stacks
+
+    keys = [[mix(3, i, j) for j in range(n)] for i, n in enumerate([2, 1, 3])]
+    shapes = [(4, 5), (7,), (1,)]
+    stacks = noise_stacks(keys, shapes, kind)
+    for ks, shape, stack in zip(keys, shapes, stacks):
+        assert stack.shape == (len(ks), *shape)
+        for k, z in zip(ks, stack):
+            # a single element takes the eager path alone, a few float32 ulps away for Gaussians
+            torch.testing.assert_close(z, noise(k, shape, kind), rtol=1e-6, atol=1e-6)
+            assert torch.equal(z, noise(k, shape, kind)) or (kind, shape) == ("gaussian", (1,))

@@ -19,6 +19,9 @@ transform and the add in one kernel and no temporary tensor:
 - otherwise (and for single-element tensors) the same arithmetic eagerly over fixed-size
   chunks, so the extra memory is one chunk.
 
+``noise_stacks`` draws many tensors' noise into one buffer, in one compiled kernel on a CPU
+(batched queries draw every parameter's coordinates for a step that way).
+
 Rademacher noise is bit-identical between the paths. Gaussian noise agrees to a few float32
 ulps between the CPU paths and to about 1e-6 on the GPU, whose kernel uses the hardware's
 approximate logarithm and cosine; a given tensor always takes the same path, so a
@@ -250,15 +253,12 @@ def _add_segments_(flat: torch.Tensor, keys: list[int], sizes: list[int], alpha:
         add_noise_(piece, key, alpha, kind)
 
 
-# Small tensors share one kernel on a CPU (``add_noise_many_``), through a buffer this large.
-SEGMENTS_MAX_NUMEL = 1 << 20
-
-
 def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, alpha: float,
                     kind: str = "gaussian") -> None:
     """``add_noise_(t_j, mix(seed, indices_j), alpha)`` for every tensor: on a GPU, one kernel
-    launch per dtype whatever the number of tensors; elsewhere the small tensors' noise is
-    drawn together in buffers of at most ``SEGMENTS_MAX_NUMEL`` entries."""
+    launch per dtype whatever the number of tensors. Elsewhere tensor by tensor, in place:
+    drawing small tensors together through a buffer measured slower on a CPU (the extra
+    pass over the buffer costs more than the calls it saves)."""
     _check(kind)
     if alpha == 0:
         return
@@ -266,24 +266,8 @@ def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, 
     if module is not None and _launch_triton(module.add_noise_many_, tensors, indices, mix(seed),
                                              alpha, kind == "gaussian"):
         return
-    small: dict[tuple, list] = {}
     for t, i in zip(tensors, indices):
-        if t.numel() * 4 <= SEGMENTS_MAX_NUMEL and t.is_contiguous() and not t.is_cuda:
-            small.setdefault((t.dtype, t.device), []).append((t, mix(seed, i)))
-        else:
-            add_noise_(t, mix(seed, i), alpha, kind)
-    for (_, dev), items in small.items():
-        while items:
-            batch, total = [], 0
-            while items and total + items[0][0].numel() <= SEGMENTS_MAX_NUMEL:
-                total += items[0][0].numel()
-                batch.append(items.pop(0))
-            ts = [t for t, _ in batch]
-            # drawn in float32 and added with one rounding, as add_noise_ does
-            zs = noise_stacks([[k] for _, k in batch], [t.shape for t in ts], kind,
-                              torch.float32, dev)
-            for t, z in zip(ts, zs):
-                t.add_(z[0].mul_(alpha))
+        add_noise_(t, mix(seed, i), alpha, kind)
 
 
 def noise_stacks(keys: list[list[int]], shapes: list, kind: str = "gaussian",

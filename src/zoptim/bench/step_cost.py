@@ -14,9 +14,11 @@ package, so it works offline) on a batch of 16 x 48 tokens, it times:
   batched mode on this machine (a batch five times larger is not always five times slower),
 
 and prints each step's cost over the forward passes it evaluates (the floor: 2 for MeZO, 5
-for ZO-Muon). The timings are taken in rounds, one of each per round, and the medians over
-rounds compared, so that a machine whose speed drifts during the run (other load, memory
-being reclaimed) weighs on every figure alike. Figures are also written as JSON with ``--out``.
+for ZO-Muon). The timings are taken in rounds, each method in turn (one untimed call, then
+one timed), and the medians over rounds compared, so that a machine whose speed drifts during
+the run (other load, memory being reclaimed) weighs on every figure alike. Unless
+``--system-allocator`` is given, the C allocator is asked to keep freed memory
+(``keep_freed_memory``). Figures are also written as JSON with ``--out``.
 
     python -m zoptim.bench.step_cost [--steps 10] [--ranks 8,32] [--out step_cost.json]
 """
@@ -24,6 +26,7 @@ being reclaimed) weighs on every figure alike. Figures are also written as JSON 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -134,13 +137,17 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    """Median seconds of each function, timed in rounds of one call each (in order), so that
-    drift in the machine's speed affects all of them alike."""
+def interleaved_medians(fns: dict, rounds: int, warmup: int = 2, settle: int = 1) -> dict:
+    """Median seconds of each function, timed in rounds (each function in turn), so that drift
+    in the machine's speed affects all of them alike. In each turn the function first runs
+    ``settle`` times untimed: what the previous one left in the caches and the allocator is
+    not charged to it, as it would not be in a run of its own."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = {name: [] for name in fns}
     for r in range(warmup + rounds):
         for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
             sync()
             start = time.perf_counter()
             fn()
@@ -148,6 +155,20 @@ def interleaved_medians(fns: dict, rounds: int, warmup: int = 2) -> dict:
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the
+    system (no ``mmap`` for large blocks, no trimming), as tcmalloc and jemalloc do. With the
+    default settings every large tensor is mapped afresh and paid for in page faults, which
+    makes CPU timings depend on what ran before. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _device_name(device: str) -> str:
@@ -167,9 +188,13 @@ def main(argv=None) -> int:
     parser.add_argument("--random-weights", action="store_true",
                         help="time MiniLM's architecture with random weights (no package needed)")
     parser.add_argument("--out", help="write the figures to this JSON file")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="leave the C allocator's settings alone (by default freed memory is "
+                             "kept for reuse, see keep_freed_memory)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda needs an NVIDIA GPU")
+    kept = not args.system_allocator and keep_freed_memory()
 
     model = load_minilm(args.random_weights).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +222,8 @@ def main(argv=None) -> int:
 
     print(f"all-MiniLM-L6-v2, {n_params / 1e6:.1f}M parameters, batch {args.batch} x "
           f"{args.tokens} tokens, fp32, {_device_name(args.device)}, "
-          f"torch {torch.__version__}, noise backend {zoptim.perturb.get_backend()}")
+          f"torch {torch.__version__}, noise backend {zoptim.perturb.get_backend()}, "
+          f"allocator {'keeps freed memory' if kept else 'as the system set it'}")
     print(f"forward: {forward * 1e3:.1f} ms (median of {args.steps} rounds)\n")
     print(f"{'method':52s}{'step':>10s}{'floor':>10s}{'step / floor':>14s}")
     for r in rows:
@@ -209,7 +235,7 @@ def main(argv=None) -> int:
                       device=_device_name(args.device), random_weights=args.random_weights,
                       threads=torch.get_num_threads(), torch=torch.__version__,
                       machine=platform.machine(), processor=platform.processor(),
-                      noise_backend=zoptim.perturb.get_backend(),
+                      noise_backend=zoptim.perturb.get_backend(), freed_memory_kept=kept,
                       command=["python", "-m", "zoptim.bench.step_cost",
                                *(sys.argv[1:] if argv is None else argv)])
         with open(args.out, "w") as f:
