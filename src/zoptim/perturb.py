@@ -223,7 +223,7 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
         return x
     flat = x.view(-1)
     dev = x.device
-    keys = torch.stack(_key_halves([key], dev)).view(2)
+    keys = torch.tensor([_as_int32(key), _as_int32(key >> 32)], dtype=torch.int32, device=dev)
     a = torch.tensor(alpha, dtype=torch.float32, device=dev)
     if _run_fused(kind, flat, keys, a, torch.zeros((), dtype=torch.int32, device=dev)):
         return x
@@ -243,11 +243,11 @@ def _add_segments_(flat: torch.Tensor, keys: list[int], sizes: list[int], alpha:
         raise ValueError("tensors of 2**31 elements or more are not supported; split the parameter")
     dev = flat.device
     if _triton_for([flat]) is None and len(sizes) > 1:
-        ends = torch.tensor(sizes, dtype=torch.int32, device=dev).cumsum(0, dtype=torch.int32)
+        lengths = torch.tensor(sizes, dtype=torch.int32, device=dev)
+        ends = lengths.cumsum(0, dtype=torch.int32)
         k0, k1 = _key_halves(keys, dev)
         a = torch.tensor(alpha, dtype=torch.float32, device=dev)
-        if _run_fused(f"{kind}-segments", flat, ends, ends - torch.tensor(sizes, dtype=torch.int32,
-                      device=dev), k0, k1, a):
+        if _run_fused(f"{kind}-segments", flat, ends, ends - lengths, k0, k1, a):
             return
     for piece, key in zip(flat.split(sizes), keys):
         add_noise_(piece, key, alpha, kind)

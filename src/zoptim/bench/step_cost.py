@@ -122,21 +122,6 @@ def _ranks(text: str) -> list[int]:
     return ranks
 
 
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    # On a GPU, wait for the queued kernels so that each time covers the work itself.
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns: dict, rounds: int, warmup: int = 2, settle: int = 1) -> dict:
     """Median seconds of each function, timed in rounds (each function in turn), so that drift
     in the machine's speed affects all of them alike. In each turn the function first runs
@@ -155,6 +140,11 @@ def interleaved_medians(fns: dict, rounds: int, warmup: int = 2, settle: int = 1
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    return interleaved_medians({"fn": fn}, repeats, warmup, settle=0)["fn"]
 
 
 def keep_freed_memory() -> bool:
