@@ -57,8 +57,12 @@ def reset(net, snapshot):
             p.copy_(s)
 
 
+@pytest.mark.parametrize("linear", ["materialized", "corrected"])
 @pytest.mark.parametrize("cls,settings", LOW_RANK, ids=lambda v: getattr(v, "__name__", ""))
-def test_batched_steps_match_in_place_steps(cls, settings):
+def test_batched_steps_match_in_place_steps(cls, settings, linear, monkeypatch):
+    # a linear layer's perturbed slices through their own weights, or its output corrected
+    monkeypatch.setattr(zoptim.batched, "_materializes",
+                        lambda mod, x, slices: linear == "materialized")
     net = Net()
     closure = make_closure(net)
     start = [p.detach().clone() for p in net.parameters()]

@@ -133,9 +133,15 @@ class BatchedQueries:
         for start in range(0, len(points), size):
             chunk = points[start:start + size]
             draws, runs = _draw(probe, plan, chunk), _runs(chunk)
-            handles = [m.register_forward_hook(self._hook(entries, draws, runs, len(chunk)),
-                                               with_kwargs=True)
-                       for m, entries in plan.items()] if runs else []
+            handles, replaced = [], []
+            for m, entries in (plan.items() if runs else ()):
+                if _Role.LOW_RANK in {role for _, role, _ in entries} and \
+                        type(m).forward is torch.nn.Linear.forward and "forward" not in m.__dict__:
+                    m.forward = self._linear(m, entries, draws, runs, len(chunk))
+                    replaced.append(m)
+                else:
+                    handles.append(m.register_forward_hook(
+                        self._hook(entries, draws, runs, len(chunk)), with_kwargs=True))
             self.rows = None
             _ACTIVE.append(self)
             try:
@@ -144,6 +150,8 @@ class BatchedQueries:
                 _ACTIVE.pop()
                 for h in handles:
                     h.remove()
+                for m in replaced:
+                    del m.forward
             out = torch.as_tensor(out).detach().flatten()
             if out.numel() != len(chunk):
                 raise ValueError(f"in batched mode the closure is called with the number of "
@@ -152,6 +160,23 @@ class BatchedQueries:
             values.extend(float(v) for v in out.tolist())
         return values
 
+    def _stacked(self, mod, t: torch.Tensor, slices: int) -> torch.Tensor:
+        """A layer's input or output as the stacked batch: expanded to it when shared by the
+        whole batch (first dimension 1: each slice gets its own copy), else checked."""
+        if torch.is_tensor(t) and t.dim() and t.shape[0] == 1 < slices:
+            if self.rows is None:
+                raise ValueError(f"batched queries: {type(mod).__name__}'s output is shared "
+                                 "by the whole batch; stack the batch with "
+                                 "zoptim.batched.stack so that its size is known")
+            return t.expand(self.rows, *t.shape[1:])
+        if not torch.is_tensor(t) or t.shape[0] % slices:
+            raise ValueError(
+                f"batched queries: {type(mod).__name__} got a batch of "
+                f"{t.shape[0] if torch.is_tensor(t) else '?'} rows, not a multiple of "
+                f"{slices}; the closure must stack its batch once per slice "
+                "(zoptim.batched.stack)")
+        return t
+
     def _hook(self, entries, draws, runs, slices: int):
         inside = []
 
@@ -159,34 +184,34 @@ class BatchedQueries:
             if inside:  # the per-slice recomputation below calls the module again
                 return None
             if torch.is_tensor(output) and output.shape[0] == 1 < slices:
-                # shared by every row of the batch: each slice gets its own copy
-                if self.rows is None:
-                    raise ValueError(f"batched queries: {type(mod).__name__}'s output is shared "
-                                     "by the whole batch; stack the batch with "
-                                     "zoptim.batched.stack so that its size is known")
-                output = output.expand(self.rows, *output.shape[1:])
-                args = tuple(a.expand(self.rows, *a.shape[1:])
-                             if torch.is_tensor(a) and a.dim() and a.shape[0] == 1 else a
-                             for a in args)
-            if not torch.is_tensor(output) or output.shape[0] % slices:
-                raise ValueError(
-                    f"batched queries: {type(mod).__name__} got a batch of "
-                    f"{output.shape[0] if torch.is_tensor(output) else '?'} rows, not a "
-                    f"multiple of {slices}; the closure must stack its batch once per slice "
-                    "(zoptim.batched.stack)")
+                args = tuple(self._stacked(mod, a, slices) if torch.is_tensor(a) and a.dim()
+                             and a.shape[0] == 1 else a for a in args)
+            output = self._stacked(mod, output, slices)
             if entries[0][1] == _Role.RECOMPUTE:
                 inside.append(True)
                 try:
                     return _recompute(mod, args, kwargs, output, entries, draws, runs, slices)
                 finally:
                     inside.clear()
-            out = output.contiguous().view(slices, -1, output.shape[-1])
-            for name, role, s in entries:
-                for a, b, j in runs:
-                    _correct(mod, role, draws[id(s.p)], args[0], out, slices, a, b, j)
-            return out.view(output.shape)
+            return _corrected(mod, entries, draws, runs, slices, args[0], output)
 
         return hook
+
+    def _linear(self, mod, entries, draws, runs, slices: int):
+        """``nn.Linear``'s forward during a batched evaluation. Where its weight is smaller than
+        the activations it multiplies, each perturbed slice goes through its own perturbed
+        weight ``W + eps_i A_i B_i``, built for the call: no pass over the output beyond the
+        product's own. Otherwise the output of ``W`` is corrected (``_corrected``)."""
+
+        def forward(x):
+            x = self._stacked(mod, x, slices)
+            if _materializes(mod, x, slices):
+                return _materialized(mod, x, {name: draws[id(s.p)] for name, _, s in entries},
+                                     runs, slices)
+            return _corrected(mod, entries, draws, runs, slices, x,
+                              F.linear(x, mod.weight, mod.bias))
+
+        return forward
 
 
 class _Draw:
@@ -197,6 +222,63 @@ class _Draw:
     def __init__(self, slot, state, z: torch.Tensor, scale: torch.Tensor, low_rank: bool):
         self.z, self.scale = z, scale
         self.factors = slot.space.batched_factors(slot.p, state, z) if low_rank else None
+
+
+def _corrected(mod, entries, draws, runs, slices, x, output) -> torch.Tensor:
+    """A layer's output with each perturbed slice's correction added, in place."""
+    out = output.contiguous().view(slices, -1, output.shape[-1])
+    for name, role, s in entries:
+        for a, b, j in runs:
+            _correct(mod, role, draws[id(s.p)], x, out, slices, a, b, j)
+    return out.view(output.shape)
+
+
+def _materializes(mod, x, slices) -> bool:
+    """Whether a linear layer's perturbed weights are cheaper to build than a correction of
+    its output: the weight is at most the size of one slice's input and output together.
+    Not under autocast (the products below write into one output buffer)."""
+    m, n = mod.weight.shape
+    rows = x.numel() // (slices * n)
+    return m * n <= rows * (m + n) and x.dtype == mod.weight.dtype \
+        and not torch.is_autocast_enabled(x.device.type)
+
+
+def _materialized(mod, x, drawn: dict, runs, slices) -> torch.Tensor:
+    """A linear layer's output on the stacked batch, each perturbed slice through its own
+    weight ``W + scale_i A_i B_i`` (and bias ``b + scale_i z_i``), the others through ``W``."""
+    W, bias = mod.weight, mod.bias
+    m, n = W.shape
+    xs = x.reshape(slices, -1, n)
+    out = torch.empty((slices, xs.shape[1], m), dtype=x.dtype, device=x.device)
+
+    def unperturbed(a, b):
+        if a < b:
+            flat, o = xs[a:b].flatten(0, 1), out[a:b].view(-1, m)
+            torch.mm(flat, W.T, out=o) if bias is None else torch.addmm(bias, flat, W.T, out=o)
+
+    done = 0
+    for a, b, j in runs:
+        unperturbed(done, a)
+        rows, k = slice(j, j + b - a), b - a
+        d = drawn["weight"]
+        A, B = d.factors
+        scale = d.scale[rows].view(-1, 1, 1)
+        if A.dim() == 2:
+            Wi = torch.baddbmm(W, A.expand(k, *A.shape), B[rows] * scale)
+        else:
+            Wi = torch.baddbmm(W, A[rows] * scale, B.expand(k, *B.shape))
+        if bias is None:
+            torch.bmm(xs[a:b], Wi.transpose(1, 2), out=out[a:b])
+        else:
+            bi = bias.expand(k, m)
+            if "bias" in drawn:
+                d = drawn["bias"]
+                bi = torch.addcmul(bias, d.z[rows], d.scale[rows].view(-1, 1))
+            torch.baddbmm(bi.unsqueeze(1).expand(k, xs.shape[1], m), xs[a:b],
+                          Wi.transpose(1, 2), out=out[a:b])
+        done = b
+    unperturbed(done, slices)
+    return out.view(*x.shape[:-1], m)
 
 
 def _runs(chunk) -> list[tuple[int, int, int]]:
