@@ -80,3 +80,20 @@ def test_noise_stacks_equal_the_noise_of_each_key(kind):
             # a single element takes the eager path alone, a few float32 ulps away for Gaussians
             torch.testing.assert_close(z, noise(k, shape, kind), rtol=1e-6, atol=1e-6)
             assert torch.equal(z, noise(k, shape, kind)) or (kind, shape) == ("gaussian", (1,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_add_noise_many_equals_add_noise_tensor_by_tensor(kind, dtype, monkeypatch):
+    # small tensors are drawn together through buffers (here of at most 600 elements), large
+    # ones one by one: either way the bits of add_noise_
+    monkeypatch.setattr(perturb, "SMALL_NUMEL", 600)
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 384, 100, 1000, 1, 250, 7]
+    together = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    alone = [t.clone() for t in together]
+    perturb.add_noise_many_(together, list(range(len(sizes))), 11, -0.3, kind)
+    for i, t in enumerate(alone):
+        add_noise_(t, mix(11, i), -0.3, kind)
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)

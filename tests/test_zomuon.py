@@ -91,3 +91,16 @@ def test_groups_added_later_are_split_too():
     x = torch.randn(8, 6)
     opt.step(lambda: layer(x).pow(2).mean())
     assert opt.state[layer.weight]["P"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("ortho", ["newton_schulz", "svd"])
+def test_orthogonalizing_several_matrices_at_once_equals_one_by_one(ortho):
+    from zoptim.transforms import Orthogonalize
+
+    g = torch.Generator().manual_seed(0)
+    gs = [torch.randn(shape, generator=g) for shape in [(4, 9), (9, 4), (4, 9), (3, 2, 2), (4, 9)]]
+    t = Orthogonalize(ortho)
+    together = t.many(gs, [{} for _ in gs])
+    for g_, out in zip(gs, together):
+        assert out.shape == g_.shape
+        torch.testing.assert_close(out, t(g_, {}), rtol=1e-5, atol=1e-6)

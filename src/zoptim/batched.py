@@ -11,9 +11,14 @@ in-place probing (``W + d - d``) drifts in half precision.
 
 How each optimized parameter is served:
 
-- the weight of an ``nn.Linear`` or ``nn.Embedding`` under a low-rank space: the rank-r
-  correction above;
-- the bias of an ``nn.Linear``: its perturbation added to each slice's output;
+- the weight of an ``nn.Linear`` under a low-rank space: the layer's forward is replaced for
+  the evaluation. Where the weight is no larger than one slice's activations (input and
+  output together), each perturbed slice is multiplied by its own weight ``W + eps A_i B_i``,
+  built for the call, which costs no pass over the output beyond the product's own;
+  otherwise (large weights, small batches) the output gets the rank-r correction above;
+- the weight of an ``nn.Embedding`` under a low-rank space: the rank-r correction;
+- the bias of an ``nn.Linear``: its perturbation added to each slice's output (or to the
+  slice's bias, with a materialized weight);
 - any other parameter owned directly by a module without submodules (layer norms, a head)
   and of at most ``RECOMPUTE_MAX_NUMEL`` entries: the module is run again per slice with
   its perturbed parameters materialized (small, so cheap);
@@ -165,7 +170,7 @@ class BatchedQueries:
         whole batch (first dimension 1: each slice gets its own copy), else checked."""
         if torch.is_tensor(t) and t.dim() and t.shape[0] == 1 < slices:
             if self.rows is None:
-                raise ValueError(f"batched queries: {type(mod).__name__}'s output is shared "
+                raise ValueError(f"batched queries: {type(mod).__name__} meets a tensor shared "
                                  "by the whole batch; stack the batch with "
                                  "zoptim.batched.stack so that its size is known")
             return t.expand(self.rows, *t.shape[1:])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -478,11 +479,14 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
                 for seed, w in self._fused_weights(d.slots[0], dirs, pending).items():
                     d.add_(seed, w)
                 done.update(id(s) for s in d.slots)
+        # Estimates in compact coordinates are kept until all are known, so that a chain's
+        # transforms run on them together (one Newton-Schulz for all same-shaped matrices).
+        held: dict[int, list] = defaultdict(list)
         for s in probe.slots:
             if id(s) in done:
                 continue
             state, scratch = self.state[s.p], probe.scratch[s.p]
-            lr, wd, eps = s.group["lr"], s.group["weight_decay"], s.group["eps"]
+            eps = s.group["eps"]
             keys = [mix(d.seed, s.index) for d in dirs]
             coefs = self._coefs(s, dirs)
             restore = [(mix(seed, s.index), scale * eps) for seed, scale in pending]
@@ -494,11 +498,25 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
             for key, a in restore:
                 s.space.perturb_(s.p, state, key, a, scratch)
             g = s.space.estimate(s.p, state, keys, coefs, dirs, eps, scratch)
+            if s.space.compact and s.chain:
+                held[id(s.chain)].append((s, g))
+                continue
             for t in s.chain:
                 g = t(g, state)
-            if wd:
-                s.p.mul_(1.0 - lr * wd)
-            s.space.add_lifted_(s.p, state, g, -lr)
+            self._apply(s, g)
+        for items in held.values():
+            gs = [g for _, g in items]
+            for t in items[0][0].chain:
+                gs = t.many(gs, [self.state[s.p] for s, _ in items])
+            for (s, _), g in zip(items, gs):
+                self._apply(s, g)
+
+    def _apply(self, s: _Slot, g: torch.Tensor) -> None:
+        """``p <- p - lr (lift(g) + wd p)``: the update direction ``g`` in ``s``'s coordinates."""
+        lr, wd = s.group["lr"], s.group["weight_decay"]
+        if wd:
+            s.p.mul_(1.0 - lr * wd)
+        s.space.add_lifted_(s.p, self.state[s.p], g, -lr)
 
     def _after_update(self, probe: _Probe, dirs, loss: float) -> None:
         """Hook for methods that probe again after the update (conservative ZO-SGD)."""

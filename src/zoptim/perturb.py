@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import defaultdict
 
 import torch
 
@@ -40,6 +41,9 @@ NOISE_KINDS = ("gaussian", "rademacher")
 
 # Chunk of the eager path: bounds its temporaries to a few MiB whatever the tensor size.
 EAGER_CHUNK = 1 << 16
+# Small tensors' noise is drawn together on a CPU, in float32 buffers of at most this many
+# elements (128 KiB, freed before the forward pass: less than its activations).
+SMALL_NUMEL = 1 << 15
 _MASK64 = (1 << 64) - 1
 
 
@@ -256,9 +260,11 @@ def _add_segments_(flat: torch.Tensor, keys: list[int], sizes: list[int], alpha:
 def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, alpha: float,
                     kind: str = "gaussian") -> None:
     """``add_noise_(t_j, mix(seed, indices_j), alpha)`` for every tensor: on a GPU, one kernel
-    launch per dtype whatever the number of tensors. Elsewhere tensor by tensor, in place:
-    drawing small tensors together through a buffer measured slower on a CPU (the extra
-    pass over the buffer costs more than the calls it saves)."""
+    launch per dtype whatever the number of tensors. Elsewhere small tensors (biases, norms)
+    get their noise together, one kernel per float32 buffer of at most ``SMALL_NUMEL``
+    elements, and the others theirs in place one by one: for a small tensor a call costs more
+    than its noise, for a large one the buffer's extra pass costs more than the call. The
+    buffer is small enough that a step's memory stays the forward pass's."""
     _check(kind)
     if alpha == 0:
         return
@@ -266,8 +272,29 @@ def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, 
     if module is not None and _launch_triton(module.add_noise_many_, tensors, indices, mix(seed),
                                              alpha, kind == "gaussian"):
         return
+    batches = defaultdict(list)  # per device, the current batch of small tensors
     for t, i in zip(tensors, indices):
-        add_noise_(t, mix(seed, i), alpha, kind)
+        if not (0 < t.numel() < SMALL_NUMEL and t.is_contiguous()):
+            add_noise_(t, mix(seed, i), alpha, kind)
+            continue
+        batch = batches[t.device]
+        if sum(u.numel() for u, _ in batch) + t.numel() > SMALL_NUMEL:
+            _add_noise_batch_(batch, seed, alpha, kind)
+            batch.clear()
+        batch.append((t, i))
+    for batch in batches.values():
+        _add_noise_batch_(batch, seed, alpha, kind)
+
+
+def _add_noise_batch_(batch: list, seed: int, alpha: float, kind: str) -> None:
+    if len(batch) == 1:
+        add_noise_(batch[0][0], mix(seed, batch[0][1]), alpha, kind)
+    elif batch:
+        sizes = [t.numel() for t, _ in batch]
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=batch[0][0].device)
+        _add_segments_(flat, [mix(seed, i) for _, i in batch], sizes, alpha, kind)
+        # x + (alpha * z), rounded once to x's dtype: add_noise_'s arithmetic, bit for bit
+        torch._foreach_add_([t.view(-1) for t, _ in batch], list(flat.split(sizes)))
 
 
 def noise_stacks(keys: list[list[int]], shapes: list, kind: str = "gaussian",

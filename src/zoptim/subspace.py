@@ -53,6 +53,7 @@ class Space:
     """Dense Gaussian (or Rademacher) perturbation of the whole tensor: MeZO's."""
 
     linear = True  # the update is a fixed linear function of the coefficients
+    compact = False  # coordinates much smaller than the parameter: several may be held at once
 
     def __init__(self, noise_kind: str = "gaussian"):
         self.noise_kind = noise_kind
@@ -164,6 +165,7 @@ class _Factored(Space):
     """Shared machinery of the matrix spaces: a rank, a resampling period and factors."""
 
     factors: tuple[str, ...] = ()
+    compact = True
 
     def __init__(self, rank: int, resample_every: int, noise_kind: str = "gaussian"):
         super().__init__(noise_kind)

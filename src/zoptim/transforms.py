@@ -9,6 +9,8 @@ optimizer maps that state into the new coordinates.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 
@@ -17,6 +19,11 @@ class Transform:
 
     def __call__(self, g: torch.Tensor, state: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def many(self, gs: list[torch.Tensor], states: list[dict]) -> list[torch.Tensor]:
+        """The transform of several tensors' estimates (compact ones, held together): one by
+        one unless a transform does better."""
+        return [self(g, state) for g, state in zip(gs, states)]
 
 
 class Momentum(Transform):
@@ -73,7 +80,8 @@ class Adam(Transform):
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate the orthogonal polar factor ``U V^T`` of ``g`` (Jordan et al., Muon).
+    """Approximate the orthogonal polar factor ``U V^T`` of ``g`` (Jordan et al., Muon), or of
+    each matrix of a stack ``(k, m, n)``.
 
     A quintic iteration ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` and coefficients
     (3.4445, -4.7750, 2.0315), chosen to push singular values up fast from near zero rather
@@ -81,18 +89,19 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
-    x = x / (x.norm() + eps)
-    wide = x.shape[0] <= x.shape[1]
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)
+    wide = x.shape[-2] <= x.shape[-1]
     if not wide:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).to(g.dtype)
+    return (x if wide else x.mT).to(g.dtype)
 
 
 def polar(g: torch.Tensor) -> torch.Tensor:
-    """The exact orthogonal polar factor ``U V^T`` of ``g`` by SVD, in float32."""
+    """The exact orthogonal polar factor ``U V^T`` of ``g`` (or of each matrix of a stack) by
+    SVD, in float32."""
     u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
     return (u @ vh).to(g.dtype)
 
@@ -106,9 +115,21 @@ class Orthogonalize(Transform):
         self.method, self.steps = method, steps
 
     def __call__(self, g, state):
-        m = g.view(g.shape[0], -1)
-        out = newton_schulz(m, self.steps) if self.method == "newton_schulz" else polar(m)
-        return out.view_as(g)
+        return self.many([g], [state])[0]
+
+    def many(self, gs, states):
+        # same-shaped matrices in one stack: one batched iteration instead of one per matrix
+        out: list = [None] * len(gs)
+        alike = defaultdict(list)
+        for i, g in enumerate(gs):
+            alike[(g.shape, g.dtype, g.device)].append(i)
+        for idx in alike.values():
+            stack = torch.stack([gs[i].reshape(gs[i].shape[0], -1) for i in idx])
+            stack = newton_schulz(stack, self.steps) if self.method == "newton_schulz" \
+                else polar(stack)
+            for i, o in zip(idx, stack):
+                out[i] = o.view_as(gs[i])
+        return out
 
 
 class ClipNorm(Transform):
