@@ -85,6 +85,31 @@ def test_batched_steps_match_in_place_steps(cls, settings, linear, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(start, p1))  # the steps moved
 
 
+@pytest.mark.parametrize("norm", ["without bias", "frozen gain"])
+def test_layer_norms_with_a_missing_or_frozen_parameter_match_in_place(norm):
+    net = Net()
+    if norm == "without bias":
+        net.norm = torch.nn.LayerNorm(32, bias=False)
+        groups = [{"params": list(net.parameters())}]
+    else:
+        rest = [p for p in net.parameters() if p is not net.norm.weight]
+        groups = [{"params": rest}, {"params": [net.norm.weight], "lr": 0.0}]
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)  # not all ones, so a gain that stays is seen
+    closure = make_closure(net)
+    start = [p.detach().clone() for p in net.parameters()]
+    values = {}
+    for batched in (False, True):
+        reset(net, start)
+        opt = zoptim.ZOMuon(groups, lr=1e-2, eps=1e-2, rank=4, queries=3, seed=5, model=net,
+                            batched=batched)
+        for _ in range(2):
+            opt.step(closure)
+        assert (opt.batched is not None) == batched
+        values[batched] = opt.last_values
+    assert values[False] == pytest.approx(values[True], abs=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_batched_evaluation_never_writes_the_parameters(dtype):
     net = Net(dtype)

@@ -33,7 +33,6 @@ slices; use such models in evaluation mode.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
@@ -140,9 +139,9 @@ class BatchedQueries:
             draws, runs = _draw(probe, plan, chunk), _runs(chunk)
             handles, replaced = [], []
             for m, entries in (plan.items() if runs else ()):
-                if _Role.LOW_RANK in {role for _, role, _ in entries} and \
-                        type(m).forward is torch.nn.Linear.forward and "forward" not in m.__dict__:
-                    m.forward = self._linear(m, entries, draws, runs, len(chunk))
+                forward = self._forward(m, entries, draws, runs, len(chunk))
+                if forward is not None:
+                    m.forward = forward
                     replaced.append(m)
                 else:
                     handles.append(m.register_forward_hook(
@@ -202,21 +201,28 @@ class BatchedQueries:
 
         return hook
 
-    def _linear(self, mod, entries, draws, runs, slices: int):
-        """``nn.Linear``'s forward during a batched evaluation. Where its weight is smaller than
-        the activations it multiplies, each perturbed slice goes through its own perturbed
-        weight ``W + eps_i A_i B_i``, built for the call: no pass over the output beyond the
-        product's own. Otherwise the output of ``W`` is corrected (``_corrected``)."""
-
-        def forward(x):
-            x = self._stacked(mod, x, slices)
-            if _materializes(mod, x, slices):
-                return _materialized(mod, x, {name: draws[id(s.p)] for name, _, s in entries},
-                                     runs, slices)
-            return _corrected(mod, entries, draws, runs, slices, x,
-                              F.linear(x, mod.weight, mod.bias))
-
-        return forward
+    def _forward(self, mod, entries, draws, runs, slices: int):
+        """A replacement of ``mod``'s forward for this evaluation, for the plain layers that
+        have one (``None`` for the others, which are hooked). ``nn.Linear`` with a low-rank
+        weight: where its weight is smaller than the activations it multiplies, each perturbed
+        slice goes through its own perturbed weight, built for the call (no pass over the
+        output beyond the product's own), else its output is corrected. ``nn.LayerNorm``: the
+        normalized input, computed once, times each slice's own gain plus its own bias."""
+        if "forward" in mod.__dict__:  # already replaced by someone else: leave it be
+            return None
+        drawn = {name: draws[id(s.p)] for name, _, s in entries}
+        if type(mod).forward is torch.nn.Linear.forward and "weight" in drawn \
+                and drawn["weight"].factors is not None:
+            def linear(x):
+                x = self._stacked(mod, x, slices)
+                if _materializes(mod, x, slices):
+                    return _materialized(mod, x, drawn, runs, slices)
+                return _corrected(mod, entries, draws, runs, slices, x,
+                                  F.linear(x, mod.weight, mod.bias))
+            return linear
+        if type(mod).forward is torch.nn.LayerNorm.forward:
+            return lambda x: _layer_norm(mod, self._stacked(mod, x, slices), drawn, runs, slices)
+        return None
 
 
 class _Draw:
@@ -367,8 +373,6 @@ def _correct(mod, role, draw: _Draw, x, out, slices, a, b, j) -> None:
 
 def _recompute(mod, args, kwargs, output, entries, draws, runs, slices):
     """The module run again on each perturbed slice with its perturbed parameters."""
-    if type(mod).forward is torch.nn.LayerNorm.forward and "forward" not in mod.__dict__:
-        return _layer_norm(mod, args[0], output, entries, draws, runs, slices)
     rows = output.shape[0] // slices
 
     def part(v, i):
@@ -385,22 +389,29 @@ def _recompute(mod, args, kwargs, output, entries, draws, runs, slices):
     return torch.cat(pieces)
 
 
-def _layer_norm(mod, x, output, entries, draws, runs, slices):
-    """A layer norm's perturbed gain and bias act on the normalized input: ``y_i = y +
-    xhat * dgain_i + dbias_i``, with ``xhat`` computed once for all perturbed slices."""
-    size = math.prod(mod.normalized_shape)
-    out = output.contiguous().view(slices, -1, size)
-    x = x.reshape(slices, -1, size)
-    for a, b, j in runs:
-        rows = slice(j, j + b - a)
-        xhat = None
-        for name, _, s in entries:
-            d = draws[id(s.p)]
-            delta = d.z[rows].reshape(b - a, 1, size) * d.scale[rows].view(-1, 1, 1)
-            if name == "weight":
-                if xhat is None:
-                    xhat = F.layer_norm(x[a:b], (size,), None, None, mod.eps)
-                out[a:b].addcmul_(xhat, delta)
-            else:
-                out[a:b] += delta
-    return out.view(output.shape)
+def _per_slice(p, d: _Draw | None, runs, slices) -> torch.Tensor:
+    """A parameter's value in each slice, stacked ``(slices, *p.shape)``: perturbed in the
+    runs' slices when it is optimized (``d``), as it is in the others."""
+    values = p.detach().unsqueeze(0).repeat(slices, *([1] * p.dim()))
+    if d is not None:
+        for a, b, j in runs:
+            scale = d.scale[j:j + b - a].view(-1, *([1] * p.dim()))
+            values[a:b].addcmul_(d.z[j:j + b - a], scale)
+    return values
+
+
+def _layer_norm(mod, x, drawn: dict, runs, slices):
+    """A layer norm on the stacked batch, each slice with its own gain and bias: the input
+    normalized once, then ``xhat * gain_i + bias_i`` in one pass, in place."""
+    shape = tuple(mod.normalized_shape)
+    out = F.layer_norm(x.reshape(slices, -1, *shape), shape, None, None, mod.eps)
+    gain, bias = ((None if p is None else
+                   _per_slice(p, drawn.get(name), runs, slices).view(slices, 1, *shape))
+                  for name, p in (("weight", mod.weight), ("bias", mod.bias)))
+    if gain is not None and bias is not None:
+        torch.addcmul(bias, out, gain, out=out)
+    elif gain is not None:
+        out.mul_(gain)
+    elif bias is not None:
+        out.add_(bias)
+    return out.view(x.shape)
