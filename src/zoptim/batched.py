@@ -267,13 +267,13 @@ def _materialized(mod, x, drawn: dict, runs, slices) -> torch.Tensor:
             flat, o = xs[a:b].flatten(0, 1), out[a:b].view(-1, m)
             torch.mm(flat, W.T, out=o) if bias is None else torch.addmm(bias, flat, W.T, out=o)
 
+    weight, bias_draw = drawn["weight"], drawn.get("bias")
+    A, B = weight.factors
     done = 0
     for a, b, j in runs:
         unperturbed(done, a)
         rows, k = slice(j, j + b - a), b - a
-        d = drawn["weight"]
-        A, B = d.factors
-        scale = d.scale[rows].view(-1, 1, 1)
+        scale = weight.scale[rows].view(-1, 1, 1)
         if A.dim() == 2:
             Wi = torch.baddbmm(W, A.expand(k, *A.shape), B[rows] * scale)
         else:
@@ -281,10 +281,8 @@ def _materialized(mod, x, drawn: dict, runs, slices) -> torch.Tensor:
         if bias is None:
             torch.bmm(xs[a:b], Wi.transpose(1, 2), out=out[a:b])
         else:
-            bi = bias.expand(k, m)
-            if "bias" in drawn:
-                d = drawn["bias"]
-                bi = torch.addcmul(bias, d.z[rows], d.scale[rows].view(-1, 1))
+            bi = bias.expand(k, m) if bias_draw is None else \
+                torch.addcmul(bias, bias_draw.z[rows], bias_draw.scale[rows].view(-1, 1))
             torch.baddbmm(bi.unsqueeze(1).expand(k, xs.shape[1], m), xs[a:b],
                           Wi.transpose(1, 2), out=out[a:b])
         done = b

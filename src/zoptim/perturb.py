@@ -273,15 +273,18 @@ def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, 
                                              alpha, kind == "gaussian"):
         return
     batches = defaultdict(list)  # per device, the current batch of small tensors
+    filled = defaultdict(int)  # and its number of elements
     for t, i in zip(tensors, indices):
         if not (0 < t.numel() < SMALL_NUMEL and t.is_contiguous()):
             add_noise_(t, mix(seed, i), alpha, kind)
             continue
         batch = batches[t.device]
-        if sum(u.numel() for u, _ in batch) + t.numel() > SMALL_NUMEL:
+        if filled[t.device] + t.numel() > SMALL_NUMEL:
             _add_noise_batch_(batch, seed, alpha, kind)
             batch.clear()
+            filled[t.device] = 0
         batch.append((t, i))
+        filled[t.device] += t.numel()
     for batch in batches.values():
         _add_noise_batch_(batch, seed, alpha, kind)
 
