@@ -71,8 +71,9 @@ def test_bad_arguments_are_refused():
 def test_noise_stacks_equal_the_noise_of_each_key(kind):
     from zoptim.perturb import mix, noise, noise_stacks
 
-    keys = [[mix(3, i, j) for j in range(n)] for i, n in enumerate([2, 1, 3])]
-    shapes = [(4, 5), (7,), (1,)]
+    # tensors of one size are drawn together (the first and the last here)
+    keys = [[mix(3, i, j) for j in range(n)] for i, n in enumerate([2, 1, 3, 2])]
+    shapes = [(4, 5), (7,), (1,), (20,)]
     stacks = noise_stacks(keys, shapes, kind)
     for ks, shape, stack in zip(keys, shapes, stacks):
         assert stack.shape == (len(ks), *shape)
@@ -89,7 +90,7 @@ def test_add_noise_many_equals_add_noise_tensor_by_tensor(kind, dtype, monkeypat
     # ones one by one: either way the bits of add_noise_
     monkeypatch.setattr(perturb, "SMALL_NUMEL", 600)
     g = torch.Generator().manual_seed(0)
-    sizes = [3, 384, 100, 1000, 1, 250, 7]
+    sizes = [3, 384, 100, 1000, 1, 100, 250, 7, 3, 100]
     together = [torch.randn(n, generator=g).to(dtype) for n in sizes]
     alone = [t.clone() for t in together]
     perturb.add_noise_many_(together, list(range(len(sizes))), 11, -0.3, kind)

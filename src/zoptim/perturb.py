@@ -19,7 +19,7 @@ transform and the add in one kernel and no temporary tensor:
 - otherwise (and for single-element tensors) the same arithmetic eagerly over fixed-size
   chunks, so the extra memory is one chunk.
 
-``noise_stacks`` draws many tensors' noise into one buffer, in one compiled kernel on a CPU
+``noise_stacks`` draws many tensors' noise in one compiled kernel per tensor size on a CPU
 (batched queries draw every parameter's coordinates for a step that way).
 
 Rademacher noise is bit-identical between the paths. Gaussian noise agrees to a few float32
@@ -106,26 +106,19 @@ def _add_rademacher(flat, keys, alpha, offset):
     flat.add_(_rademacher(idx, keys) * alpha)
 
 
-def _segment_ids(flat, ends, starts):
-    """Each element's segment and its index within it, for buffers holding many tensors."""
-    idx = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
-    seg = torch.bucketize(idx, ends, right=True, out_int32=True)
-    return seg, idx - starts[seg]
+def _add_gaussian_rows(rows, k0, k1, alpha):
+    # row j of ``rows`` (k, n) gets the noise of key j: the keys broadcast along the rows
+    idx = torch.arange(rows.shape[1], dtype=torch.int32, device=rows.device)
+    rows.add_(_gaussian(idx, (k0, k1)) * alpha)
 
 
-def _add_gaussian_segments(flat, ends, starts, k0, k1, alpha):
-    seg, idx = _segment_ids(flat, ends, starts)
-    flat.add_(_gaussian(idx, (k0[seg], k1[seg])) * alpha)
-
-
-def _add_rademacher_segments(flat, ends, starts, k0, k1, alpha):
-    seg, idx = _segment_ids(flat, ends, starts)
-    flat.add_(_rademacher(idx, (k0[seg], k1[seg])) * alpha)
+def _add_rademacher_rows(rows, k0, k1, alpha):
+    idx = torch.arange(rows.shape[1], dtype=torch.int32, device=rows.device)
+    rows.add_(_rademacher(idx, (k0, k1)) * alpha)
 
 
 _KERNELS = {"gaussian": _add_gaussian, "rademacher": _add_rademacher,
-            "gaussian-segments": _add_gaussian_segments,
-            "rademacher-segments": _add_rademacher_segments}
+            "gaussian-rows": _add_gaussian_rows, "rademacher-rows": _add_rademacher_rows}
 # Single elements take the eager path: dynamo specializes sizes 0 and 1, and a kernel per
 # such size would eat into its recompile limit.
 FUSED_MIN_NUMEL = 2
@@ -238,23 +231,39 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
     return x
 
 
-def _add_segments_(flat: torch.Tensor, keys: list[int], sizes: list[int], alpha: float,
-                   kind: str) -> None:
-    """``add_noise_`` on consecutive pieces of ``flat`` (sizes ``sizes``, keys ``keys``), in
-    one compiled kernel where there is one: on a CPU a call costs more than a small tensor's
+def _add_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) -> None:
+    """``add_noise_`` on each row of ``rows`` (k, n), row ``i`` with key ``keys[i]``: in one
+    compiled kernel where there is one, as on a CPU a call costs more than a small tensor's
     noise, and a step's tensors are mostly small."""
-    if flat.numel() >= 1 << 31:
+    k, n = rows.shape
+    if n >= 1 << 31:
         raise ValueError("tensors of 2**31 elements or more are not supported; split the parameter")
-    dev = flat.device
-    if _triton_for([flat]) is None and len(sizes) > 1:
-        lengths = torch.tensor(sizes, dtype=torch.int32, device=dev)
-        ends = lengths.cumsum(0, dtype=torch.int32)
+    dev = rows.device
+    # one row, or rows of one element, would each be a specialized variant of the kernel
+    if _triton_for([rows]) is None and k > 1 and n >= FUSED_MIN_NUMEL:
         k0, k1 = _key_halves(keys, dev)
         a = torch.tensor(alpha, dtype=torch.float32, device=dev)
-        if _run_fused(f"{kind}-segments", flat, ends, ends - lengths, k0, k1, a):
+        if _run_fused(f"{kind}-rows", rows, k0.view(k, 1), k1.view(k, 1), a):
             return
-    for piece, key in zip(flat.split(sizes), keys):
-        add_noise_(piece, key, alpha, kind)
+    for row, key in zip(rows, keys):
+        add_noise_(row, key, alpha, kind)
+
+
+def _noise_by_size(keys: list[list[int]], sizes: list[int], kind: str, dtype, device,
+                   alpha: float = 1.0) -> list[torch.Tensor]:
+    """For each ``j``, ``(len(keys[j]), sizes[j])`` holding ``alpha`` times the noise of each
+    key of ``keys[j]``: blocks of one buffer per size, each buffer drawn by ``_add_rows_``."""
+    by_size = defaultdict(list)
+    for j, n in enumerate(sizes):
+        by_size[n].append(j)
+    blocks: list = [None] * len(sizes)
+    for n, members in by_size.items():
+        counts = [len(keys[j]) for j in members]
+        rows = torch.zeros((sum(counts), n), dtype=dtype, device=device)
+        _add_rows_(rows, [k for j in members for k in keys[j]], alpha, kind)
+        for j, block in zip(members, rows.split(counts)):
+            blocks[j] = block
+    return blocks
 
 
 def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, alpha: float,
@@ -293,24 +302,19 @@ def _add_noise_batch_(batch: list, seed: int, alpha: float, kind: str) -> None:
     if len(batch) == 1:
         add_noise_(batch[0][0], mix(seed, batch[0][1]), alpha, kind)
     elif batch:
-        sizes = [t.numel() for t, _ in batch]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=batch[0][0].device)
-        _add_segments_(flat, [mix(seed, i) for _, i in batch], sizes, alpha, kind)
+        blocks = _noise_by_size([[mix(seed, i)] for _, i in batch], [t.numel() for t, _ in batch],
+                                kind, torch.float32, batch[0][0].device, alpha)
         # x + (alpha * z), rounded once to x's dtype: add_noise_'s arithmetic, bit for bit
-        torch._foreach_add_([t.view(-1) for t, _ in batch], list(flat.split(sizes)))
+        torch._foreach_add_([t.view(-1) for t, _ in batch], [b[0] for b in blocks])
 
 
 def noise_stacks(keys: list[list[int]], shapes: list, kind: str = "gaussian",
                  dtype=torch.float32, device=None) -> list[torch.Tensor]:
     """For each ``j``, the stack ``(len(keys[j]), *shapes[j])`` of ``noise(k, shapes[j])`` for
-    ``k`` in ``keys[j]``: views of one buffer, drawn in one kernel where possible."""
+    ``k`` in ``keys[j]``, drawn in one kernel per size of tensor where possible."""
     _check(kind)
-    sizes = [math.prod(shape) for shape in shapes]
-    flat = torch.zeros(sum(len(k) * n for k, n in zip(keys, sizes)), dtype=dtype, device=device)
-    _add_segments_(flat, [k for ks in keys for k in ks],
-                   [n for ks, n in zip(keys, sizes) for _ in ks], 1.0, kind)
-    pieces = flat.split([len(k) * n for k, n in zip(keys, sizes)])
-    return [piece.view(len(k), *shape) for piece, k, shape in zip(pieces, keys, shapes)]
+    blocks = _noise_by_size(keys, [math.prod(shape) for shape in shapes], kind, dtype, device)
+    return [block.view(len(k), *shape) for block, k, shape in zip(blocks, keys, shapes)]
 
 
 def noise(key: int, shape, kind: str = "gaussian", dtype=torch.float32, device=None) -> torch.Tensor:
