@@ -318,7 +318,15 @@ def _draw(probe, plan, chunk) -> dict[int, _Draw]:
             plain[(s.p.dtype, s.p.device, s.space.noise_kind)].append((s, role))
         else:
             other.append((s, role))
-    draws = {}
+    draws, scales = {}, {}
+
+    def scale(s):  # shared by the slots of one dtype, device and eps
+        key = (s.p.dtype, s.p.device, s.group["eps"])
+        if key not in scales:
+            scales[key] = torch.tensor([sc * s.group["eps"] for _, sc in live], dtype=s.p.dtype,
+                                       device=s.p.device)
+        return scales[key]
+
     for (dtype, device, kind), group in plain.items():
         shapes = [s.space.coords_shape(s.p, probe.opt.state[s.p]) for s, _ in group]
         keys = [[mix(seed, s.index) for seed in seeds] for s, _ in group]
@@ -326,20 +334,14 @@ def _draw(probe, plan, chunk) -> dict[int, _Draw]:
             probe.scratch[s.p].setdefault("coords", {}).update(zip(ks, z))
             if where != list(range(len(seeds))):  # a seed evaluated at several scales
                 z = z[where]
-            draws[id(s.p)] = _Draw(s, probe.opt.state[s.p], z, _scales(s, live), role ==
-                                   _Role.LOW_RANK)
+            draws[id(s.p)] = _Draw(s, probe.opt.state[s.p], z, scale(s), role == _Role.LOW_RANK)
     for s, role in other:  # spaces with their own perturbation (Masked, HessianScaled)
         z = torch.zeros((len(live), *s.p.shape), dtype=s.p.dtype, device=s.p.device)
         for zi, (seed, _) in zip(z, live):
             s.space.perturb_(zi, probe.opt.state[s.p], mix(seed, s.index), 1.0,
                              probe.scratch[s.p])
-        draws[id(s.p)] = _Draw(s, probe.opt.state[s.p], z, _scales(s, live), False)
+        draws[id(s.p)] = _Draw(s, probe.opt.state[s.p], z, scale(s), False)
     return draws
-
-
-def _scales(slot, live) -> torch.Tensor:
-    return torch.tensor([scale * slot.group["eps"] for _, scale in live], dtype=slot.p.dtype,
-                        device=slot.p.device)
 
 
 def _correct(mod, role, draw: _Draw, x, out, slices, a, b, j) -> None:

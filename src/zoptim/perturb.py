@@ -106,19 +106,19 @@ def _add_rademacher(flat, keys, alpha, offset):
     flat.add_(_rademacher(idx, keys) * alpha)
 
 
-def _add_gaussian_rows(rows, k0, k1, alpha):
-    # row j of ``rows`` (k, n) gets the noise of key j: the keys broadcast along the rows
+def _fill_gaussian_rows(rows, k0, k1, alpha):
+    # row j of ``rows`` (k, n) is set to the noise of key j: the keys broadcast along the rows
     idx = torch.arange(rows.shape[1], dtype=torch.int32, device=rows.device)
-    rows.add_(_gaussian(idx, (k0, k1)) * alpha)
+    rows.copy_(_gaussian(idx, (k0, k1)) * alpha)
 
 
-def _add_rademacher_rows(rows, k0, k1, alpha):
+def _fill_rademacher_rows(rows, k0, k1, alpha):
     idx = torch.arange(rows.shape[1], dtype=torch.int32, device=rows.device)
-    rows.add_(_rademacher(idx, (k0, k1)) * alpha)
+    rows.copy_(_rademacher(idx, (k0, k1)) * alpha)
 
 
 _KERNELS = {"gaussian": _add_gaussian, "rademacher": _add_rademacher,
-            "gaussian-rows": _add_gaussian_rows, "rademacher-rows": _add_rademacher_rows}
+            "gaussian-rows": _fill_gaussian_rows, "rademacher-rows": _fill_rademacher_rows}
 # Single elements take the eager path: dynamo specializes sizes 0 and 1, and a kernel per
 # such size would eat into its recompile limit.
 FUSED_MIN_NUMEL = 2
@@ -231,10 +231,11 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
     return x
 
 
-def _add_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) -> None:
-    """``add_noise_`` on each row of ``rows`` (k, n), row ``i`` with key ``keys[i]``: in one
-    compiled kernel where there is one, as on a CPU a call costs more than a small tensor's
-    noise, and a step's tensors are mostly small."""
+def _fill_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) -> None:
+    """Set each row of ``rows`` (k, n) to ``alpha`` times the noise of its key (``keys[i]``
+    for row ``i``), as ``add_noise_`` would add it to zeros: in one compiled kernel where
+    there is one, as on a CPU a call costs more than a small tensor's noise, and a step's
+    tensors are mostly small."""
     k, n = rows.shape
     if n >= 1 << 31:
         raise ValueError("tensors of 2**31 elements or more are not supported; split the parameter")
@@ -246,21 +247,21 @@ def _add_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) -> 
         if _run_fused(f"{kind}-rows", rows, k0.view(k, 1), k1.view(k, 1), a):
             return
     for row, key in zip(rows, keys):
-        add_noise_(row, key, alpha, kind)
+        add_noise_(row.zero_(), key, alpha, kind)
 
 
 def _noise_by_size(keys: list[list[int]], sizes: list[int], kind: str, dtype, device,
                    alpha: float = 1.0) -> list[torch.Tensor]:
     """For each ``j``, ``(len(keys[j]), sizes[j])`` holding ``alpha`` times the noise of each
-    key of ``keys[j]``: blocks of one buffer per size, each buffer drawn by ``_add_rows_``."""
+    key of ``keys[j]``: blocks of one buffer per size, each buffer drawn by ``_fill_rows_``."""
     by_size = defaultdict(list)
     for j, n in enumerate(sizes):
         by_size[n].append(j)
     blocks: list = [None] * len(sizes)
     for n, members in by_size.items():
         counts = [len(keys[j]) for j in members]
-        rows = torch.zeros((sum(counts), n), dtype=dtype, device=device)
-        _add_rows_(rows, [k for j in members for k in keys[j]], alpha, kind)
+        rows = torch.empty((sum(counts), n), dtype=dtype, device=device)
+        _fill_rows_(rows, [k for j in members for k in keys[j]], alpha, kind)
         for j, block in zip(members, rows.split(counts)):
             blocks[j] = block
     return blocks

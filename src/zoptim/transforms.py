@@ -93,9 +93,10 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:
         x = x.mT
+    fma = torch.addmm if x.dim() == 2 else torch.baddbmm  # beta * s + alpha * u @ v, one pass
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = fma(x, fma(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x if wide else x.mT).to(g.dtype)
 
 
