@@ -174,8 +174,11 @@ def test_torchrun_run_equals_one_process(tmp_path):
     for s in TINY[:-1] + ["method.settings={lr = 1e-4, eps = 1e-3, queries = 2}"]:
         sets += ["--set", s]
     common = ["train", "--steps", "3", "--no-progress", "--method", "mezo", *sets]
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    # Both with one thread a process: on some CPUs a model's forward pass rounds differently
+    # with another number of threads, which is the machine's arithmetic, not the run's.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "zoptim.cli", *common, "--out", str(tmp_path / "one")],
+                   check=True, env=env, timeout=600)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                     "--master-port", "29517", "-m", "zoptim.cli", *common,
                     "--out", str(tmp_path / "two")], check=True, env=env, timeout=600)
