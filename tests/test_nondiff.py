@@ -212,8 +212,10 @@ def test_forward_parallelism_equals_one_query_at_a_time(digits):
         runs.append((opt, [p.detach().clone() for p in model.parameters()]))
     (one, p1), (many, p16) = runs
     assert one.queries == many.queries and one.density == many.density
+    # A coordinate's estimate divides the forward's rounding (about 1e-7 of the loss, which
+    # differs between a batched and a single convolution) by mu: lr * 1e-7 * loss / mu a step.
     for a, b in zip(p1, p16):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="parallel=0"):
         DeepZero(small_cnn(), F.cross_entropy, parallel=0)
 
