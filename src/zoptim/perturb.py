@@ -271,10 +271,11 @@ def add_noise_many_(tensors: list[torch.Tensor], indices: list[int], seed: int, 
                     kind: str = "gaussian") -> None:
     """``add_noise_(t_j, mix(seed, indices_j), alpha)`` for every tensor: on a GPU, one kernel
     launch per dtype whatever the number of tensors. Elsewhere small tensors (biases, norms)
-    get their noise together, one kernel per float32 buffer of at most ``SMALL_NUMEL``
-    elements, and the others theirs in place one by one: for a small tensor a call costs more
-    than its noise, for a large one the buffer's extra pass costs more than the call. The
-    buffer is small enough that a step's memory stays the forward pass's."""
+    get their noise together, in float32 buffers of at most ``SMALL_NUMEL`` elements (one
+    kernel per tensor size in a buffer), and the others theirs in place one by one: for a
+    small tensor a call costs more than its noise, for a large one the buffer's extra pass
+    costs more than the call. The buffer is small enough that a step's memory stays the
+    forward pass's."""
     _check(kind)
     if alpha == 0:
         return
