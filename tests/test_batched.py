@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.batched import per_slice, stack
+from zoptim.evaluators.batched import per_slice, stack
 
 LOW_RANK = [(zoptim.ZOMuon, dict(rank=4, queries=3)), (zoptim.SubspaceMeZO, dict(rank=4)),
             (zoptim.LOZO, dict(rank=2)), (zoptim.SubZero, dict(rank=2))]
@@ -61,7 +61,7 @@ def reset(net, snapshot):
 @pytest.mark.parametrize("cls,settings", LOW_RANK, ids=lambda v: getattr(v, "__name__", ""))
 def test_batched_steps_match_in_place_steps(cls, settings, linear, monkeypatch):
     # a linear layer's perturbed slices through their own weights, or its output corrected
-    monkeypatch.setattr(zoptim.batched, "_materializes",
+    monkeypatch.setattr(zoptim.evaluators.batched, "_materializes",
                         lambda mod, x, slices: linear == "materialized")
     net = Net()
     closure = make_closure(net)
@@ -192,8 +192,8 @@ def test_batched_mode_needs_the_model():
 
 @pytest.mark.parametrize("scheme", ["full", "lora"])
 def test_zoptim_train_runs_a_real_transformer_with_batched_queries(scheme):
-    from zoptim import config
-    from zoptim.train import build
+    from zoptim.runs import config
+    from zoptim.runs.run import build
 
     from conftest import MR_PATH
 

@@ -68,7 +68,7 @@ def test_bench_refuses_a_config_without_methods(tmp_path, capsys):
 def test_the_headline_configuration_validates_and_equalizes_queries():
     from pathlib import Path
 
-    from zoptim import config
+    from zoptim.runs import config
     from zoptim.bench.matrix import _cells
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mr_minilm.toml"
@@ -85,7 +85,7 @@ def test_the_headline_configuration_validates_and_equalizes_queries():
 def test_the_vision_configuration_validates_and_equalizes_queries():
     from pathlib import Path
 
-    from zoptim import config
+    from zoptim.runs import config
     from zoptim.bench.matrix import _cells
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist5k_efficientnet.toml"

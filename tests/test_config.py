@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zoptim import config
-from zoptim.config import ConfigError
+from zoptim.runs import config
+from zoptim.runs.config import ConfigError
 
 
 def test_toml_and_yaml_files_with_overrides(tmp_path):

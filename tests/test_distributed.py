@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.batched import per_slice, stack
-from zoptim.distributed import Parallel
+from zoptim.evaluators.batched import per_slice, stack
+from zoptim.evaluators.distributed import Parallel
 
 STEPS = 3
 

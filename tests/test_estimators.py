@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.core import ZOOptimizer
-from zoptim.estimators import Forward
+from zoptim.engine.optimizer import ZOOptimizer
+from zoptim.parts.estimators import Forward
 
 M, N, SAMPLES = 6, 5, 3000
 

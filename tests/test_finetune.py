@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoptim import config
+from zoptim.runs import config
 from zoptim.cli import main
 from zoptim.integrations.classifier import PromptClassifier
 from zoptim.integrations.models import load_model
 from zoptim.integrations.schemes import apply_scheme
 from zoptim.tasks import Prompt, load_task
-from zoptim.train import replay, train
+from zoptim.runs.run import replay, train
 
 from conftest import MR_PATH
 

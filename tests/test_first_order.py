@@ -5,10 +5,10 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from zoptim import config
+from zoptim.runs import config
 from zoptim.cli import main
-from zoptim.first_order import FirstOrderAdamW
-from zoptim.train import latest_checkpoint, train
+from zoptim.methods.first_order import FirstOrderAdamW
+from zoptim.runs.run import latest_checkpoint, train
 
 from conftest import MR_PATH, mlp
 
@@ -46,7 +46,7 @@ def test_a_non_finite_loss_is_skipped_without_touching_the_weights():
 
 
 def test_train_with_adamw_resumes_exactly_and_refuses_replay(tmp_path, capsys, monkeypatch):
-    import zoptim.train as run_module
+    import zoptim.runs.run as run_module
 
     cfg = config.build({**TINY, "steps": 4})
     whole = train(cfg, tmp_path / "whole", progress=False, log=lambda *_: None)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.train import LossGuard
+from zoptim.runs.run import LossGuard
 
 
 def quadratic():
@@ -63,9 +63,9 @@ def test_a_run_stops_after_consecutive_failures_with_its_last_good_state_saved(t
     from safetensors.torch import load_file
 
     from conftest import MR_PATH
-    from zoptim import config
+    from zoptim.runs import config
     from zoptim.integrations.classifier import PromptClassifier
-    from zoptim.train import Diverged, train
+    from zoptim.runs.run import Diverged, train
 
     sets = ["task.train=16", "task.dev=8", "task.test=8", f"task.path={json.dumps(MR_PATH)}",
             "batch_size=4", "eval_batch_size=8", "model.scheme=\"lora\"", "model.max_length=32",

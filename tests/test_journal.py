@@ -3,8 +3,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zoptim import journal
-from zoptim.journal import Entry
+from zoptim.runs import journal
+from zoptim.runs.journal import Entry
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
 

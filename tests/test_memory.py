@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim import perturb
+from zoptim import noise as perturb
 from zoptim.bench.memory import transient_peak as peak_bytes
 
 SIDE = 2048  # each parameter: 2048 x 2048 float32 = 16 MiB

@@ -8,8 +8,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.nondiff import (HardThreshold, Int8Linear, SpikingLIF, Staircase, error_rate,
-                            one_minus_macro_f1)
+from zoptim.nondiff import (
+    HardThreshold,
+    Int8Linear,
+    SpikingLIF,
+    Staircase,
+    error_rate,
+    one_minus_macro_f1,
+)
 
 BUDGET = 6000
 
@@ -91,7 +97,7 @@ def test_layers_compute_what_they_say():
 
 
 def polystep_run(steps, opt=None, model=None, xs=None, ys=None, start=0):
-    from zoptim.polystep import PolyStep
+    from zoptim.methods.polystep import PolyStep
 
     model = model or nn.Sequential(nn.Linear(64, 32), HardThreshold(), nn.Linear(32, 10))
     opt = opt or PolyStep(list(model.parameters()), model=model, rank=2, temperature=0.1,
@@ -115,7 +121,7 @@ def test_polystep_trains_a_hard_threshold_mlp(digits):
 def test_polystep_resumes_from_its_state_dict(digits):
     import copy
 
-    from zoptim.polystep import PolyStep
+    from zoptim.methods.polystep import PolyStep
 
     xtr, ytr, _, _ = digits
     torch.manual_seed(0)
@@ -134,7 +140,7 @@ def test_polystep_resumes_from_its_state_dict(digits):
 
 
 def test_polystep_refuses_bad_settings():
-    from zoptim.polystep import PolyStep
+    from zoptim.methods.polystep import PolyStep
 
     model = net("mlp")
     with pytest.raises(ValueError, match="temperature"):
@@ -166,7 +172,7 @@ def small_cnn():
 
 
 def test_deepzero_trains_a_cnn_from_scratch(digits):
-    from zoptim.deepzero import DeepZero
+    from zoptim.methods.deepzero import DeepZero
 
     xtr, ytr, xte, yte = (t.view(-1, 1, 8, 8) if t.dim() == 2 else t for t in digits)
     model = small_cnn()
@@ -183,7 +189,7 @@ def test_deepzero_trains_a_cnn_from_scratch(digits):
 
 
 def test_feature_reuse_equals_a_full_forward(digits):
-    from zoptim.deepzero import DeepZero
+    from zoptim.methods.deepzero import DeepZero
 
     xtr, ytr = digits[0][:32].view(-1, 1, 8, 8), digits[1][:32]
     model = small_cnn()
@@ -200,7 +206,7 @@ def test_feature_reuse_equals_a_full_forward(digits):
 def test_forward_parallelism_equals_one_query_at_a_time(digits):
     """``parallel`` coordinate queries in one vectorized forward give the estimates of the
     one-by-one loop (up to rounding), with the same query count."""
-    from zoptim.deepzero import DeepZero
+    from zoptim.methods.deepzero import DeepZero
 
     x, y = digits[0][:64].view(-1, 1, 8, 8), digits[1][:64]
     runs = []
@@ -221,7 +227,7 @@ def test_forward_parallelism_equals_one_query_at_a_time(digits):
 
 
 def test_deepzero_needs_a_sequential_model():
-    from zoptim.deepzero import DeepZero
+    from zoptim.methods.deepzero import DeepZero
 
     with pytest.raises(ValueError, match="nn.Sequential"):
         DeepZero(nn.Linear(3, 3), F.cross_entropy)

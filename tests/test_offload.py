@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.batched import per_slice, stack
-from zoptim.offload import Offload, OffloadError, find_blocks
+from zoptim.evaluators.batched import per_slice, stack
+from zoptim.evaluators.offload import Offload, OffloadError, find_blocks
 
 STEPS = 4
 

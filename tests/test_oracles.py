@@ -99,7 +99,7 @@ def test_rank_weights_follow_the_paper():
     places = {2: 0, 0: 1, 1: 2}
     expect = torch.zeros(6)
     for k, (seed, _) in enumerate(points):
-        z = zoptim.perturb.noise(zoptim.perturb.mix(seed, 0), (6,))
+        z = zoptim.noise.noise(zoptim.noise.mix(seed, 0), (6,))
         expect -= (2 * places[k] - 3 + 1) / 3 * z  # lr 1; m (m - 1) / 2 = 3 pairs
     torch.testing.assert_close(x.detach(), expect, rtol=1e-5, atol=1e-6)
 

@@ -4,9 +4,9 @@ documented, HiZOO's Hessian estimate follows its formula, per-group settings app
 import torch
 
 import zoptim
-from zoptim.estimators import Central
-from zoptim.perturb import mix, noise
-from zoptim.transforms import Adam, ClipNorm, Momentum
+from zoptim.parts.estimators import Central
+from zoptim.noise import mix, noise
+from zoptim.parts.transforms import Adam, ClipNorm, Momentum
 
 
 def convex(seed=0, n=30):

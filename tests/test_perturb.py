@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from zoptim import perturb
-from zoptim.perturb import add_noise_, mix, noise
+from zoptim import noise as perturb
+from zoptim.noise import add_noise_, mix, noise
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 def test_noise_stacks_equal_the_noise_of_each_key(kind, dtype):
-    from zoptim.perturb import mix, noise, noise_stacks
+    from zoptim.noise import mix, noise, noise_stacks
 
     # tensors of one size are drawn together (the first and the last here)
     keys = [[mix(3, i, j) for j in range(n)] for i, n in enumerate([2, 1, 3, 2])]

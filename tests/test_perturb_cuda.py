@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim import perturb
+from zoptim import noise as perturb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 

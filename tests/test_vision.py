@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoptim import ZOMuon, config
+from zoptim import ZOMuon
+from zoptim.runs import config
 from zoptim.integrations.vision import ImageClassifier, replace_head
 from zoptim.tasks import load_task
 from zoptim.tasks.data import DataError
@@ -138,7 +139,7 @@ def test_efficientnet_lite0_fine_tune_on_mnist5k_beats_the_untuned_head(tmp_path
     over the freshly initialized 10-way head. Measured 0.123 -> 0.313 on one CPU and 0.123 ->
     0.21-0.22 on another: the forward pass rounds differently there, and 200 zeroth-order steps
     carry the difference far."""
-    from zoptim.train import evaluate, train, verify_replay
+    from zoptim.runs.run import evaluate, train, verify_replay
 
     cfg = _cfg(**{
         "task.name": "mnist-5k", "task.train": 500, "task.dev": 100, "task.test": 300,

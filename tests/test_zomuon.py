@@ -95,7 +95,7 @@ def test_groups_added_later_are_split_too():
 
 @pytest.mark.parametrize("ortho", ["newton_schulz", "svd"])
 def test_orthogonalizing_several_matrices_at_once_equals_one_by_one(ortho):
-    from zoptim.transforms import Orthogonalize
+    from zoptim.parts.transforms import Orthogonalize
 
     g = torch.Generator().manual_seed(0)
     gs = [torch.randn(shape, generator=g) for shape in [(4, 9), (9, 4), (4, 9), (3, 2, 2), (4, 9)]]

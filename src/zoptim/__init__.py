@@ -1,7 +1,7 @@
 """zoptim: training and fine-tuning neural networks from forward evaluations alone."""
 
-from .core import ZOOptimizer
-from .optimizers import (
+from zoptim.engine.optimizer import ZOOptimizer
+from zoptim.methods.named import (
     Composed,
     HiZOO,
     LOZO,
@@ -20,7 +20,10 @@ from .optimizers import (
     ZOSignSGD,
 )
 
-from .polystep import PolyStep
+from zoptim.methods.polystep import PolyStep
+from zoptim import _moved
+
+_moved.install()
 
 __version__ = "0.1.0"
 

@@ -28,8 +28,8 @@ def _overrides(args) -> list[str]:
 
 
 def train_command(args) -> int:
-    from . import config
-    from .train import train
+    from zoptim.runs import config
+    from zoptim.runs.run import train
 
     train(config.load(args.config, _overrides(args)), args.out, resume=args.resume,
           progress=not args.no_progress)
@@ -37,14 +37,14 @@ def train_command(args) -> int:
 
 
 def eval_command(args) -> int:
-    from .train import evaluate
+    from zoptim.runs.run import evaluate
 
     print(f"{args.split} accuracy: {evaluate(args.run_dir, args.split):.4f}")
     return 0
 
 
 def replay_command(args) -> int:
-    from .train import verify_replay
+    from zoptim.runs.run import verify_replay
 
     steps, queries, checkpoint, same = verify_replay(args.run_dir)
     print(f"replayed {steps} steps ({queries} queries) without running the model")
@@ -54,7 +54,7 @@ def replay_command(args) -> int:
 
 
 def bench_command(args) -> int:
-    from .bench.matrix import run
+    from zoptim.bench.matrix import run
 
     run(args.config, args.out,
         command=["zoptim", "bench", "--config", args.config, "--out", str(args.out)])
@@ -62,7 +62,7 @@ def bench_command(args) -> int:
 
 
 def demo_command(args) -> int:
-    from .demo import DEMO_SETTINGS, run
+    from zoptim.demo import DEMO_SETTINGS, run
 
     unknown = [n for n in args.methods.split(",") if n.strip() and n.strip() not in DEMO_SETTINGS]
     if unknown:
@@ -72,7 +72,7 @@ def demo_command(args) -> int:
 
 
 def rank_command(args) -> int:
-    from .rank_session import session
+    from zoptim.rank_session import session
 
     def ask(prompt: str) -> str:
         try:
@@ -87,18 +87,18 @@ def rank_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-    from .integrations.models import ModelError
-    from .tasks.data import DataError
-    from .bench.matrix import BenchError
-    from .train import RunError
+    from zoptim.runs.config import ConfigError
+    from zoptim.integrations.models import ModelError
+    from zoptim.tasks.data import DataError
+    from zoptim.bench.matrix import BenchError
+    from zoptim.runs.run import RunError
 
     parser = argparse.ArgumentParser(prog="zoptim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a language or image model on a task")
-    p.add_argument("--config", help="TOML or YAML file (defaults: zoptim.config.TrainConfig)")
+    p.add_argument("--config", help="TOML or YAML file (defaults: zoptim.runs.config.TrainConfig)")
     p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

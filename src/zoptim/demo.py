@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import METHODS
+from zoptim import METHODS
 
 # Settings that work for the demo's MLP (found by a small grid on one seed).
 DEMO_SETTINGS = {

@@ -44,10 +44,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import config as run_config
-from ..train import Diverged, _write_json, open_run, train
-from .figures import load_curve, spread, to_target
-from .plots import accuracy_plots
+from zoptim.runs import config as run_config
+from zoptim.runs.run import Diverged, _write_json, open_run, train
+from zoptim.bench.figures import load_curve, spread, to_target
+from zoptim.bench.plots import accuracy_plots
 
 
 class BenchError(ValueError):
@@ -243,7 +243,7 @@ def environment(config_path: str, command: list[str] | None) -> dict:
 
     import torch
 
-    from .. import __version__
+    from zoptim import __version__
 
     return {"command": command or ["zoptim", *sys.argv[1:]], "config": str(config_path),
             "zoptim": __version__, "torch": torch.__version__, "python": platform.python_version(),

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import zoptim
 
-from .step_cost import load_minilm, make_loss
+from zoptim.bench.step_cost import load_minilm, make_loss
 
 
 def transient_peak(fn) -> int:

@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.deepzero import DeepZero
+from zoptim.methods.deepzero import DeepZero
 from zoptim.demo import digits
 from zoptim.nondiff import HardThreshold, Int8Linear, use_surrogates
-from zoptim.polystep import PolyStep
+from zoptim.methods.polystep import PolyStep
 
 NETWORKS = ("tanh", "hard-threshold", "int8")
 

@@ -3,7 +3,7 @@
 For each shape an OPT model is built with random weights in half precision in CPU memory, then
 trained with MeZO, side by side in one run:
 
-- offloaded (``zoptim.offload``): its decoder layers stream from pinned CPU memory, once per
+- offloaded (``zoptim.evaluators.offload``): its decoder layers stream from pinned CPU memory, once per
   step; the step's peak GPU memory and time,
 - resident, where the model fits the GPU: the same step with every weight on the GPU.
 
@@ -21,10 +21,10 @@ import sys
 import torch
 
 import zoptim
-from zoptim.offload import Offload
+from zoptim.evaluators.offload import Offload
 
-from .opt_shapes import add_shape_options, build_opt, checked_shapes, lm_loss, peak_bytes
-from .step_cost import median_seconds
+from zoptim.bench.opt_shapes import add_shape_options, build_opt, checked_shapes, lm_loss, peak_bytes
+from zoptim.bench.step_cost import median_seconds
 
 
 def measure(shape: str, batch: int, tokens: int, device: str, dtype, repeats: int) -> dict:

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.batched import per_slice, stack
+from zoptim.evaluators.batched import per_slice, stack
 
-from .step_cost import median_seconds
+from zoptim.bench.step_cost import median_seconds
 
 # hidden size, layers, attention heads, feed-forward size (the published OPT configurations)
 SHAPES = {
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
         with open(args.out, "w") as f:
             json.dump({"device": device, "torch": torch.__version__,
-                       "noise_backend": zoptim.perturb.get_backend(),
+                       "noise_backend": zoptim.noise.get_backend(),
                        "command": ["python", "-m", "zoptim.bench.opt_shapes", *sys.argv[1:]],
                        "records": records}, f, indent=2)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .figures import Curve
+from zoptim.bench.figures import Curve
 
 
 def accuracy_plots(curves: dict[str, dict[int, Curve]], folder: Path) -> list[Path]:

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import zoptim
-from zoptim.distributed import Parallel
+from zoptim.evaluators.distributed import Parallel
 
-from .step_cost import load_minilm, make_loss
+from zoptim.bench.step_cost import load_minilm, make_loss
 
 
 def _model(tiny: bool):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import zoptim
-from zoptim.batched import per_slice, stack
+from zoptim.evaluators.batched import per_slice, stack
 
 
 # all-MiniLM-L6-v2's architecture, for timing without its weights (cost does not depend on them)
@@ -51,7 +51,7 @@ def load_minilm(random_weights: bool = False):
 
         torch.manual_seed(0)
         return BertModel(BertConfig(**MINILM_SHAPE), add_pooling_layer=False).eval()
-    from ..integrations.models import ModelError, load_model
+    from zoptim.integrations.models import ModelError, load_model
 
     try:
         return load_model("minilm-l6")[0]
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
 
     print(f"all-MiniLM-L6-v2, {n_params / 1e6:.1f}M parameters, batch {args.batch} x "
           f"{args.tokens} tokens, fp32, {_device_name(args.device)}, "
-          f"torch {torch.__version__}, noise backend {zoptim.perturb.get_backend()}, "
+          f"torch {torch.__version__}, noise backend {zoptim.noise.get_backend()}, "
           f"allocator {'keeps freed memory' if kept else 'as the system set it'}")
     print(f"forward: {forward * 1e3:.1f} ms (median of {args.steps} rounds)\n")
     print(f"{'method':52s}{'step':>10s}{'floor':>10s}{'step / floor':>14s}")
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                       device=_device_name(args.device), random_weights=args.random_weights,
                       threads=torch.get_num_threads(), torch=torch.__version__,
                       machine=platform.machine(), processor=platform.processor(),
-                      noise_backend=zoptim.perturb.get_backend(), freed_memory_kept=kept,
+                      noise_backend=zoptim.noise.get_backend(), freed_memory_kept=kept,
                       command=["python", "-m", "zoptim.bench.step_cost",
                                *(sys.argv[1:] if argv is None else argv)])
         with open(args.out, "w") as f:

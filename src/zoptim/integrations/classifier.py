@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..batched import per_slice, stack
-from ..tasks import Example, Prompt
+from zoptim.evaluators.batched import per_slice, stack
+from zoptim.tasks import Example, Prompt
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,

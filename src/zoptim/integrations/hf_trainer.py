@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from .. import METHODS
+from zoptim import METHODS
 
 
 class _SharedGroups(torch.optim.Optimizer):

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..batched import stack
-from .classifier import cross_entropy
-from .models import ModelError
+from zoptim.evaluators.batched import stack
+from zoptim.integrations.classifier import cross_entropy
+from zoptim.integrations.models import ModelError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -239,7 +239,7 @@ def load_task(name: str, path: str | None = None, *, train: int, dev: int, test:
               label_column: str = "label", labels: list[str] | None = None) -> Splits:
     """A task's splits: text tasks (``mr``, ``sst2``, ``20ng``, ``file``) give ``Example``s,
     image tasks (``tasks.images``) give ``ImageExample``s."""
-    from .images import IMAGE_LOADERS
+    from zoptim.tasks.images import IMAGE_LOADERS
 
     if name == "file":
         pool, names = load_file(path, text_column, label_column, labels)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, cache_dir
+from zoptim.tasks.data import DataError, cache_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from .batched import BatchedQueries
-from .core import ZOOptimizer, split_matrices
-from .perturb import mix
-from .estimators import JVP, Central, Comparison, Forward, Ranking, ThreePoint
-from .subspace import HessianScaled, LowRank, Masked, Projected, Space, TwoSided
-from .transforms import Adam, Momentum, Orthogonalize, Sign
+from zoptim.evaluators.batched import BatchedQueries
+from zoptim.engine.optimizer import ZOOptimizer, split_matrices
+from zoptim.noise import mix
+from zoptim.parts.estimators import JVP, Central, Comparison, Forward, Ranking, ThreePoint
+from zoptim.parts.spaces import HessianScaled, LowRank, Masked, Projected, Space, TwoSided
+from zoptim.parts.transforms import Adam, Momentum, Orthogonalize, Sign
 
 
 class MeZO(ZOOptimizer):
@@ -199,7 +199,7 @@ class _MatrixMethod(ZOOptimizer):
 
     Given ``model`` (the module the closure runs), a step evaluates all its points in one
     forward pass on a stacked batch, with the perturbations applied to activations
-    (:mod:`zoptim.batched`): the closure is then called as ``closure(slices)`` and returns one
+    (:mod:`zoptim.evaluators.batched`): the closure is then called as ``closure(slices)`` and returns one
     loss per slice. ``batched=False`` keeps in-place probing; ``max_slices`` caps the slices of
     one forward (the activation memory). A model the mode cannot serve falls back to in-place
     probing with a warning that names the parameter."""
@@ -350,9 +350,9 @@ def _check_queries(queries) -> None:
 class Composed(ZOOptimizer):
     """A method assembled from parts, for what the named methods do not cover::
 
-        from zoptim.estimators import Central
-        from zoptim.subspace import Space
-        from zoptim.transforms import ClipNorm, Momentum
+        from zoptim.parts.estimators import Central
+        from zoptim.parts.spaces import Space
+        from zoptim.parts.transforms import ClipNorm, Momentum
 
         opt = zoptim.Composed(model.parameters(), Central(queries=4), lr=1e-3,
                               space=lambda group: Space("rademacher"),

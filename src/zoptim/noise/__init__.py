@@ -148,7 +148,7 @@ def _triton_for(tensors) -> object | None:
         return None
     if _triton is None:
         try:
-            from . import perturb_triton
+            from zoptim.noise import triton as perturb_triton
             _triton = perturb_triton
         except ImportError:
             _triton = False

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .perturb import mix, noise_stacks
-from .subspace import Space, _Factored
+from zoptim.noise import mix, noise_stacks
+from zoptim.parts.spaces import Space, _Factored
 
 RECOMPUTE_MAX_NUMEL = 1 << 23  # 8M entries: OPT's position table fits, a vocabulary does not
 
@@ -171,14 +171,14 @@ class BatchedQueries:
             if self.rows is None:
                 raise ValueError(f"batched queries: {type(mod).__name__} meets a tensor shared "
                                  "by the whole batch; stack the batch with "
-                                 "zoptim.batched.stack so that its size is known")
+                                 "zoptim.evaluators.batched.stack so that its size is known")
             return t.expand(self.rows, *t.shape[1:])
         if not torch.is_tensor(t) or t.shape[0] % slices:
             raise ValueError(
                 f"batched queries: {type(mod).__name__} got a batch of "
                 f"{t.shape[0] if torch.is_tensor(t) else '?'} rows, not a multiple of "
                 f"{slices}; the closure must stack its batch once per slice "
-                "(zoptim.batched.stack)")
+                "(zoptim.evaluators.batched.stack)")
         return t
 
     def _hook(self, entries, draws, runs, slices: int):

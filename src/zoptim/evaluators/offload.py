@@ -6,7 +6,7 @@ The parameters of the model's repeated blocks (a transformer's layer list, found
 live in CPU memory (pinned when the working device is a GPU); everything else stays on the
 working device. A step's evaluation points are evaluated in one pass over the model on a batch
 stacked once per point (the closure API of batched queries: ``closure(slices)``, see
-``zoptim.batched``). Each block, when its turn comes:
+``zoptim.evaluators.batched``). Each block, when its turn comes:
 
 1. arrives on the working device (uploaded on a side stream while the previous block computes),
 2. applies the previous step's update and this step's preparation, deferred until now,
@@ -26,7 +26,7 @@ from collections import Counter
 
 import torch
 
-from .core import walk
+from zoptim.engine.optimizer import walk
 
 
 class OffloadError(ValueError):
@@ -119,7 +119,7 @@ class Offload:
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, optimizer) -> "Offload":
         """Serve ``optimizer``'s steps (returns ``self``)."""
-        from .optimizers import ForwardGradient, ZOSGDConservative
+        from zoptim.methods.named import ForwardGradient, ZOSGDConservative
 
         if isinstance(optimizer, (ForwardGradient, ZOSGDConservative)):
             raise OffloadError(f"{type(optimizer).__name__} evaluates after its update or by "
@@ -258,7 +258,7 @@ class Offload:
                 if not stacked or total % n:
                     raise OffloadError(f"offloading: {type(unit.module).__name__} got {total} "
                                        f"rows, not a multiple of the {n} points; stack the batch "
-                                       "with zoptim.batched.stack")
+                                       "with zoptim.evaluators.batched.stack")
                 rows = total // n
                 outs = []
                 for k, point in enumerate(points):

@@ -35,7 +35,7 @@ class Parallel:
 
     def __init__(self, perturbation: int | None = None, data: int = 1, group=None):
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("zoptim.distributed needs torch.distributed initialized first "
+            raise RuntimeError("zoptim.evaluators.distributed needs torch.distributed initialized first "
                                "(init_process_group; torchrun sets the rank and world size)")
         self.group = group
         self.world = dist.get_world_size(group)

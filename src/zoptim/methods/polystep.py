@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 
 import torch
-from .core import Counted
-from .perturb import mix, noise
-from .subspace import as_matrix, orthonormal
+from zoptim.engine.optimizer import Counted
+from zoptim.noise import mix, noise
+from zoptim.parts.spaces import as_matrix, orthonormal
 
 
 def _rotation(key: int, n: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ class GuardConfig(_Strict):
 
 class ParallelConfig(_Strict):
     """Under ``torchrun``: ``data`` ranks split each batch, the others (``world / data``)
-    split each step's evaluations (``zoptim.distributed``). Ignored in a single process."""
+    split each step's evaluations (``zoptim.evaluators.distributed``). Ignored in a single process."""
 
     data: int = Field(1, ge=1)
 
@@ -81,8 +81,8 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_fits_task(self):
-        from .integrations.vision import VISION_MODELS, is_vision_model
-        from .tasks.images import is_image_task
+        from zoptim.integrations.vision import VISION_MODELS, is_vision_model
+        from zoptim.tasks.images import is_image_task
 
         images = is_image_task(self.task.name)
         if self.model.name is None:
@@ -151,8 +151,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def method_class(name: str):
     """The optimizer class of a run's ``method.name``: a zeroth-order method, or a first-order
     baseline (``adamw``) that sets the accuracy ceiling."""
-    from . import METHODS
-    from .first_order import BASELINES
+    from zoptim import METHODS
+    from zoptim.methods.first_order import BASELINES
 
     methods = {**METHODS, **BASELINES}
     if name not in methods:
@@ -182,7 +182,7 @@ def _check_method(method: MethodConfig) -> None:
 
 
 def _check_task(task: TaskConfig) -> None:
-    from .tasks import Prompt
+    from zoptim.tasks import Prompt
 
     try:
         Prompt(task.template, tuple(task.label_words))

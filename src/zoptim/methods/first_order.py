@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Counted, skip_non_finite
+from zoptim.engine.optimizer import Counted, skip_non_finite
 
 
 class FirstOrderAdamW(Counted, torch.optim.AdamW):

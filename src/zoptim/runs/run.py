@@ -29,14 +29,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import config, journal
-from .config import TrainConfig
-from .core import skip_non_finite
-from .integrations.classifier import PromptClassifier
-from .integrations.models import DTYPES, load_model
-from .integrations.schemes import apply_scheme
-from .tasks import Prompt, Splits, load_task
-from .tasks.images import is_image_task
+from zoptim.runs import config
+from zoptim.runs import journal
+from zoptim.runs.config import TrainConfig
+from zoptim.engine.optimizer import skip_non_finite
+from zoptim.integrations.classifier import PromptClassifier
+from zoptim.integrations.models import DTYPES, load_model
+from zoptim.integrations.schemes import apply_scheme
+from zoptim.tasks import Prompt, Splits, load_task
+from zoptim.tasks.images import is_image_task
 
 
 class RunError(RuntimeError):
@@ -49,7 +50,7 @@ def _parallel(cfg: TrainConfig):
         return None
     import torch.distributed as dist
 
-    from .distributed import Parallel
+    from zoptim.evaluators.distributed import Parallel
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")  # runs train on the CPU; the reductions are scalars
@@ -81,7 +82,7 @@ def _prompt_classifier(cfg: TrainConfig, splits: Splits) -> PromptClassifier:
 
 
 def _image_classifier(cfg: TrainConfig, splits: Splits):
-    from .integrations.vision import image_classifier
+    from zoptim.integrations.vision import image_classifier
 
     torch.manual_seed(cfg.seed)  # the new head is initialized from the run's seed
     clf = image_classifier(cfg.model.name, len(splits.labels), weights=cfg.model.weights,

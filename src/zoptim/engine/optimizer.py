@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from .perturb import NOISE_KINDS, add_noise_many_, mix
-from .subspace import Space
-from .transforms import Transform
+from zoptim.noise import NOISE_KINDS, add_noise_many_, mix
+from zoptim.parts.spaces import Space
+from zoptim.parts.transforms import Transform
 
 
 @dataclass
@@ -151,7 +151,7 @@ class _Probe:
         moved by ``scale * eps * z(seed)``), and the shifts left applied, which the update
         undoes. In place, the parameters move from point to point (one write when only the
         scale changes); batched, every point is one slice of a stacked forward pass and the
-        parameters are never written. Across ranks (``zoptim.distributed``), each rank
+        parameters are never written. Across ranks (``zoptim.evaluators.distributed``), each rank
         evaluates its own points and one all-reduce gives every rank all the values."""
         par = self._parallel()
         mine = [par is None or par.owns(i) for i in range(len(points))]
@@ -285,9 +285,9 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         # Evaluates a step's points on one stacked batch (methods with low-rank spaces, given
         # the model); None: in place, one point at a time.
         self.batched = None
-        # Shares each step's evaluations among processes (zoptim.distributed.Parallel.attach).
+        # Shares each step's evaluations among processes (zoptim.evaluators.distributed.Parallel.attach).
         self.parallel = None
-        # Streams the model's blocks from CPU memory (zoptim.offload.Offload.attach).
+        # Streams the model's blocks from CPU memory (zoptim.evaluators.offload.Offload.attach).
         self.offload = None
         self._scratch: dict = {}
         self._asked: _Asked | None = None  # the step ``ask`` opened, until ``tell``

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .perturb import add_noise_, mix, noise
+from zoptim.noise import add_noise_, mix, noise
 
 # Salt separating the keys of scheduled factors from the keys of per-step noise.
 _FACTOR_SALT = 0xFAC7

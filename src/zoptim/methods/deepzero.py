@@ -29,8 +29,8 @@ import math
 import torch
 from torch.func import functional_call, vmap
 
-from .core import Counted
-from .perturb import mix, noise
+from zoptim.engine.optimizer import Counted
+from zoptim.noise import mix, noise
 
 
 class DeepZero(Counted, torch.optim.Optimizer):

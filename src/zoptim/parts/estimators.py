@@ -24,7 +24,7 @@ import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .perturb import mix
+from zoptim.noise import mix
 
 
 @dataclass(frozen=True)
