@@ -29,7 +29,7 @@ METHODS = {
 def make(name, model, **overrides):
     """The named method over ``model``'s parameters, with ``overrides`` on its settings."""
     cls, settings, _ = METHODS[name]
-    extra = {"model": model} if cls is zoptim.ForwardGradient else {}
+    extra = zoptim.model_arguments(cls, model, stacked_closure=False)
     return cls(list(model.parameters()), **{"seed": 1, **settings, **extra, **overrides})
 
 

@@ -57,7 +57,7 @@ CASES = [
     ("negative lr", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=-1.0"), "lr=-1.0 is invalid"),
     ("zero eps", lambda run, tmp: train_args(tmp / "o", "method.settings.eps=0.0"), "eps=0.0 is invalid"),
     ("unknown setting", lambda run, tmp: train_args(tmp / "o", "method.settings.momentum=0.9"), "momentum"),
-    ("zero queries", lambda run, tmp: train_args(tmp / "o", "method.settings.queries=0"), "queries=0"),
+    ("zero queries", lambda run, tmp: train_args(tmp / "o", "method.settings.directions=0"), "directions=0"),
     ("zero rank", lambda run, tmp: train_args(tmp / "o", "method.name=\"zo-muon\"", "method.settings={rank = 0}"), "rank=0"),
     ("rank above every matrix", lambda run, tmp: train_args(tmp / "o", "method.name=\"zo-muon\"", "method.settings={rank = 100000}"), "exceeds every matrix"),
     ("bad orthogonalization", lambda run, tmp: train_args(tmp / "o", "method.name=\"zo-muon\"", "method.settings={ortho = \"qr\"}"), "orthogonalization"),

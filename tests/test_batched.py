@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import zoptim
 from zoptim.evaluators.batched import per_slice, stack
 
-LOW_RANK = [(zoptim.ZOMuon, dict(rank=4, queries=3)), (zoptim.SubspaceMeZO, dict(rank=4)),
+LOW_RANK = [(zoptim.ZOMuon, dict(rank=4, directions=3)), (zoptim.SubspaceMeZO, dict(rank=4)),
             (zoptim.LOZO, dict(rank=2)), (zoptim.SubZero, dict(rank=2))]
 
 
@@ -101,7 +101,7 @@ def test_layer_norms_with_a_missing_or_frozen_parameter_match_in_place(norm):
     values = {}
     for batched in (False, True):
         reset(net, start)
-        opt = zoptim.ZOMuon(groups, lr=1e-2, eps=1e-2, rank=4, queries=3, seed=5, model=net,
+        opt = zoptim.ZOMuon(groups, lr=1e-2, eps=1e-2, rank=4, directions=3, seed=5, model=net,
                             batched=batched)
         for _ in range(2):
             opt.step(closure)
@@ -115,7 +115,7 @@ def test_batched_evaluation_never_writes_the_parameters(dtype):
     net = Net(dtype)
     seen = []
     closure = make_closure(net, seen)
-    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, queries=3, seed=0, model=net)
+    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=3, seed=0, model=net)
     for _ in range(4):
         before = [p.detach().clone() for p in net.parameters()]
         state = copy.deepcopy(opt.state_dict())
@@ -127,7 +127,7 @@ def test_batched_evaluation_never_writes_the_parameters(dtype):
     # evaluating anything, gives the same bits
     after = [p.detach().clone() for p in net.parameters()]
     reset(net, before)
-    replayed = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, queries=3, model=net)
+    replayed = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=3, model=net)
     replayed.load_state_dict(state)
     replayed.step(replay=opt.last_values)
     assert all(torch.equal(a, b) for a, b in zip(after, net.parameters()))
@@ -138,7 +138,7 @@ def test_in_place_probing_does_write_the_parameters_in_half_precision():
     round trip W + d - d is not W in fp16."""
     net = Net(torch.float16)
     seen = []
-    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, queries=3, seed=0, vector_lr=0.0)
+    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=3, seed=0, vector_lr=0.0)
     before = [p.detach().clone() for p in net.parameters()]
     opt.step(make_closure(net, seen))
     assert len(seen) == 4 and any(not torch.equal(a, b) for a, b in zip(seen[1], before))
@@ -149,10 +149,10 @@ def test_max_slices_splits_the_stack_into_micro_batches():
     sizes = []
     closure = make_closure(net, calls=sizes)
     start = [p.detach().clone() for p in net.parameters()]
-    whole = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, queries=4, seed=0, model=net)
+    whole = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=4, seed=0, model=net)
     whole.step(closure)
     reset(net, start)
-    split = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, queries=4, seed=0, model=net,
+    split = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=4, seed=0, model=net,
                           max_slices=2)
     split.step(closure)
     assert sizes == [5, 2, 2, 1]
@@ -171,7 +171,7 @@ def test_an_unsupported_layer_falls_back_to_in_place_and_says_so():
     net = Scaled()
     calls = []
     closure = make_closure(net, calls=calls)
-    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=2, queries=2, seed=0, model=net)
+    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=2, directions=2, seed=0, model=net)
     with pytest.warns(UserWarning, match=r"gain .*cannot be perturbed through activations"):
         opt.step(closure)
     assert opt.batched is None and calls == [None, None, None]
@@ -180,7 +180,7 @@ def test_an_unsupported_layer_falls_back_to_in_place_and_says_so():
 def test_a_closure_that_ignores_the_slices_gets_a_clear_error():
     net = Net()
     base = make_closure(net)
-    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, queries=2, seed=0, model=net)
+    opt = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=2, seed=0, model=net)
     with pytest.raises(ValueError, match="one loss per slice|stack"):
         opt.step(lambda slices=None: base(None))
 
@@ -200,7 +200,7 @@ def test_zoptim_train_runs_a_real_transformer_with_batched_queries(scheme):
     cfg = config.build({"task": {"train": 16, "dev": 8, "test": 8, "path": MR_PATH},
                         "model": {"scheme": scheme, "max_length": 32},
                         "method": {"name": "zo-muon",
-                                   "settings": {"lr": 1e-2, "rank": 4, "queries": 2}}})
+                                   "settings": {"lr": 1e-2, "rank": 4, "directions": 2}}})
     run = build(cfg)
     examples = run.splits.train[:4]
     start = {n: p.detach().clone() for n, p in run.params.items()}

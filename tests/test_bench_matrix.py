@@ -31,7 +31,7 @@ settings = {{ lr = 1e-3, eps = 1e-2 }}
 [[methods]]
 label = "zo-muon"
 name = "zo-muon"
-settings = {{ lr = 1e-2, rank = 4, queries = 2 }}
+settings = {{ lr = 1e-2, rank = 4, directions = 2 }}
 steps = 2
 """
 
@@ -104,8 +104,8 @@ def test_the_vision_configuration_validates_and_equalizes_queries():
 def test_bench_tunes_each_method_on_the_first_seed_and_runs_the_best_point(tmp_path):
     tuned = CONFIG.replace("settings = { lr = 1e-3, eps = 1e-2 }",
                            "settings = { eps = 1e-2 }\ngrid = { lr = [0.0, 1e-3] }")
-    tuned = tuned.replace("settings = { lr = 1e-2, rank = 4, queries = 2 }",
-                          "settings = { rank = 4, queries = 2 }\ngrid = { lr = [1e-2, 0.0] }")
+    tuned = tuned.replace("settings = { lr = 1e-2, rank = 4, directions = 2 }",
+                          "settings = { rank = 4, directions = 2 }\ngrid = { lr = [1e-2, 0.0] }")
     cfg = tmp_path / "bench.toml"
     cfg.write_text(tuned)
     out = tmp_path / "bench"

@@ -31,8 +31,8 @@ def loss_on(model, x, y):
 
 def make_opt(method: str, model):
     if method == "mezo":
-        return zoptim.MeZO(model.parameters(), lr=1e-2, eps=1e-3, queries=2, seed=3)
-    return zoptim.ZOMuon(model.parameters(), lr=1e-2, rank=2, queries=3, seed=3, model=model)
+        return zoptim.MeZO(model.parameters(), lr=1e-2, eps=1e-3, directions=2, seed=3)
+    return zoptim.ZOMuon(model.parameters(), lr=1e-2, rank=2, directions=3, seed=3, model=model)
 
 
 def batched_closure(model, x, y):

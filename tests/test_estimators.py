@@ -6,7 +6,7 @@ import torch
 
 import zoptim
 from zoptim.engine.optimizer import ZOOptimizer
-from zoptim.parts.estimators import Forward
+from zoptim.parts import estimators
 
 M, N, SAMPLES = 6, 5, 3000
 
@@ -29,8 +29,8 @@ class Quadratic(torch.nn.Module):
 
 
 class OneSided(ZOOptimizer):
-    def __init__(self, params, lr, eps, queries):
-        super().__init__(params, dict(lr=lr, eps=eps), Forward(queries), seed=3)
+    def __init__(self, params, lr, eps, directions):
+        super().__init__(params, dict(lr=lr, eps=eps), estimators.OneSided(directions), seed=3)
 
 
 def sparse_mask(x, sparsity):
@@ -44,8 +44,8 @@ CASES = {
     "mezo": (lambda ps, m: zoptim.MeZO(ps, lr=1.0, eps=1e-3, seed=1), lambda g, x: g),
     "mezo-rademacher": (lambda ps, m: zoptim.MeZO(ps, lr=1.0, noise="rademacher", seed=1),
                         lambda g, x: g),
-    "mezo-3-queries": (lambda ps, m: zoptim.MeZO(ps, lr=1.0, queries=3, seed=1), lambda g, x: g),
-    "one-sided-3-queries": (lambda ps, m: OneSided(ps, lr=1.0, eps=1e-3, queries=3),
+    "mezo-3-queries": (lambda ps, m: zoptim.MeZO(ps, lr=1.0, directions=3, seed=1), lambda g, x: g),
+    "one-sided-3-queries": (lambda ps, m: OneSided(ps, lr=1.0, eps=1e-3, directions=3),
                             lambda g, x: g),
     "hizoo": (lambda ps, m: zoptim.HiZOO(ps, lr=1.0, smoothing=0.0, seed=1), lambda g, x: g),
     "forward-gradient": (lambda ps, m: zoptim.ForwardGradient(ps, model=m, lr=1.0, seed=1),
@@ -78,3 +78,15 @@ def test_estimate_is_unbiased_for_its_space(name):
     assert float(z.max()) < 5.0, f"max z-score {float(z.max()):.2f}"
     # The test has power: twice the target is far outside the tolerance.
     assert float(((mean - 2 * target).abs() / se.clamp_min(1e-12)).max()) > 5.0
+
+
+def test_the_0_1_names_still_build_the_same_parts():
+    from zoptim.parts.spaces import Dense, Space
+
+    with pytest.warns(DeprecationWarning):
+        old = estimators.Central(queries=3)
+    assert old.directions == 3 and estimators.Forward is estimators.OneSided
+    with pytest.warns(DeprecationWarning):
+        assert type(Space("rademacher")) is Dense
+    with pytest.warns(DeprecationWarning, match="directions"):
+        assert zoptim.MeZO([torch.nn.Parameter(torch.zeros(2))], queries=2).estimator.directions == 2

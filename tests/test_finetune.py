@@ -155,7 +155,7 @@ def test_every_method_steps_a_real_transformer(data):
     torch.manual_seed(0)
     params = apply_scheme(clf, "lora")
     for name, cls in zoptim.METHODS.items():
-        extra = {"model": clf} if name == "forward-gradient" else {}
+        extra = zoptim.model_arguments(cls, clf, stacked_closure=False)
         opt = cls(params, lr=1e-4, seed=0, **extra)
         before = snapshot(clf)
         loss = opt.step(lambda: clf.loss(data.train[:4]))
@@ -171,7 +171,7 @@ def test_torchrun_run_equals_one_process(tmp_path):
     import sys
 
     sets = []
-    for s in TINY[:-1] + ["method.settings={lr = 1e-4, eps = 1e-3, queries = 2}"]:
+    for s in TINY[:-1] + ["method.settings={lr = 1e-4, eps = 1e-3, directions = 2}"]:
         sets += ["--set", s]
     common = ["train", "--steps", "3", "--no-progress", "--method", "mezo", *sets]
     # Both with one thread a process: on some CPUs a model's forward pass rounds differently

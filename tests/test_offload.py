@@ -39,9 +39,9 @@ def lm_closure(model):
 
 
 METHODS = {
-    "mezo": lambda ps: zoptim.MeZO(ps, lr=1e-3, eps=1e-3, queries=2, seed=0),
+    "mezo": lambda ps: zoptim.MeZO(ps, lr=1e-3, eps=1e-3, directions=2, seed=0),
     "zo-adam": lambda ps: zoptim.ZOAdam(ps, lr=1e-3, eps=1e-3, seed=0),
-    "zo-muon": lambda ps: zoptim.ZOMuon(ps, lr=1e-2, rank=4, queries=3, resample_every=2,
+    "zo-muon": lambda ps: zoptim.ZOMuon(ps, lr=1e-2, rank=4, directions=3, resample_every=2,
                                         seed=0),
 }
 

@@ -28,10 +28,10 @@ def small_net():
 
 
 FORMS = {
-    "mezo": lambda ps: zoptim.MeZO(ps, lr=1e-2, queries=2, seed=1),
+    "mezo": lambda ps: zoptim.MeZO(ps, lr=1e-2, directions=2, seed=1),
     "zo-rank-sgd": lambda ps: zoptim.ZORankSGD(ps, lr=1e-2, candidates=5, seed=1),
     "zo-comparison": lambda ps: zoptim.ZOComparison(ps, lr=1e-2, pairs=2, seed=1),
-    "zo-muon": lambda ps: zoptim.ZOMuon(ps, lr=1e-2, rank=2, queries=3, seed=1, batched=False),
+    "zo-muon": lambda ps: zoptim.ZOMuon(ps, lr=1e-2, rank=2, directions=3, seed=1, batched=False),
     "hizoo": lambda ps: zoptim.HiZOO(ps, lr=1e-2, seed=1),
 }
 

@@ -108,7 +108,7 @@ def test_conv_update_of_zo_muon_has_equal_singular_values_in_its_subspace():
     conv = torch.nn.Conv2d(6, 16, 3)
     x = torch.randn(8, 6, 10, 10)
     target = torch.randn(8, 16, 8, 8)
-    opt = ZOMuon([conv.weight], lr=1e-2, rank=4, queries=3, ortho="svd", seed=5)
+    opt = ZOMuon([conv.weight], lr=1e-2, rank=4, directions=3, ortho="svd", seed=5)
     before = conv.weight.detach().clone()
     opt.step(lambda: torch.nn.functional.mse_loss(conv(x), target))
     delta = (conv.weight.detach() - before).reshape(16, -1)
@@ -145,7 +145,7 @@ def test_efficientnet_lite0_fine_tune_on_mnist5k_beats_the_untuned_head(tmp_path
         "task.name": "mnist-5k", "task.train": 500, "task.dev": 100, "task.test": 300,
         "model.image_size": 32, "method.name": "zo-muon", "steps": 200, "eval_every": 200,
         "save_every": 200})
-    cfg.method.settings = {"lr": 3e-2, "eps": 1e-3, "rank": 8, "queries": 4,
+    cfg.method.settings = {"lr": 3e-2, "eps": 1e-3, "rank": 8, "directions": 4,
                            "resample_every": 50}
     summary = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert summary["after"]["queries"] == 1000

@@ -17,7 +17,7 @@ def regression(shape, seed=0):
 def test_update_is_orthogonal_inside_the_subspace(ortho, shape):
     w, loss = regression(shape)
     lr, rank = 0.1, 8
-    opt = zoptim.ZOMuon([w], lr=lr, rank=rank, queries=4, ortho=ortho, seed=0)
+    opt = zoptim.ZOMuon([w], lr=lr, rank=rank, directions=4, ortho=ortho, seed=0)
     before = w.detach().clone()
     opt.step(loss)
     delta = ((before - w.detach()) / lr).view(shape[0], -1)
@@ -93,14 +93,15 @@ def test_groups_added_later_are_split_too():
     assert opt.state[layer.weight]["P"].shape == (4, 2)
 
 
+@pytest.mark.parametrize("shape", [(4, 9), (9, 4), (3, 2, 2)])
 @pytest.mark.parametrize("ortho", ["newton_schulz", "svd"])
-def test_orthogonalizing_several_matrices_at_once_equals_one_by_one(ortho):
-    from zoptim.parts.transforms import Orthogonalize
+def test_orthogonalizing_a_stack_equals_one_by_one(ortho, shape):
+    from zoptim.parts.transforms import Orthogonalize, StateStack
 
     g = torch.Generator().manual_seed(0)
-    gs = [torch.randn(shape, generator=g) for shape in [(4, 9), (9, 4), (4, 9), (3, 2, 2), (4, 9)]]
+    stack = torch.randn(5, *shape, generator=g)
     t = Orthogonalize(ortho)
-    together = t.many(gs, [{} for _ in gs])
-    for g_, out in zip(gs, together):
-        assert out.shape == g_.shape
-        torch.testing.assert_close(out, t(g_, {}), rtol=1e-5, atol=1e-6)
+    together = t.stacked(stack.clone(), StateStack([{} for _ in range(5)]))
+    assert together.shape == stack.shape
+    for g_, out in zip(stack, together):
+        torch.testing.assert_close(out, t(g_.clone(), {}), rtol=1e-5, atol=1e-6)

@@ -1,12 +1,21 @@
-"""zoptim: training and fine-tuning neural networks from forward evaluations alone."""
+"""zoptim: training and fine-tuning neural networks from forward evaluations alone.
 
+The pipeline of a step, each stage a package: ``noise`` (seeded, regenerable perturbations)
+-> ``parts`` (estimators, spaces, transforms) -> ``engine`` (the step plan and the optimizer)
+-> ``evaluators`` (in place, batched, offloaded, distributed) -> ``methods`` (the named
+compositions); ``runs`` trains from a configuration, ``bench`` measures.
+"""
+
+from zoptim import _moved
 from zoptim.engine.optimizer import ZOOptimizer
-from zoptim.methods.named import (
-    Composed,
-    HiZOO,
+from zoptim.evaluators.batched import per_slice, stack
+from zoptim.methods import (
     LOZO,
+    METHODS,
     ZOSGD,
+    Composed,
     ForwardGradient,
+    HiZOO,
     MeZO,
     SparseMeZO,
     SubspaceMeZO,
@@ -18,30 +27,13 @@ from zoptim.methods.named import (
     ZOSGDConservative,
     ZOSGDMomentum,
     ZOSignSGD,
+    model_arguments,
 )
-
 from zoptim.methods.polystep import PolyStep
-from zoptim import _moved
 
 _moved.install()
 
 __version__ = "0.1.0"
 
-METHODS = {
-    "mezo": MeZO,
-    "zo-sgd-momentum": ZOSGDMomentum,
-    "zo-sign-sgd": ZOSignSGD,
-    "zo-sgd-conservative": ZOSGDConservative,
-    "zo-adam": ZOAdam,
-    "forward-gradient": ForwardGradient,
-    "sparse-mezo": SparseMeZO,
-    "hizoo": HiZOO,
-    "lozo": LOZO,
-    "subzero": SubZero,
-    "subspace-mezo": SubspaceMeZO,
-    "zo-muon": ZOMuon,
-    "zo-rank-sgd": ZORankSGD,
-    "zo-comparison": ZOComparison,
-}
-
-__all__ = ["ZOOptimizer", "Composed", "PolyStep", "METHODS", *(cls.__name__ for cls in METHODS.values()), "ZOSGD"]
+__all__ = ["ZOOptimizer", "Composed", "PolyStep", "METHODS", "ZOSGD", "model_arguments",
+           "stack", "per_slice", *(cls.__name__ for cls in METHODS.values())]

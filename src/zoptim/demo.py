@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zoptim import METHODS
+from zoptim import METHODS, model_arguments
 
 # Settings that work for the demo's MLP (found by a small grid on one seed).
 DEMO_SETTINGS = {
@@ -44,8 +44,9 @@ def _train(name: str, data, queries: int, batch: int, seed: int, log_every: int)
     xtr, xte, ytr, yte = data
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
-    extra = {"model": model} if name == "forward-gradient" else {}
-    opt = METHODS[name](model.parameters(), seed=seed, **DEMO_SETTINGS[name], **extra)
+    cls = METHODS[name]
+    opt = cls(model.parameters(), seed=seed, **DEMO_SETTINGS[name],
+              **model_arguments(cls, model, stacked_closure=False))
     gen = torch.Generator().manual_seed(seed)
     start, loss = time.perf_counter(), float("nan")
     while opt.queries < queries:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from zoptim.methods.named import ZORankSGD
+from zoptim.methods.ordinal import ZORankSGD
 
 
 def colour(x: torch.Tensor) -> tuple[int, int, int]:

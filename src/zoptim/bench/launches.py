@@ -57,9 +57,9 @@ def methods(model, rank: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     return {
         "MeZO": (zoptim.MeZO(params, lr=1e-7, seed=0), lambda loss: [loss, loss]),
-        "ZO-Muon in place": (zoptim.ZOMuon(params, lr=1e-4, rank=rank, queries=4, seed=0,
+        "ZO-Muon in place": (zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0,
                                            batched=False), lambda loss: [loss] * 5),
-        "ZO-Muon batched": (zoptim.ZOMuon(params, lr=1e-4, rank=rank, queries=4, seed=0,
+        "ZO-Muon batched": (zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0,
                                           model=model), lambda loss: [lambda: loss(5)]),
     }
 

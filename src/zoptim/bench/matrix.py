@@ -23,7 +23,7 @@ keys of a train config), the seeds, the baseline's label, and the methods::
     [[methods]]
     label = "zo-muon"
     name = "zo-muon"
-    settings = { lr = 1e-2, rank = 32, queries = 4 }
+    settings = { lr = 1e-2, rank = 32, directions = 4 }
     steps = 400          # optional: cells may differ in steps to equalize queries
     model = { scheme = "head" }   # optional: any run setting, merged into [base]
     grid = { lr = [3e-3, 1e-2, 3e-2] }   # optional: tuned on the first seed

@@ -92,9 +92,9 @@ def measure(shape: str, batch: int, tokens: int, device: str, dtype: torch.dtype
         inference_peak = peak_bytes(loss, device)
     methods = {
         "mezo": (zoptim.MeZO(params, lr=1e-7, eps=1e-3, seed=0), 2),
-        "zo-muon, 1 query": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=1, seed=0), 2),
-        "zo-muon, 4 queries": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=4, seed=0), 5),
-        "zo-muon, 4 batched": (zoptim.ZOMuon(params, lr=1e-4, rank=32, queries=4, seed=0,
+        "zo-muon, 1 query": (zoptim.ZOMuon(params, lr=1e-4, rank=32, directions=1, seed=0), 2),
+        "zo-muon, 4 queries": (zoptim.ZOMuon(params, lr=1e-4, rank=32, directions=4, seed=0), 5),
+        "zo-muon, 4 batched": (zoptim.ZOMuon(params, lr=1e-4, rank=32, directions=4, seed=0,
                                              model=model), 5),
     }
     rows = []

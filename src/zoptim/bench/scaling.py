@@ -45,7 +45,7 @@ def _worker(rank, world, mode, threads, steps, batch, tokens, tiny, init, out):
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(threads)
     model = _model(tiny)
-    opt = zoptim.MeZO(model.parameters(), lr=1e-7, queries=4, seed=0)
+    opt = zoptim.MeZO(model.parameters(), lr=1e-7, directions=4, seed=0)
     par = Parallel(data=world if mode == "data" else 1).attach(opt)
     # data parallelism: each rank's micro-batch is its share of the batch
     loss = make_loss(model, batch // par.data, tokens, seed=par.data_rank)

@@ -198,9 +198,9 @@ def main(argv=None) -> int:
     }
     for rank in args.ranks:
         methods[f"zoptim ZO-Muon rank {rank} (4 queries + baseline)"] = (
-            zoptim.ZOMuon(params, lr=1e-4, rank=rank, queries=4, seed=0), 5)
+            zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0), 5)
         methods[f"zoptim ZO-Muon rank {rank}, batched queries"] = (
-            zoptim.ZOMuon(params, lr=1e-4, rank=rank, queries=4, seed=0, model=model), 5)
+            zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0, model=model), 5)
     timed = {"forward": loss, STACKED: lambda: loss(5)}
     timed.update({name: (lambda opt=opt: opt.step(loss)) for name, (opt, _) in methods.items()})
     with torch.no_grad():

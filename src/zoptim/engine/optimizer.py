@@ -2,11 +2,11 @@
 
 ``ZOOptimizer`` is a ``torch.optim.Optimizer`` whose ``step(closure)`` runs the pipeline
 
-    spaces prepare -> estimator probes the closure -> per tensor: estimate in the space's
-    coordinates -> transforms -> lift and apply
+    plan (built once) -> evaluator.begin (factors on schedule) -> estimator names points ->
+    evaluator evaluates them -> guard -> per set: estimate, transforms, lift and apply
 
 A method is a subclass that chooses an estimator and, per parameter group, a space and a
-list of transforms. Seeds: step ``t`` uses ``mix(seed, t)``; its ``i``-th direction
+chain of transforms. Seeds: step ``t`` uses ``mix(seed, t)``; its ``i``-th direction
 ``mix(step_seed, i)``; parameter ``j`` of that direction ``mix(direction_seed, j)``. Nothing
 else is random, so a run is a function of its seed and its objective's values, and a step is
 replayed exactly from the values it evaluated (``last_values``) without running the model.
@@ -16,232 +16,42 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from zoptim.noise import NOISE_KINDS, add_noise_many_, mix
-from zoptim.parts.spaces import Space
+from zoptim.engine import settings
+from zoptim.engine.plan import Draw, Slot, StepPlan, TensorSet, Undo
+from zoptim.evaluators import Evaluator, check_ask, choose
+from zoptim.evaluators.in_place import InPlace, seeds_of
+from zoptim.noise import mix
+from zoptim.parts.spaces import Dense, Space
 from zoptim.parts.transforms import Transform
 
-
-@dataclass
-class _Slot:
-    """One parameter in a step: its group's parts and its index for seeding."""
-    p: torch.Tensor
-    index: int
-    group: dict
-    space: Space
-    chain: list[Transform]
-
-
-@dataclass
-class _Dense:
-    """The slots of one group whose perturbation is whole-tensor noise (``Space`` itself):
-    they move together, in one noise pass (one kernel launch per dtype on a GPU)."""
-    group: dict
-    kind: str
-    slots: list[_Slot]
-
-    def add_(self, seed: int, alpha: float) -> None:
-        add_noise_many_([s.p for s in self.slots], [s.index for s in self.slots], seed, alpha,
-                        self.kind)
-
-
-def _split_dense(slots: list[_Slot]) -> tuple[list[_Dense], list[_Slot]]:
-    dense: dict[int, _Dense] = {}
-    rest = []
-    for s in slots:
-        if type(s.space).perturb_ is Space.perturb_:  # not overridden: whole-tensor noise
-            d = dense.setdefault(id(s.group), _Dense(s.group, s.space.noise_kind, []))
-            d.slots.append(s)
-        else:
-            rest.append(s)
-    return list(dense.values()), rest
-
-
-def walk(shift: Callable[[int, float], None], at, point):
-    """Move from point ``at`` to ``point`` by ``shift(seed, scale)`` calls, one write when only
-    the scale changes; returns ``point``, the new position."""
-    if at is not None and point is not None and at[0] == point[0]:
-        shift(at[0], point[1] - at[1])
-    else:
-        if at is not None:
-            shift(at[0], -at[1])
-        if point is not None:
-            shift(*point)
-    return point
-
-
-@dataclass
-class _Asked:
-    """A step that ``ask`` opened: its points, slots and scratch, and how many of its points
-    ``candidates`` has walked to (in place, the writes of a closure step)."""
-    points: list
-    slots: list[_Slot]
-    scratch: dict
-    walked: int = 0
-    at: tuple | None = None
-
-
-class _PointsOnly(Exception):
-    def __init__(self, points):
-        self.points = points
-
-
-class _AskProbe:
-    """Stops the estimator at its first request, capturing the points it names."""
-
-    def evaluate_points(self, points):
-        raise _PointsOnly(list(points))
-
-
-class _Probe:
-    """What an estimator may do to the model: shift along a direction, evaluate, count.
-
-    Every value the objective returns is kept in ``values``; given ``replay`` (a step's
-    recorded values), ``evaluate`` returns those instead of calling the closure, so the step's
-    parameter arithmetic is redone exactly without the model being run."""
-
-    def __init__(self, opt: "ZOOptimizer", slots: list[_Slot], scratch: dict, closure,
-                 replay: list[float] | None = None):
-        self.opt, self.slots, self.scratch, self.closure = opt, slots, scratch, closure
-        self.dense, self.rest = _split_dense(slots)
-        self.values: list[float] = []
-        self._replay = None if replay is None else list(replay)
-
-    def subset(self, slots: list[_Slot]) -> "_Probe":
-        """The same probe restricted to ``slots`` (a part of the model moved on its own)."""
-        part = _Probe(self.opt, slots, self.scratch, self.closure)
-        part.values, part._replay = self.values, self._replay
-        return part
-
-    def shift(self, seed: int, scale: float) -> None:
-        for d in self.dense:
-            d.add_(seed, scale * d.group["eps"])
-        for s in self.rest:
-            s.space.perturb_(s.p, self.opt.state[s.p], mix(seed, s.index),
-                             scale * s.group["eps"], self.scratch[s.p])
-
-    def _record(self, compute: Callable[[], float], count: int = 1) -> float:
-        if self._replay is not None:
-            if not self._replay:
-                raise ValueError("the recorded step has fewer values than the step evaluates")
-            value = float(self._replay.pop(0))
-        else:
-            value = compute()
-        self.opt.queries += count
-        self.values.append(value)
-        return value
-
-    def _parallel(self):
-        """The optimizer's ``Parallel`` while probing live (a replay runs on recorded values)."""
-        return self.opt.parallel if self._replay is None else None
-
-    def evaluate(self) -> float:
-        par = self._parallel()
-        if par is None:
-            return self._record(lambda: float(self.closure()))
-        return self._record(lambda: par.combine([float(self.closure())], everyone=True)[0])
-
-    def evaluate_points(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
-        """The objective at each point (``None``: the current parameters; ``(seed, scale)``:
-        moved by ``scale * eps * z(seed)``), and the shifts left applied, which the update
-        undoes. In place, the parameters move from point to point (one write when only the
-        scale changes); batched, every point is one slice of a stacked forward pass and the
-        parameters are never written. Across ranks (``zoptim.evaluators.distributed``), each rank
-        evaluates its own points and one all-reduce gives every rank all the values."""
-        par = self._parallel()
-        mine = [par is None or par.owns(i) for i in range(len(points))]
-        live = self._replay is None
-        pending: list[tuple[int, float]] = []
-        if self.opt.offload is not None and live:
-            if par is not None:
-                raise RuntimeError("offloading and distributed training cannot be combined yet")
-            raw, pending = self.opt.offload.evaluate(self, points, self.opt._prepare_slots)
-        elif self.opt.batched is not None:
-            # batched: no shifts, and a replay needs the recorded values only
-            own = [pt for pt, m in zip(points, mine) if m]
-            got = iter(self.opt.batched.evaluate(self, own) if live and own else [])
-            raw = [next(got) if m and live else None for m in mine]
-        else:
-            # ask/tell: the points ``candidates`` already walked to are not walked again
-            asked = self.opt._asked
-            done, at = (asked.walked, asked.at) if asked is not None else (0, None)
-            raw = []
-            for i, (point, m) in enumerate(zip(points, mine)):
-                if i >= done:
-                    at = walk(self.shift, at, point)
-                raw.append(float(self.closure()) if m and live else None)
-            pending = [] if at is None else [(at[0], -at[1])]
-        values = raw if par is None else par.combine(raw)
-        return [self._record(lambda v=v: v) for v in values], pending
-
-    def leftover(self) -> int:
-        """Recorded values a replayed step did not use (0 when not replaying)."""
-        return len(self._replay or [])
-
-    def directional(self, seed: int, derivative: Callable) -> tuple[float, float]:
-        """``(f, grad f . eps z)`` from ``derivative(params, tangents)`` (one forward-mode pass,
-        one query), recorded like evaluations."""
-        result = []
-
-        def compute():
-            params = [s.p for s in self.slots]
-            values = [float(v) for v in derivative(params, self.tangents(seed))]
-            par = self._parallel()
-            result.extend(values if par is None else par.combine(values, everyone=True))
-            return result[0]
-
-        loss = self._record(compute)
-        d = self._record(lambda: result[1], count=0)
-        return loss, d
-
-    def tangents(self, seed: int) -> list[torch.Tensor]:
-        """``eps * z(seed)`` for every parameter, materialized (forward-mode estimators)."""
-        out = []
-        for s in self.slots:
-            t = torch.zeros_like(s.p)
-            s.space.perturb_(t, self.opt.state[s.p], mix(seed, s.index), s.group["eps"],
-                             self.scratch[s.p])
-            out.append(t)
-        return out
+_GUARD = object()  # step(skip=...) not given: the guard decides
 
 
 def skip_non_finite(values: list[float]) -> str | None:
     return None if all(math.isfinite(v) for v in values) else "non-finite loss"
 
 
-def _check_group(group: dict) -> None:
-    def bad(key, why):
-        raise ValueError(f"{key}={group[key]!r} is invalid: {why}")
-
-    if not group["lr"] >= 0:
-        bad("lr", "the learning rate must be >= 0")
-    if not group["eps"] > 0:
-        bad("eps", "the perturbation scale must be > 0")
-    if not group.get("weight_decay", 0.0) >= 0:
-        bad("weight_decay", "weight decay must be >= 0")
-    if group.get("noise", "gaussian") not in NOISE_KINDS:
-        bad("noise", f"choose one of {NOISE_KINDS}")
-    for key in ("rank", "resample_every"):
-        if key in group and not (isinstance(group[key], int) and group[key] >= 1):
-            bad(key, "must be an integer >= 1")
-    for p in group["params"]:
-        if not p.is_floating_point():
-            raise ValueError("only floating-point parameters can be optimized")
-
-
 class Counted:
-    """Mixin for optimizers that count steps, queries and skipped steps and derive their seeds
-    from ``seed``: ``state_dict()`` carries these in a ``zo`` entry, so a run restores them."""
+    """Mixin for optimizers that count steps, queries (objective evaluations) and skipped
+    steps and derive their seeds from ``seed``: ``state_dict()`` carries these in a ``zo``
+    entry, so a run restores them."""
 
     seed: int
     steps: int
     queries: int
     skipped: int
+
+    def _start_counting(self, seed: int | None) -> None:
+        """A random seed unless one is given, and every counter at zero."""
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.queries = self.steps = self.skipped = 0
+        self.last_values: list[float] = []
+        self.last_skip: str | None = None
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -263,112 +73,286 @@ class Counted:
         return mix(self.seed, step)
 
 
+class _PointsOnly(Exception):
+    def __init__(self, points):
+        self.points = points
+
+
+class _AskProbe:
+    """Stops the estimator at its first request, capturing the points it names."""
+
+    def evaluate_points(self, points):
+        raise _PointsOnly(list(points))
+
+
+@dataclass
+class _Open:
+    """A step that ``ask`` opened, until ``tell``."""
+    points: list
+    plan: StepPlan
+    undo: Undo
+    evaluator: InPlace
+
+
+class Probe:
+    """What an estimator may ask of a step: evaluate points, evaluate where the parameters
+    are, take a forward-mode derivative. Every value is kept in ``values``; given ``replay``
+    (a step's recorded values), those are returned instead and the model is not run, while
+    the parameter arithmetic (in-place walks included) is redone exactly."""
+
+    def __init__(self, opt: "ZOOptimizer", plan: StepPlan, evaluator: Evaluator, closure,
+                 replay: list[float] | None):
+        self.opt, self.plan, self.evaluator, self.closure = opt, plan, evaluator, closure
+        self.values: list[float] = []
+        self.draw: Draw | None = None
+        self._replay = None if replay is None else list(replay)
+
+    @property
+    def live(self) -> bool:
+        return self._replay is None
+
+    def _record(self, value: float | None, count: int = 1) -> float:
+        if self._replay is not None:
+            if not self._replay:
+                raise ValueError("the recorded step has fewer values than the step evaluates")
+            value = float(self._replay.pop(0))
+        self.opt.queries += count
+        self.values.append(value)
+        return value
+
+    def evaluate_points(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
+        """The objective at each point and the shifts left applied (see ``evaluators``)."""
+        ev = self.evaluator.evaluate(self.plan, points, self.closure, [self.live] * len(points))
+        if ev.draw is not None:
+            self.draw = ev.draw if self.draw is None else self.draw.merge(ev.draw)
+        return [self._record(v) for v in ev.values], ev.left
+
+    def evaluate(self) -> float:
+        """The objective where the parameters are now (one query)."""
+        value = self.evaluator.reduce([float(self.closure())], everyone=True)[0] \
+            if self.live else None
+        return self._record(value)
+
+    def directional(self, seed: int, derivative: Callable) -> tuple[float, float]:
+        """``(f, grad f . eps z)`` from ``derivative(params, tangents)`` (one forward-mode
+        pass, one query), recorded like evaluations."""
+        got = [None, None]
+        if self.live:
+            params = [s.p for s in self.plan.slots]
+            got = self.evaluator.reduce([float(v) for v in derivative(params,
+                                                                      self.tangents(seed))],
+                                        everyone=True)
+        return self._record(got[0]), self._record(got[1], count=0)
+
+    def tangents(self, seed: int) -> list[torch.Tensor]:
+        """``eps * z(seed)`` for every parameter, materialized (forward-mode estimators)."""
+        out = []
+        for s in self.plan.slots:
+            t = torch.zeros_like(s.p)
+            s.space.perturb_(t, self.opt.state[s.p], mix(seed, s.index), s.group["eps"], {})
+            out.append(t)
+        return out
+
+    def leftover(self) -> int:
+        """Recorded values a replayed step did not use (0 when not replaying)."""
+        return len(self._replay or [])
+
+
 class ZOOptimizer(Counted, torch.optim.Optimizer):
     """Base of every zeroth-order optimizer. ``step(closure)`` needs a closure that returns the
-    loss and never calls ``backward()``; ``queries`` counts the objective evaluations spent."""
+    loss and never calls ``backward()``; ``queries`` counts the objective evaluations spent.
 
-    def __init__(self, params, defaults: dict, estimator, *, seed: int | None = None):
-        defaults = {"weight_decay": 0.0, "noise": "gaussian", **defaults}
+    Args:
+        params: tensors or parameter groups (dicts), as for any ``torch.optim`` optimizer.
+        defaults: the method's settings, checked by ``engine.settings``.
+        estimator: how evaluations become directional derivatives (``parts.estimators``).
+        seed: every direction derives from it (random when ``None``).
+        foreach: write each set of same-shaped tensors with one lifted ``bmm`` and one
+            ``_foreach_add_`` (few launches) instead of one call per tensor. ``None``: on
+            CUDA, as ``torch.optim`` chooses.
+    """
+
+    # A method that evaluates again after its update (conservative ZO-SGD) says so: it cannot
+    # be offloaded or asked/told.
+    evaluates_after_update = False
+    # Whether the method takes the model: "required" (forward-mode derivatives), "optional"
+    # (it turns batched queries on) or None.
+    uses_model: str | None = None
+
+    def __init__(self, params, defaults: dict, estimator, *, seed: int | None = None,
+                 foreach: bool | None = None):
+        defaults = settings.checked({"weight_decay": 0.0, "noise": "gaussian", **defaults})
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_group(group)
         self.estimator = estimator
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
-        self.queries = 0
-        self.steps = 0
-        self.skipped = 0
-        self.last_values: list[float] = []
-        self.last_skip: str | None = None
+        self.foreach = foreach
+        self._start_counting(seed)
         # Decides from a step's values, before the update, whether to skip it (returns the
         # reason); by default a step whose objective was not finite never touches the weights.
         self.guard: Callable[[list[float]], str | None] | None = skip_non_finite
-        # Evaluates a step's points on one stacked batch (methods with low-rank spaces, given
-        # the model); None: in place, one point at a time.
-        self.batched = None
-        # Shares each step's evaluations among processes (zoptim.evaluators.distributed.Parallel.attach).
-        self.parallel = None
-        # Streams the model's blocks from CPU memory (zoptim.evaluators.offload.Offload.attach).
-        self.offload = None
-        self._scratch: dict = {}
-        self._asked: _Asked | None = None  # the step ``ask`` opened, until ``tell``
+        self._engines: dict = {}
+        self.evaluator: Evaluator = choose(self)
+        self._plan: tuple[tuple, StepPlan] | None = None
+        self._open: _Open | None = None
 
     # -- composition hooks: a method overrides these -------------------------------------
     def space(self, group: dict) -> Space:
-        return Space(group["noise"])
+        return Dense(group["noise"])
 
     def transforms(self, group: dict) -> list[Transform]:
         return []
 
-    # -- the step ---------------------------------------------------------------------------
-    def _slots(self) -> list[_Slot]:
-        """The parameters this step probes. A group whose ``lr`` is 0 is frozen: it is
-        neither perturbed nor updated (its indices stay reserved, so seeds do not shift)."""
+    def coefficients(self, group: dict, dirs) -> list[float]:
+        """Per-direction gradient coefficients of a group's tensors: ``diff / eps``, averaged."""
+        return [d.diff / group["eps"] / len(dirs) for d in dirs]
+
+    # -- engines ----------------------------------------------------------------------------
+    def use(self, **engines) -> None:
+        """Attach engines (``batched=``, ``offload=``, ``parallel=``; ``None`` detaches one)
+        and choose the evaluator anew; ``Offload.attach`` and ``Parallel.attach`` call it."""
+        self._engines.update(engines)
+        self.evaluator = choose(self, **self._engines)
+        self._plan = None
+
+    @property
+    def batched(self):
+        """The batched-queries engine in use, or ``None``."""
+        return self._engine_in_use("batched")
+
+    @property
+    def offload(self):
+        return self._engine_in_use("offload")
+
+    @property
+    def parallel(self):
+        return self._engines.get("parallel")
+
+    def _engine_in_use(self, name: str):
+        engine = self._engines.get(name)
+        ev = getattr(self.evaluator, "inner", self.evaluator)
+        return engine if engine is not None and ev is engine else None
+
+    # -- the plan ---------------------------------------------------------------------------
+    def _slots(self) -> list[Slot]:
+        """The parameters a step probes. A group whose ``lr`` is 0 is frozen: it is neither
+        perturbed nor updated (its indices stay reserved, so seeds do not shift)."""
         slots, index = [], 0
         for group in self.param_groups:
             space, chain = self.space(group), self.transforms(group)
             for p in group["params"]:
                 if group["lr"] != 0:
-                    slots.append(_Slot(p, index, group, space, chain))
+                    slots.append(Slot(p, index, group, space, chain))
                 index += 1
         return slots
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor | float] | None = None, *,
-             replay: list[float] | None = None) -> float:  # type: ignore[override]
-        """One step; returns the loss the estimator reports. ``last_values`` then holds every
-        value the objective returned, in order: given back as ``replay``, they redo the step
-        bit for bit without a closure (a journal replays a run this way)."""
-        if closure is None and replay is None:
-            raise ValueError("a zeroth-order optimizer needs a closure that returns the loss")
-        if self._asked is not None and closure is not None:
-            raise RuntimeError("a step was asked for and not told: finish it with tell()")
-        streaming = self.offload is not None and replay is None
-        if self._asked is not None:  # told: the asked step's slots, already prepared
-            slots, scratch = self._asked.slots, self._asked.scratch
-            self._scratch = scratch
-        else:
+    def _signature(self) -> tuple:
+        groups = tuple((tuple(id(p) for p in g["params"]), g["lr"] == 0,
+                        repr(sorted((k, v) for k, v in g.items() if k not in ("params", "lr"))))
+                       for g in self.param_groups)
+        return (id(self.evaluator), id(self.state), groups)
+
+    def plan(self) -> StepPlan:
+        """The step plan (built again only when groups, settings, engines or state change).
+        An evaluator that cannot serve the plan is replaced by in-place evaluation, with a
+        warning that says why."""
+        key = self._signature()
+        if self._plan is None or self._plan[0] != key:
             slots = self._slots()
-            self._scratch = scratch = {s.p: {} for s in slots}
-            # Streamed parameters are prepared, and updated, when they are next on the device.
-            if self.offload is not None and not streaming:
-                self.offload.flush()
-            self._prepare_slots([s for s in slots if not (streaming and self.offload.holds(s.p))])
-        if self.batched is not None:
-            _, reason = self.batched.plan(slots)
+            plan = self._build(slots)
+            reason = self.evaluator.check(plan)
             if reason is not None:
                 warnings.warn(f"batched queries: {reason}; evaluating the queries in place "
-                              "instead (pass batched=False to silence this)", stacklevel=2)
-                self.batched = None
-        probe = _Probe(self, slots, scratch, closure, replay)
+                              "instead (pass batched=False to silence this)", stacklevel=3)
+                self.use(batched=None)
+                plan = self._build(slots)
+                key = self._signature()
+            self._plan = (key, plan)
+        return self._plan[1]
+
+    def _build(self, slots) -> StepPlan:
+        foreach = self.foreach
+        if foreach is None:
+            foreach = bool(slots) and slots[0].p.is_cuda
+        return StepPlan.build(slots, self.state, partition=self.evaluator.partition,
+                              hold_all=self.evaluator.hold_all, foreach=foreach)
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor | float] | None = None, *,
+             replay: list[float] | None = None, skip=_GUARD) -> float:  # type: ignore[override]
+        """One step; returns the loss the estimator reports. ``last_values`` then holds every
+        value the objective returned, in order: given back as ``replay``, they redo the step
+        bit for bit without a closure (a journal replays a run this way). ``skip`` overrides
+        the guard with a recorded decision (the reason, or ``None`` to apply the update)."""
+        if closure is None and replay is None:
+            raise ValueError("a zeroth-order optimizer needs a closure that returns the loss")
+        if self._open is not None and closure is not None:
+            raise RuntimeError("a step was asked for and not told: finish it with tell()")
+        plan, undo, evaluator = self._begin(replay is not None)
+        probe = Probe(self, plan, evaluator, closure, replay)
         try:
-            loss, dirs, pending = self.estimator(probe, self.step_seed(self.steps))
+            loss, dirs, left = self.estimator(probe, self.step_seed(self.steps))
         finally:
-            self._asked = None
-        reason = self.guard(probe.values) if self.guard is not None else None
-
-        def finish(part: _Probe) -> None:
-            if reason is None:
-                self._update(part, dirs, pending)
-            else:  # undo the probing, leave parameters and state as they were
-                for seed, scale in pending:
-                    part.shift(seed, scale)
-
-        if streaming:
-            held = [s for s in slots if self.offload.holds(s.p)]
-            finish(probe.subset([s for s in slots if not self.offload.holds(s.p)]))
-            self.offload.defer(held, lambda part: finish(probe.subset(part)))
-        else:
-            finish(probe)
-        if reason is None:
+            self._open = None
+        if skip is _GUARD:
+            skip = self.guard(probe.values) if self.guard is not None else None
+        if skip is None:
+            evaluator.finish(plan, lambda sets: self._update(sets, probe.draw, dirs, left))
             self._after_update(probe, dirs, loss)
-        else:
+        else:  # undo the probing: parameters and state as they were
+            evaluator.finish(plan, lambda sets: self._restore(sets, probe.draw, left))
+            undo.restore()
             self.skipped += 1
         self.steps += 1
-        self.last_values, self.last_skip = probe.values, reason
+        self.last_values, self.last_skip = probe.values, skip
         if probe.leftover():
             raise ValueError("the recorded step has more values than the step evaluates: "
                              "it was recorded with another method or configuration")
         return loss
+
+    def _begin(self, replaying: bool) -> tuple[StepPlan, Undo, Evaluator]:
+        """The step's plan, its undo record and its evaluator, prepared."""
+        if self._open is not None:  # told: the step ask opened, prepared then
+            return self._open.plan, self._open.undo, self._open.evaluator
+        plan, undo = self.plan(), Undo()
+        evaluator = self.evaluator.replaying() if replaying else self.evaluator
+        evaluator.begin(plan, self.steps, self.seed, undo)
+        return plan, undo, evaluator
+
+    def _drawn(self, sets: list[TensorSet], draw: Draw | None, seeds: list[int]) -> Draw:
+        """``draw``, completed with the coordinates of the sets it lacks (a replayed step, a
+        batched step whose evaluation drew them in chunks)."""
+        if draw is None:
+            draw = Draw(seeds_of([(s, 1.0) for s in seeds]))
+        missing = [s for s in sets if s not in draw.coords]
+        if missing and draw.seeds:
+            draw.merge(self._plan[1].draw(draw.seeds, missing))
+        return draw
+
+    def _update(self, sets: list[TensorSet], draw: Draw | None, dirs, left) -> None:
+        seeds = [d.seed for d in dirs]
+        draw = self._drawn(sets, draw, seeds + [s for s, _ in left])
+        for s in sets:
+            s.update_(draw, dirs, self.coefficients(s.group, dirs), left)
+
+    def _restore(self, sets: list[TensorSet], draw: Draw | None, left) -> None:
+        if not left:
+            return
+        draw = self._drawn(sets, draw, [s for s, _ in left])
+        for s in sets:
+            s.add_directions_(draw, {seed: scale * s.group["eps"] for seed, scale in left})
+
+    def move(self, probe: Probe, dirs, factor: float) -> None:
+        """Move every tensor by ``factor * lr * g``, ``g`` the step's estimate (no
+        transforms): the probes of methods that evaluate after their update."""
+        sets = self._plan[1].sets
+        draw = self._drawn(sets, probe.draw, [d.seed for d in dirs])
+        for s in sets:
+            coefs = self.coefficients(s.group, dirs)
+            s.add_directions_(draw, {d.seed: factor * s.group["lr"] * c
+                                     for d, c in zip(dirs, coefs)})
+
+    def _after_update(self, probe: Probe, dirs, loss: float) -> None:
+        """Hook for methods that evaluate again after the update (``evaluates_after_update``)."""
 
     # -- ask / tell: the objective answers outside the step ------------------------------
     @torch.no_grad()
@@ -377,40 +361,30 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         parameters) or ``(seed, scale)`` (moved by ``scale * eps * z(seed)``): seeds, nothing
         stored. Iterate ``candidates()`` to put the model at each in turn, then ``tell`` the
         values, ranking or comparisons. The same seeds give the same parameters as ``step``."""
-        if self._asked is not None:
-            return list(self._asked.points)
-        if self.batched is not None or self.offload is not None or self.parallel is not None:
-            raise RuntimeError("ask/tell moves the model in place on one process: build the "
-                               "optimizer with batched=False and without offloading or "
-                               "distributed training")
-        if type(self)._after_update is not ZOOptimizer._after_update:
-            raise RuntimeError(f"{type(self).__name__} evaluates again after its update; it "
-                               "has no ask/tell form")
+        if self._open is not None:
+            return list(self._open.points)
+        check_ask(self)
         try:
             self.estimator(_AskProbe(), self.step_seed(self.steps))
             raise RuntimeError("the estimator named no points")
         except _PointsOnly as asked:
             points = asked.points
-        except AttributeError as err:  # a forward-mode estimator: no points to name
-            raise RuntimeError(f"{type(self).__name__} needs forward-mode derivatives; it has "
-                               "no ask/tell form") from err
-        slots = self._slots()
-        self._scratch = {s.p: {} for s in slots}
-        self._prepare_slots(slots)
-        self._asked = _Asked(points, slots, self._scratch)
+        plan, undo = self.plan(), Undo()
+        evaluator = InPlace()
+        evaluator.begin(plan, self.steps, self.seed, undo)
+        self._open = _Open(points, plan, undo, evaluator)
         return list(points)
 
     @torch.no_grad()
     def candidates(self):
         """Put the model at each asked candidate in turn (yields its index); the model is left
         at the last one until ``tell``."""
-        asked = self._asked
-        if asked is None:
+        opened = self._open
+        if opened is None:
             raise RuntimeError("no step was asked for: call ask() first")
-        probe = _Probe(self, asked.slots, asked.scratch, None)
-        for i in range(asked.walked, len(asked.points)):
-            asked.at = walk(probe.shift, asked.at, asked.points[i])
-            asked.walked = i + 1
+        start = opened.evaluator._open[0] if opened.evaluator._open else 0
+        for i in range(start, len(opened.points)):
+            opened.evaluator.walk_to(opened.plan, opened.points, i)
             yield i
 
     def tell(self, values: list[float] | None = None, *, ranking: list[int] | None = None,
@@ -419,112 +393,44 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         candidate, lower is better), ``ranking`` (candidate indices, best first) or ``better``
         (per consecutive pair of candidates, 0 or 1: which of the two is better). Rankings
         and comparisons become places (0 best), which the ordinal methods read."""
-        asked = self._asked
-        if asked is None:
+        opened = self._open
+        if opened is None:
             raise RuntimeError("no step was asked for: call ask() first")
-        n = len(asked.points)
-        if sum(a is not None for a in (values, ranking, better)) != 1:
-            raise ValueError("tell one of values=, ranking= or better=")
-        if ranking is not None:
-            if sorted(ranking) != list(range(n)):
-                raise ValueError(f"ranking must order all {n} candidates (indices 0..{n - 1}, "
-                                 f"each once), got {ranking}")
-            values = [0.0] * n
-            for place, k in enumerate(ranking):
-                values[k] = float(place)
-        elif better is not None:
-            if n % 2 or len(better) != n // 2 or any(b not in (0, 1) for b in better):
-                raise ValueError(f"better must give 0 or 1 for each of the {n // 2} pairs of "
-                                 f"candidates, got {better}")
-            values = [float(v) for b in better for v in ((0, 1) if b == 0 else (1, 0))]
-        elif len(values) != n:
-            raise ValueError(f"{n} candidates were asked for, {len(values)} values told")
-        return self.step(replay=[float(v) for v in values])
+        return self.step(replay=told_values(len(opened.points), values, ranking, better))
 
-    def _prepare_slots(self, slots: list[_Slot]) -> None:
-        """The spaces' preparation for this step (factors resampled on schedule), carrying
-        coordinate state over to new factors."""
-        for s in slots:
-            state = self.state[s.p]
-            transfer = s.space.prepare(s.p, state, self.steps, mix(self.seed, s.index),
-                                       self._scratch[s.p])
-            if transfer is not None:
-                for t in s.chain:
-                    for name in t.carried:
-                        if name in state:
-                            state[name] = transfer(state[name])
-
-    @staticmethod
-    def _coefs(slot: _Slot, dirs) -> list[float]:
-        """Per-direction gradient coefficients of one tensor: ``diff / eps``, averaged."""
-        return [d.diff / slot.group["eps"] / len(dirs) for d in dirs]
-
-    @staticmethod
-    def _fusable(s: _Slot) -> bool:
-        return s.space.linear and not s.chain and s.group["weight_decay"] == 0
-
-    def _fused_weights(self, s: _Slot, dirs, pending) -> dict[int, float]:
-        """Restore and update as one weight per direction seed: applied in one pass each, a
-        MeZO step writes every tensor three times in all."""
-        lr, eps = s.group["lr"], s.group["eps"]
-        weights = {d.seed: -lr * c for d, c in zip(dirs, self._coefs(s, dirs))}
-        for seed, scale in pending:
-            weights[seed] = weights.get(seed, 0.0) + scale * eps
-        return weights
-
-    def _update(self, probe: _Probe, dirs, pending) -> None:
-        done = set()
-        for d in probe.dense:
-            if self._fusable(d.slots[0]):  # the group decides, so one slot speaks for all
-                for seed, w in self._fused_weights(d.slots[0], dirs, pending).items():
-                    d.add_(seed, w)
-                done.update(id(s) for s in d.slots)
-        # Estimates in compact coordinates are kept until all are known, so that a chain's
-        # transforms run on them together (one Newton-Schulz for all same-shaped matrices).
-        held: dict[int, list] = defaultdict(list)
-        for s in probe.slots:
-            if id(s) in done:
-                continue
-            state, scratch = self.state[s.p], probe.scratch[s.p]
-            eps = s.group["eps"]
-            keys = [mix(d.seed, s.index) for d in dirs]
-            coefs = self._coefs(s, dirs)
-            restore = [(mix(seed, s.index), scale * eps) for seed, scale in pending]
-            if self._fusable(s):
-                weights = self._fused_weights(s, dirs, pending)
-                s.space.add_directions_(s.p, state, [mix(k, s.index) for k in weights],
-                                        list(weights.values()), scratch)
-                continue
-            for key, a in restore:
-                s.space.perturb_(s.p, state, key, a, scratch)
-            g = s.space.estimate(s.p, state, keys, coefs, dirs, eps, scratch)
-            if s.space.compact and s.chain:
-                held[id(s.chain)].append((s, g))
-                continue
-            for t in s.chain:
-                g = t(g, state)
-            self._apply(s, g)
-        for items in held.values():
-            gs = [g for _, g in items]
-            for t in items[0][0].chain:
-                gs = t.many(gs, [self.state[s.p] for s, _ in items])
-            for (s, _), g in zip(items, gs):
-                self._apply(s, g)
-
-    def _apply(self, s: _Slot, g: torch.Tensor) -> None:
-        """``p <- p - lr (lift(g) + wd p)``: the update direction ``g`` in ``s``'s coordinates."""
-        lr, wd = s.group["lr"], s.group["weight_decay"]
-        if wd:
-            s.p.mul_(1.0 - lr * wd)
-        s.space.add_lifted_(s.p, self.state[s.p], g, -lr)
-
-    def _after_update(self, probe: _Probe, dirs, loss: float) -> None:
-        """Hook for methods that probe again after the update (conservative ZO-SGD)."""
-
+    # -- settings ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "estimator"):
-            _check_group(self.param_groups[-1])
+        self.param_groups[-1].update(settings.checked(self.param_groups[-1]))
+        for p in self.param_groups[-1]["params"]:
+            if not p.is_floating_point():
+                raise ValueError("only floating-point parameters can be optimized")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._plan = None  # the states are new objects: the sets read them again
+
+
+def told_values(n: int, values, ranking, better) -> list[float]:
+    """The values of ``n`` candidates from one of ``values``, ``ranking`` or ``better``."""
+    if sum(a is not None for a in (values, ranking, better)) != 1:
+        raise ValueError("tell one of values=, ranking= or better=")
+    if ranking is not None:
+        if sorted(ranking) != list(range(n)):
+            raise ValueError(f"ranking must order all {n} candidates (indices 0..{n - 1}, "
+                             f"each once), got {ranking}")
+        places = [0.0] * n
+        for place, k in enumerate(ranking):
+            places[k] = float(place)
+        return places
+    if better is not None:
+        if n % 2 or len(better) != n // 2 or any(b not in (0, 1) for b in better):
+            raise ValueError(f"better must give 0 or 1 for each of the {n // 2} pairs of "
+                             f"candidates, got {better}")
+        return [float(v) for b in better for v in ((0, 1) if b == 0 else (1, 0))]
+    if len(values) != n:
+        raise ValueError(f"{n} candidates were asked for, {len(values)} values told")
+    return [float(v) for v in values]
 
 
 def split_matrices(params, defaults: dict, vector_settings: Callable[[dict], dict]) -> list[dict]:
@@ -538,13 +444,10 @@ def split_matrices(params, defaults: dict, vector_settings: Callable[[dict], dic
     for group in groups:
         ps = list(group["params"])
         rest = {k: v for k, v in group.items() if k != "params"}
-        mats = [p for p in ps if p.dim() >= 2]
-        vecs = [p for p in ps if p.dim() < 2]
-        if mats:
-            out.append({**rest, "params": mats, "matrix": True})
-        if vecs:
-            out.append({**rest, **vector_settings({**defaults, **rest}), "params": vecs,
-                        "matrix": False})
+        halves = (([p for p in ps if p.dim() >= 2], {"matrix": True}),
+                  ([p for p in ps if p.dim() < 2],
+                   {**vector_settings({**defaults, **rest}), "matrix": False}))
+        out += [{**rest, **extra, "params": half} for half, extra in halves if half]
     if not out:
         raise ValueError("optimizer got an empty parameter list")
     return out

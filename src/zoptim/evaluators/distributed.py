@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from zoptim.evaluators import Evaluator
+
 
 class Parallel:
     """How a step's evaluations are shared among the ranks of a process group."""
@@ -64,7 +66,7 @@ class Parallel:
         seed = torch.tensor([optimizer.seed], dtype=torch.int64, device=self.device)
         dist.broadcast(seed, src=src, group=self.group)
         optimizer.seed = int(seed.item())
-        optimizer.parallel = self
+        optimizer.use(parallel=self)
         return self
 
     def owns(self, point: int) -> bool:
@@ -86,3 +88,38 @@ class Parallel:
         self.bytes_reduced += buf.numel() * buf.element_size()
         self.reductions += 1
         return (buf / self.data).tolist()
+
+
+class Distributed(Evaluator):
+    """Wraps an in-place or batched evaluator: each process evaluates the points it owns
+    (``Parallel.owns``) and one all-reduce gives every process every value. In place, every
+    process still walks through every point, so replicas apply the same writes."""
+
+    def __init__(self, inner: Evaluator, parallel: Parallel):
+        self.inner, self.parallel = inner, parallel
+        self.name = f"{inner.name}, distributed"
+        self.hold_all = inner.hold_all
+
+    def partition(self, p):
+        return self.inner.partition(p)
+
+    def check(self, plan):
+        return self.inner.check(plan)
+
+    def begin(self, plan, step, seed, undo):
+        self.inner.begin(plan, step, seed, undo)
+
+    def evaluate(self, plan, points, closure, wanted):
+        mine = [w and self.parallel.owns(i) for i, w in enumerate(wanted)]
+        ev = self.inner.evaluate(plan, points, closure, mine)
+        ev.values = self.parallel.combine(ev.values)
+        return ev
+
+    def finish(self, plan, apply):
+        self.inner.finish(plan, apply)
+
+    def replaying(self):
+        return self.inner.replaying()  # recorded values are every process's already
+
+    def reduce(self, values, everyone=False):
+        return self.parallel.combine(values, everyone=everyone)

@@ -26,10 +26,12 @@ from collections import Counter
 
 import torch
 
-from zoptim.engine.optimizer import walk
+from zoptim.engine.plan import Draw
+from zoptim.evaluators import EngineError, Evaluation, Evaluator
+from zoptim.evaluators.in_place import InPlace, seeds_of
 
 
-class OffloadError(ValueError):
+class OffloadError(EngineError):
     """A model or optimizer the offloading engine cannot serve; the message says why."""
 
 
@@ -70,16 +72,17 @@ def _cat(outs: list):
 
 class _Unit:
     """A module whose optimized parameters walk through a step's points together; offloaded
-    units also stream between CPU memory and the working device."""
+    units also stream between CPU memory and the working device. ``keys``: the plan
+    partitions it moves (its own, and those of tied weights another unit holds)."""
 
-    def __init__(self, module: torch.nn.Module, offloaded: bool):
-        self.module, self.offloaded = module, offloaded
-        self.slots = []
+    def __init__(self, module: torch.nn.Module, offloaded: bool, index: int):
+        self.module, self.offloaded, self.index = module, offloaded, index
+        self.keys: list[int] = []
         self.deferred = []  # updates waiting for the unit to be resident
         self.ready = None  # CUDA event: the upload finished
 
 
-class Offload:
+class Offload(Evaluator):
     """Streams ``blocks`` (default: ``find_blocks(model)``) of ``model`` from CPU memory to
     ``device``; attach it to an optimizer with ``attach``.
 
@@ -90,6 +93,7 @@ class Offload:
 
     def __init__(self, model: torch.nn.Module, device="cuda", blocks=None,
                  transfer_dtype: torch.dtype | None = None):
+        self.name = "offloaded"
         self.model, self.device = model, torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise OffloadError("offloading to cuda needs an NVIDIA GPU; use device='cpu' to run "
@@ -115,60 +119,57 @@ class Offload:
                 host = p.data.to("cpu", dtype=transfer_dtype or p.dtype)
                 p.data = host.pin_memory() if self.cuda else host
         self.units: list[_Unit] = []
+        self._unit_of: dict = {}
+        self._step = None  # (step, seed, undo) of the step under way
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, optimizer) -> "Offload":
         """Serve ``optimizer``'s steps (returns ``self``)."""
-        from zoptim.methods.named import ForwardGradient, ZOSGDConservative
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._units(params)
+        try:
+            optimizer.use(offload=self)  # the combination is checked there
+        except EngineError as err:
+            raise OffloadError(str(err)) from err
+        return self
 
-        if isinstance(optimizer, (ForwardGradient, ZOSGDConservative)):
-            raise OffloadError(f"{type(optimizer).__name__} evaluates after its update or by "
-                               "forward-mode derivatives; offloading serves methods whose "
-                               "update follows their evaluations")
-        if optimizer.parallel is not None:
-            raise OffloadError("offloading and distributed training cannot be combined yet")
-        optimizer.batched = None  # offloading has its own stacked evaluation
-        optimizer.offload = self
-        optimizer_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        # Units: the blocks, then every other module that owns optimized parameters directly
-        # (a tied weight has several owners, each of which walks).
-        self.units, self._streamed = [], {}
-        in_blocks = set()
+    def _units(self, params) -> None:
+        """The blocks, then every other module that owns optimized parameters directly (a
+        tied weight has several owners, each of which walks it)."""
+        optimized = {id(p) for p in params}
+        self.units, self._unit_of = [], {}
+        in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
         for blk in self.blocks:
-            unit = _Unit(blk, offloaded=True)
-            for p in blk.parameters():
-                in_blocks.add(id(p))
-                if id(p) in optimizer_params:
-                    self._streamed[id(p)] = unit
-            self.units.append(unit)
-        owned, walking = set(in_blocks), []
+            self._add_unit(blk, True, [p for p in blk.parameters() if id(p) in optimized])
+        walking = []
         for name, m in self.model.named_modules():
-            mine = [p for p in m.parameters(recurse=False) if id(p) not in in_blocks]
-            owned.update(id(p) for p in mine)
-            if not any(id(p) in optimizer_params for p in mine) or \
-                    any(name.startswith(w + ".") for w in walking):
+            mine = [p for p in m.parameters(recurse=False)
+                    if id(p) not in in_blocks and id(p) in optimized]
+            if not mine or any(name.startswith(w + ".") for w in walking):
                 continue  # a unit already walking walks its whole subtree
             if any(b is c for b in self.blocks for c in m.modules()):
                 raise OffloadError(f"{name or type(m).__name__} owns optimized parameters and "
                                    "contains the blocks; offloading needs them in leaf modules")
             walking.append(name)
-            self.units.append(_Unit(m, offloaded=False))
-        if not optimizer_params <= owned:
+            self._add_unit(m, False, list(m.parameters()))
+        if not optimized <= set(self._unit_of):
             raise OffloadError("an optimized parameter does not belong to the model")
-        return self
+
+    def _add_unit(self, module, offloaded: bool, params) -> None:
+        unit = _Unit(module, offloaded, len(self.units))
+        self.units.append(unit)
+        for p in params:
+            self._unit_of.setdefault(id(p), unit)  # a tied weight's first owner holds it
+            unit.keys.append(self._unit_of[id(p)].index)
+        unit.keys = list(dict.fromkeys(unit.keys))
 
     def holds(self, p) -> bool:
         """Whether ``p`` streams (its preparation and update wait for its upload)."""
-        return id(p) in self._streamed
+        unit = self._unit_of.get(id(p))
+        return unit is not None and unit.offloaded
 
-    def defer(self, slots, apply) -> None:
-        """Run ``apply(slots_of_unit)`` for each streamed unit when it is next resident."""
-        by_unit = {}
-        for s in slots:
-            by_unit.setdefault(id(self._streamed[id(s.p)]), []).append(s)
-        for unit in self.units:
-            if id(unit) in by_unit:
-                unit.deferred.append((apply, by_unit[id(unit)]))
+    def partition(self, p):
+        return self._unit_of[id(p)].index
 
     # -- streaming --------------------------------------------------------------------------
     def _params(self, unit):
@@ -194,8 +195,8 @@ class Offload:
             torch.cuda.current_stream().wait_event(unit.ready)
             for p in self._params(unit):
                 p.data.record_stream(torch.cuda.current_stream())
-        for apply, slots in unit.deferred:
-            apply(slots)
+        for apply in unit.deferred:
+            apply()
         unit.deferred.clear()
 
     def _leave(self, unit) -> None:
@@ -225,56 +226,42 @@ class Offload:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    # -- a step's evaluation ----------------------------------------------------------------
-    def evaluate(self, probe, points: list, prepare) -> tuple[list[float], list]:
-        """The objective at every point in one pass on a stacked batch; ``prepare(slots)`` is
-        the step's preparation of a streamed unit's slots, run once it is resident."""
-        slot_of = {id(s.p): s for s in probe.slots}
+    # -- the evaluator --------------------------------------------------------------------
+    def begin(self, plan, step, seed, undo):
+        """Prepare the resident parameters now; a streamed block's, once it is resident."""
+        self._step = (step, seed, undo)
+        for unit in self.units:
+            if not unit.offloaded:
+                plan.prepare(step, seed, undo, plan.part(unit.index))
+
+    def finish(self, plan, apply):
+        """Apply the step to the resident parameters now; to a block's, when it is next
+        resident."""
+        for unit in self.units:
+            sets = plan.part(unit.index)
+            if not sets:
+                continue
+            if unit.offloaded:
+                unit.deferred.append(lambda sets=sets: apply(sets))
+            else:
+                apply(sets)
+
+    def replaying(self):
+        """A recorded step, redone in place on the parameters where they are (flushed)."""
+        self.flush()
+        return InPlace()
+
+    def evaluate(self, plan, points, closure, wanted):
+        """The objective at every point in one pass on a stacked batch."""
         n = len(points)
-        at = {}  # each parameter's current point
-        order = [u for u in self.units if any(id(p) in slot_of for p in u.module.parameters())]
+        step = _Walk(self, plan, points)
+        order = [u for u in self.units if any(plan.part(k) for k in u.keys)]
         following = {id(a): b for a, b in zip(order, order[1:])}
-
-        def move(slots, point):
-            # group by current point (a tied weight may arrive already moved) and walk
-            groups = {}
-            for s in slots:
-                groups.setdefault(at.get(id(s.p)), []).append(s)
-            for start, group in groups.items():
-                walk(probe.subset(group).shift, start, point)
-                at.update((id(s.p), point) for s in group)
-
-        def walk_forward(unit, forward):
-            def run(*args, **kwargs):
-                slots = [slot_of[id(p)] for p in unit.module.parameters() if id(p) in slot_of]
-                if unit.offloaded:
-                    self._arrive(unit)
-                    nxt = following.get(id(unit))
-                    if nxt is not None and nxt.offloaded:
-                        self._prefetch(nxt)  # overlaps this block's compute
-                    prepare(slots)
-                stacked = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim()]
-                total = stacked[0].shape[0] if stacked else 0
-                if not stacked or total % n:
-                    raise OffloadError(f"offloading: {type(unit.module).__name__} got {total} "
-                                       f"rows, not a multiple of the {n} points; stack the batch "
-                                       "with zoptim.evaluators.batched.stack")
-                rows = total // n
-                outs = []
-                for k, point in enumerate(points):
-                    move(slots, point)
-                    outs.append(forward(*(_split(a, k, rows, total) for a in args),
-                                        **{key: _split(v, k, rows, total)
-                                           for key, v in kwargs.items()}))
-                if unit.offloaded:
-                    self._leave(unit)
-                return _cat(outs)
-            return run
-
         for unit in order:
-            unit.module.forward = walk_forward(unit, unit.module.forward)
+            unit.module.forward = step.forward(unit, unit.module.forward,
+                                               following.get(id(unit)))
         try:
-            out = torch.as_tensor(probe.closure(n)).detach().flatten()
+            out = torch.as_tensor(closure(n)).detach().flatten()
         finally:
             for unit in order:
                 del unit.module.forward  # the class's forward again
@@ -282,10 +269,64 @@ class Offload:
             raise OffloadError(f"offloading: the closure is called with the number of slices "
                                f"({n}) and must return one loss per slice; it returned "
                                f"{out.numel()} values")
-        missed = [u for u in order if any(id(p) not in at
-                                          for p in u.module.parameters() if id(p) in slot_of)]
+        missed = [u for u in order if any(plan.part(k) and k not in step.at for k in u.keys)]
         if missed:
             raise OffloadError(f"offloading: {type(missed[0].module).__name__} was not run by the "
                                "closure; every optimized parameter must take part")
         last = points[-1]
-        return [float(v) for v in out.tolist()], [] if last is None else [(last[0], -last[1])]
+        values = [float(v) if w else None for v, w in zip(out.tolist(), wanted)]
+        return Evaluation(values, [] if last is None else [(last[0], -last[1])], step.draw)
+
+
+class _Walk:
+    """One step's pass over the units: each unit, when the model runs it, walks its
+    parameters through every point, one slice of the stacked batch at each."""
+
+    def __init__(self, offload: Offload, plan, points: list):
+        self.offload, self.plan, self.points = offload, plan, points
+        self.at = {}  # each partition's current point
+        self.draw = Draw(seeds_of(points))
+
+    def _ready(self, unit) -> None:
+        """Bring the unit's sets to the step: prepared (streamed blocks) and drawn."""
+        off, plan = self.offload, self.plan
+        if unit.offloaded:
+            plan.prepare(*off._step, plan.part(unit.index))
+        missing = [s for k in unit.keys for s in plan.part(k) if s not in self.draw.coords]
+        if missing and self.draw.seeds:
+            self.draw.merge(plan.draw(self.draw.seeds, missing))
+
+    def _move(self, unit, point) -> None:
+        for key in unit.keys:
+            start = self.at.get(key)
+            if key not in self.at or start != point:
+                self.plan.shift_(self.draw, start, point, self.plan.part(key))
+                self.at[key] = point
+
+    def forward(self, unit, forward, nxt):
+        off, n = self.offload, len(self.points)
+
+        def run(*args, **kwargs):
+            if unit.offloaded:
+                off._arrive(unit)
+                if nxt is not None and nxt.offloaded:
+                    off._prefetch(nxt)  # overlaps this block's compute
+            self._ready(unit)
+            stacked = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim()]
+            total = stacked[0].shape[0] if stacked else 0
+            if not stacked or total % n:
+                raise OffloadError(f"offloading: {type(unit.module).__name__} got {total} "
+                                   f"rows, not a multiple of the {n} points; stack the batch "
+                                   "with zoptim.evaluators.batched.stack")
+            rows = total // n
+            outs = []
+            for k, point in enumerate(self.points):
+                self._move(unit, point)
+                outs.append(forward(*(_split(a, k, rows, total) for a in args),
+                                    **{key: _split(v, k, rows, total)
+                                       for key, v in kwargs.items()}))
+            if unit.offloaded:
+                off._leave(unit)
+            return _cat(outs)
+
+        return run

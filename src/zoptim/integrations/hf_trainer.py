@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from zoptim import METHODS
+from zoptim import METHODS, model_arguments
 
 
 class _SharedGroups(torch.optim.Optimizer):
@@ -64,7 +64,8 @@ class ZOTrainer(Trainer):
         if self.optimizer is None:
             target = model if model is not None else self.model
             params = [p for p in target.parameters() if p.requires_grad]
-            extra = {"model": target} if self.zo_method == "forward-gradient" else {}
+            # Trainer.compute_loss evaluates one batch: no stacked closure, no batched queries
+            extra = model_arguments(METHODS[self.zo_method], target, stacked_closure=False)
             settings = {"lr": self.args.learning_rate, **self.zo_settings}
             seed = self.args.seed if self.zo_seed is None else self.zo_seed
             self.zo_optimizer = METHODS[self.zo_method](params, seed=seed, **settings, **extra)

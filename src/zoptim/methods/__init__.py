@@ -1,3 +1,50 @@
-"""The named methods: each an estimator, a space per parameter group and a chain of transforms."""
+"""The named methods, each a short composition of an estimator, a space per parameter group
+and a chain of transforms, and the registry that ``zoptim train`` names them by."""
 
-from zoptim.methods.named import *  # noqa: F401,F403
+from __future__ import annotations
+
+from zoptim.methods.composed import Composed
+from zoptim.methods.dense import (
+    HiZOO,
+    ZOSGD,
+    ForwardGradient,
+    MeZO,
+    SparseMeZO,
+    ZOAdam,
+    ZOSGDConservative,
+    ZOSGDMomentum,
+    ZOSignSGD,
+)
+from zoptim.methods.ordinal import ZOComparison, ZORankSGD
+from zoptim.methods.subspace import LOZO, SubspaceMeZO, SubZero, ZOMuon
+
+METHODS = {
+    "mezo": MeZO,
+    "zo-sgd-momentum": ZOSGDMomentum,
+    "zo-sign-sgd": ZOSignSGD,
+    "zo-sgd-conservative": ZOSGDConservative,
+    "zo-adam": ZOAdam,
+    "forward-gradient": ForwardGradient,
+    "sparse-mezo": SparseMeZO,
+    "hizoo": HiZOO,
+    "lozo": LOZO,
+    "subzero": SubZero,
+    "subspace-mezo": SubspaceMeZO,
+    "zo-muon": ZOMuon,
+    "zo-rank-sgd": ZORankSGD,
+    "zo-comparison": ZOComparison,
+}
+
+
+def model_arguments(cls, model, stacked_closure: bool = True) -> dict:
+    """The ``model=`` argument a method takes, if any: always where it needs the model
+    (forward gradient), and where it only turns batched queries on, when the closure can
+    evaluate a stacked batch (``closure(slices)``)."""
+    uses = getattr(cls, "uses_model", None)
+    if uses == "required" or (uses == "optional" and stacked_closure):
+        return {"model": model}
+    return {}
+
+
+__all__ = ["METHODS", "model_arguments", "Composed", "ZOSGD",
+           *(cls.__name__ for cls in METHODS.values())]

@@ -51,8 +51,7 @@ class DeepZero(Counted, torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, mu=mu, momentum=momentum))
         self.model, self.loss_fn, self.sparsity = model, loss_fn, sparsity
         self.prior_queries, self.parallel = prior_queries, parallel
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
-        self.queries = self.steps = self.skipped = 0
+        self._start_counting(seed)
         # (layer index, parameter) for every optimized parameter, in order, and its name there
         named = [(i, n, p) for i, layer in enumerate(model) for n, p in layer.named_parameters()
                  if p.requires_grad]

@@ -10,27 +10,37 @@ from __future__ import annotations
 
 import torch
 
+from zoptim.engine import settings
 from zoptim.engine.optimizer import Counted, skip_non_finite
 
 
 class FirstOrderAdamW(Counted, torch.optim.AdamW):
     """``torch.optim.AdamW`` behind the zeroth-order interface: ``step(closure)`` takes a
     closure that returns the loss (without calling ``backward()``), computes the gradient
-    itself, and keeps ``steps``, ``queries``, ``last_values`` and the guard. ``eps`` is
-    Adam's denominator term, not a perturbation scale."""
+    itself, and keeps ``steps``, ``queries``, ``last_values`` and the guard.
+
+    Args:
+        params: tensors or parameter groups.
+        lr: learning rate.
+        betas: the moments' decays.
+        adam_eps: Adam's denominator term (``eps`` in ``torch.optim.AdamW`` and in zoptim
+            0.1; renamed since ``eps`` is the perturbation scale everywhere else here).
+        weight_decay: decoupled weight decay.
+        seed: recorded with the state (the step itself is deterministic).
+    """
 
     replayable = False  # a step needs its gradient, which the recorded loss cannot give
 
-    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8,
+    @settings.renamed(eps="adam_eps")
+    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), adam_eps: float = 1e-8,
                  weight_decay: float = 0.0, *, seed: int | None = None):
-        super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self.seed = 0 if seed is None else int(seed)
-        self.queries = self.steps = self.skipped = 0
-        self.last_values: list[float] = []
-        self.last_skip: str | None = None
+        settings.checked(dict(lr=lr, betas=betas, adam_eps=adam_eps, weight_decay=weight_decay))
+        super().__init__(params, lr=lr, betas=tuple(betas), eps=adam_eps,
+                         weight_decay=weight_decay)
+        self._start_counting(0 if seed is None else seed)
         self.guard = skip_non_finite
 
-    def step(self, closure=None, *, replay=None) -> float:  # type: ignore[override]
+    def step(self, closure=None, *, replay=None, skip=None) -> float:  # type: ignore[override]
         if replay is not None:
             raise ValueError("a first-order step cannot be redone from its loss values")
         if closure is None:

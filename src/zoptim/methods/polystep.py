@@ -54,8 +54,7 @@ class PolyStep(Counted, torch.optim.Optimizer):
         super().__init__(params, dict(temperature=temperature, step_radius=step_radius,
                                       probe_radius=probe_radius))
         self.model, self.rank, self.block = model, rank, block
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
-        self.queries = self.steps = self.skipped = 0
+        self._start_counting(seed)
         names = {id(p): n for n, p in model.named_parameters()}
         self._params = [p for g in self.param_groups for p in g["params"]]
         missing = [p for p in self._params if id(p) not in names]

@@ -231,7 +231,7 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
     return x
 
 
-def _fill_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) -> None:
+def fill_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) -> None:
     """Set each row of ``rows`` (k, n) to ``alpha`` times the noise of its key (``keys[i]``
     for row ``i``), as ``add_noise_`` would add it to zeros: in one compiled kernel where
     there is one, as on a CPU a call costs more than a small tensor's noise, and a step's
@@ -253,7 +253,7 @@ def _fill_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) ->
 def _noise_by_size(keys: list[list[int]], sizes: list[int], kind: str, dtype, device,
                    alpha: float = 1.0) -> list[torch.Tensor]:
     """For each ``j``, ``(len(keys[j]), sizes[j])`` holding ``alpha`` times the noise of each
-    key of ``keys[j]``: blocks of one buffer per size, each buffer drawn by ``_fill_rows_``."""
+    key of ``keys[j]``: blocks of one buffer per size, each buffer drawn by ``fill_rows_``."""
     by_size = defaultdict(list)
     for j, n in enumerate(sizes):
         by_size[n].append(j)
@@ -261,7 +261,7 @@ def _noise_by_size(keys: list[list[int]], sizes: list[int], kind: str, dtype, de
     for n, members in by_size.items():
         counts = [len(keys[j]) for j in members]
         rows = torch.empty((sum(counts), n), dtype=dtype, device=device)
-        _fill_rows_(rows, [k for j in members for k in keys[j]], alpha, kind)
+        fill_rows_(rows, [k for j in members for k in keys[j]], alpha, kind)
         for j, block in zip(members, rows.split(counts)):
             blocks[j] = block
     return blocks

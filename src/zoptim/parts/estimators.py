@@ -2,9 +2,8 @@
 
 An estimator names the points it needs, each ``None`` (the current parameters) or
 ``(seed, scale)`` (every parameter moved by ``scale * eps * z(seed)``), and the probe evaluates
-them (``probe.evaluate_points``, one query each): one at a time by shifting the parameters in
-place, or all at once on a stacked batch with the perturbations applied to activations
-(``batched``). ``probe.directional`` gives a forward-mode derivative instead. It returns:
+them (``probe.evaluate_points``, one query each) through the optimizer's evaluator
+(``zoptim.evaluators``: in place, batched, offloaded, distributed). ``probe.directional`` gives a forward-mode derivative instead. It returns:
 
 - the loss to report,
 - one :class:`Direction` per query direction: its seed and ``diff``, the estimated directional
@@ -24,6 +23,7 @@ import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from zoptim.engine import settings
 from zoptim.noise import mix
 
 
@@ -42,36 +42,52 @@ class Probe(Protocol):
     def evaluate_points(self, points: list[Point]) -> tuple[list[float], Pending]: ...
 
 
+def _count(directions: int) -> int:
+    settings.check("directions", directions)
+    return directions
+
+
 def _seeds(step_seed: int, n: int) -> list[int]:
     return [mix(step_seed, i) for i in range(n)]
 
 
 class Central:
     """Two-point central difference per direction: ``(f(x + eps z) - f(x - eps z)) / 2``,
-    ``queries`` directions averaged (MeZO; n-SPSA for ``queries > 1``). 2 queries each."""
+    ``directions`` directions averaged (MeZO; n-SPSA for ``directions > 1``). Two queries
+    each."""
 
-    def __init__(self, queries: int = 1):
-        self.queries = queries
+    forward_mode = False
+
+    @settings.renamed(queries="directions")
+    def __init__(self, directions: int = 1):
+        self.directions = _count(directions)
 
     def __call__(self, probe: Probe, step_seed: int):
-        seeds = _seeds(step_seed, self.queries)
+        seeds = _seeds(step_seed, self.directions)
         values, pending = probe.evaluate_points([pt for s in seeds for pt in ((s, 1.0), (s, -1.0))])
         pairs = list(zip(values[0::2], values[1::2]))
         dirs = [Direction(s, (plus - minus) / 2) for s, (plus, minus) in zip(seeds, pairs)]
         return sum((plus + minus) / 2 for plus, minus in pairs) / len(pairs), dirs, pending
 
 
-class Forward:
-    """One-sided differences against one baseline: ``f(x + eps z_i) - f(x)`` for ``queries``
-    directions, ``queries + 1`` evaluations (ZO-Muon's multi-query estimator)."""
+class OneSided:
+    """One-sided differences against one baseline: ``f(x + eps z_i) - f(x)`` for
+    ``directions`` directions, ``directions + 1`` evaluations (ZO-Muon's multi-query
+    estimator). Called ``Forward`` in zoptim 0.1 (not forward-mode: that is ``JVP``)."""
 
-    def __init__(self, queries: int = 4):
-        self.queries = queries
+    forward_mode = False
+
+    @settings.renamed(queries="directions")
+    def __init__(self, directions: int = 4):
+        self.directions = _count(directions)
 
     def __call__(self, probe: Probe, step_seed: int):
-        seeds = _seeds(step_seed, self.queries)
+        seeds = _seeds(step_seed, self.directions)
         (base, *values), pending = probe.evaluate_points([None] + [(s, 1.0) for s in seeds])
         return base, [Direction(s, v - base) for s, v in zip(seeds, values)], pending
+
+
+Forward = OneSided  # the 0.1 name
 
 
 class Ranking:
@@ -82,6 +98,8 @@ class Ranking:
     ``(2 r_k - m + 1) / (m (m - 1) / 2)``, ``r_k`` the candidate's place (0: best). The values
     may be the objective's or the places themselves; ties keep the candidates' order.
     ``diff`` carries ``m`` times that weight (the optimizer averages over directions)."""
+
+    forward_mode = False
 
     def __init__(self, candidates: int = 4):
         self.candidates = candidates
@@ -103,6 +121,8 @@ class Comparison:
     ``sign(f(x + eps z) - f(x - eps z)) z`` (the one-bit estimator of Cai et al., 2022, "A
     One-bit, Comparison-Based Gradient Estimator", ACHA). ``diff`` carries the sign."""
 
+    forward_mode = False
+
     def __init__(self, pairs: int = 1):
         self.pairs = pairs
 
@@ -117,6 +137,8 @@ class Comparison:
 class ThreePoint:
     """Baseline plus central difference, ``f(x)``, ``f(x + eps z)``, ``f(x - eps z)``: the
     directional derivative and the curvature along ``z`` (HiZOO; conservative ZO-SGD)."""
+
+    forward_mode = False
 
     def __call__(self, probe: Probe, step_seed: int):
         (seed,) = _seeds(step_seed, 1)
@@ -162,6 +184,8 @@ class JVP:
     """Forward gradient (Baydin et al., 2022): the exact directional derivative ``grad f . z``
     by forward-mode differentiation, one pass per direction, no finite difference. The
     tangents are materialized, so it needs one extra copy of the optimized parameters."""
+
+    forward_mode = True  # declared: it names no points, so it cannot be asked/told
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

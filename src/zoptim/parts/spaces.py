@@ -15,96 +15,126 @@ LowRank         U @ V^T                     U    (m x r)        V  (n x r, Gauss
 TwoSided        s * U @ Z @ V^T             Z    (r x r)        U, V  (orthonormal)
 ==============  ==========================  ==================  ===========================
 
+The coordinates of a key are always the noise of that key in the coordinates' shape, so a
+step draws the coordinates of many tensors at once (``noise_stacks``). The factored spaces
+work on stacks: the tensors of one shape hold their factors in one ``(L, ...)`` tensor and
+are lifted together (``lift``), which is how a step's operator calls stay independent of the
+model's depth (``engine.plan``).
+
 Factors that change on a schedule are regenerated from ``(seed, epoch, parameter index)``,
 so a resumed run draws the same ones. When they change, state kept in coordinates (momentum)
 is carried over by ``transfer``. Tensors of more than two dimensions are viewed as matrices
-``(shape[0], rest)`` (convolution kernels as Muon does).
+``(shape[0], rest)`` (convolution kernels, as Muon does).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import warnings
+from typing import Sequence
 
 import torch
 
-from zoptim.noise import add_noise_, mix, noise
+from zoptim.noise import add_noise_, mix, noise, noise_stacks
 
 # Salt separating the keys of scheduled factors from the keys of per-step noise.
 _FACTOR_SALT = 0xFAC7
 
 
 def as_matrix(p: torch.Tensor) -> torch.Tensor:
-    """View a parameter of two or more dimensions as ``(shape[0], numel / shape[0])``."""
-    return p.view(p.shape[0], -1)
+    """View a parameter of two or more dimensions as ``(shape[0], numel / shape[0])``; a matrix
+    is returned as it is (no operator call)."""
+    return p if p.dim() == 2 else p.view(p.shape[0], -1)
 
 
-def orthonormal(key: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
-    """A ``rows x cols`` matrix with orthonormal columns: QR of a Gaussian, signs fixed by R's
-    diagonal so the draw is uniform (Haar) and does not depend on the QR routine's sign choice."""
+def orthonormal(key, rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """A ``rows x cols`` matrix with orthonormal columns (``key`` an int), or a stack of them
+    (``key`` a list of ints): QR of a Gaussian, signs fixed by R's diagonal so that the draw
+    is uniform (Haar) and does not depend on the QR routine's sign choice."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    q, r = torch.linalg.qr(noise(key, (rows, cols), dtype=work, device=device))
-    signs = torch.sign(torch.diagonal(r))
+    keys = [key] if isinstance(key, int) else list(key)
+    (gauss,) = noise_stacks([keys], [(rows, cols)], dtype=work, device=device)
+    q, r = torch.linalg.qr(gauss)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs[signs == 0] = 1
-    return (q * signs).to(dtype)
+    q = (q * signs.unsqueeze(-2)).to(dtype)
+    return q[0] if isinstance(key, int) else q
 
 
 class Space:
-    """Dense Gaussian (or Rademacher) perturbation of the whole tensor: MeZO's."""
+    """Where a perturbation lives: the base of every space. Subclasses say how a key becomes a
+    perturbation and how an estimate in coordinates becomes an update.
 
-    linear = True  # the update is a fixed linear function of the coefficients
-    compact = False  # coordinates much smaller than the parameter: several may be held at once
+    Declared capabilities, read by the step plan:
+
+    - ``linear``: the update is a fixed linear function of the coefficients (``False`` for
+      HiZOO, whose scaling changes with the step's values);
+    - ``factored``: a low-rank product of factors kept in the state (``Factored``);
+    - ``own_perturbation``: the perturbation is computed tensor by tensor by ``perturb_``
+      (a mask, a scaling), not drawn as plain noise of the coordinates' shape.
+
+    ``Space("gaussian")``, zoptim 0.1's name of the dense space, still builds a ``Dense``.
+    """
+
+    linear = True
+    factored = False
+    own_perturbation = False
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Space:  # the 0.1 name of the dense space
+            warnings.warn("Space(...) is the base class now; use Dense(...) for dense noise",
+                          DeprecationWarning, stacklevel=2)
+            return super().__new__(Dense)
+        return super().__new__(cls)
 
     def __init__(self, noise_kind: str = "gaussian"):
         self.noise_kind = noise_kind
 
-    def prepare(self, p, state, step: int, key: int, scratch: dict) -> Callable | None:
-        """Called once per step before any perturbation. Returns a map that carries state kept
-        in coordinates over to new factors, when the factors were just resampled."""
-        return None
+    def signature(self) -> tuple:
+        """What makes two spaces interchangeable: tensors whose spaces share it move together."""
+        return (type(self).__name__, *sorted(vars(self).items()))
 
-    def perturb_(self, p, state, key: int, alpha: float, scratch: dict) -> None:
-        add_noise_(p, key, alpha, self.noise_kind)
-
-    def coords_shape(self, p, state) -> tuple[int, ...]:
-        """The shape of the coordinates, which are the noise of this shape (``coords``)."""
+    def coords_shape(self, p: torch.Tensor, state: dict) -> tuple[int, ...]:
+        """The shape of the coordinates of ``p``'s perturbations."""
         return tuple(p.shape)
 
-    def coords(self, p, state, key: int, scratch: dict) -> torch.Tensor:
-        """The coordinates of ``key``'s perturbation. A batched evaluation draws every slice's
-        at once and leaves them in ``scratch["coords"]``, where the update takes them (each
-        once) instead of drawing them again."""
-        drawn = scratch.get("coords")
-        if drawn is not None and key in drawn:
-            return drawn.pop(key)
-        return noise(key, self.coords_shape(p, state), self.noise_kind, p.dtype, p.device)
+    def prepare(self, p, state: dict, step: int, key: int, scratch: dict) -> None:
+        """Per-step preparation of one tensor (own-perturbation spaces): masks, scalings."""
 
-    def add_lifted_(self, p, state, coords: torch.Tensor, alpha: float) -> None:
-        p.add_(coords, alpha=alpha)
+    def perturb_(self, p, state: dict, key: int, alpha: float, scratch: dict) -> None:
+        """``p += alpha * z(key)``, one tensor, regenerating ``z``."""
+        raise NotImplementedError
 
-    def estimate(self, p, state, keys: Sequence[int], coefs: Sequence[float], probes, eps,
+    def estimate(self, p, state: dict, keys: Sequence[int], coefs: Sequence[float], dirs, eps,
                  scratch: dict) -> torch.Tensor:
-        """The gradient estimate in coordinates: sum_i coef_i * coords(key_i)."""
+        """The gradient estimate of one tensor in coordinates, ``sum_i coef_i * coords(key_i)``,
+        regenerating each direction's coordinates."""
+        raise NotImplementedError
+
+
+class Dense(Space):
+    """Dense Gaussian (or Rademacher) perturbation of the whole tensor: MeZO's."""
+
+    def perturb_(self, p, state, key, alpha, scratch):
+        add_noise_(p, key, alpha, self.noise_kind)
+
+    def estimate(self, p, state, keys, coefs, dirs, eps, scratch):
         g = None
         for key, c in zip(keys, coefs):
-            z = self.coords(p, state, key, scratch)
+            z = noise(key, p.shape, self.noise_kind, p.dtype, p.device)
             g = z.mul_(c) if g is None else g.add_(z, alpha=c)
         return g
 
-    def add_directions_(self, p, state, keys: Sequence[int], weights: Sequence[float],
-                        scratch: dict) -> None:
-        """``p += sum_i weights_i * z(key_i)``: the whole update of a linear method."""
-        for key, w in zip(keys, weights):
-            self.perturb_(p, state, key, w, scratch)
 
-
-class Masked(Space):
+class Masked(Dense):
     """Sparse-MeZO: perturb and update only the small-magnitude entries of a weight.
 
     The threshold is the ``1 - sparsity`` quantile of ``|W|`` at the first step (fixed
     afterwards); the mask ``|W_t| <= threshold`` is recomputed from the unperturbed weights at
     the start of every step and held (one byte per entry) until the step ends.
     """
+
+    own_perturbation = True
 
     def __init__(self, sparsity: float, noise_kind: str = "gaussian"):
         super().__init__(noise_kind)
@@ -116,16 +146,22 @@ class Masked(Space):
             k = max(1, math.ceil((1.0 - self.sparsity) * flat.numel()))
             state["threshold"] = flat.kthvalue(k).values
         scratch["mask"] = p.abs() <= state["threshold"].to(p.dtype)
-        return None
 
-    def coords(self, p, state, key, scratch):
+    def _coords(self, p, key, scratch):
         return noise(key, p.shape, self.noise_kind, p.dtype, p.device).mul_(scratch["mask"])
 
     def perturb_(self, p, state, key, alpha, scratch):
-        p.add_(self.coords(p, state, key, scratch), alpha=alpha)
+        p.add_(self._coords(p, key, scratch), alpha=alpha)
+
+    def estimate(self, p, state, keys, coefs, dirs, eps, scratch):
+        g = None
+        for key, c in zip(keys, coefs):
+            z = self._coords(p, key, scratch)
+            g = z.mul_(c) if g is None else g.add_(z, alpha=c)
+        return g
 
 
-class HessianScaled(Space):
+class HessianScaled(Dense):
     """HiZOO: perturb along ``z / sqrt(H)`` with a diagonal Hessian estimate ``H`` (Zhao et al.,
     2024, arXiv 2402.15173), updated from the three-point curvature of each step:
 
@@ -135,6 +171,7 @@ class HessianScaled(Space):
     """
 
     linear = False
+    own_perturbation = True
 
     def __init__(self, smoothing: float, noise_kind: str = "gaussian"):
         super().__init__(noise_kind)
@@ -143,127 +180,136 @@ class HessianScaled(Space):
     def prepare(self, p, state, step, key, scratch):
         if "hessian" not in state:
             state["hessian"] = torch.ones_like(p)
-        return None
 
     def perturb_(self, p, state, key, alpha, scratch):
         z = noise(key, p.shape, self.noise_kind, p.dtype, p.device)
         p.add_(z.div_(state["hessian"].sqrt()), alpha=alpha)
 
-    def estimate(self, p, state, keys, coefs, probes, eps, scratch):
+    def estimate(self, p, state, keys, coefs, dirs, eps, scratch):
         h = state["hessian"]
         g = torch.zeros_like(p)
-        for key, c, probe in zip(keys, coefs, probes):
+        for key, c, d in zip(keys, coefs, dirs):
             z = noise(key, p.shape, self.noise_kind, p.dtype, p.device)
-            curvature = abs(probe.curv) / eps**2  # |f+ + f- - 2 f0| / (2 eps^2)
+            curvature = abs(d.curv) / eps**2  # |f+ + f- - 2 f0| / (2 eps^2)
             observed = h * z * z  # the old H's, so computed before H is decayed
             h.mul_(1.0 - self.smoothing).add_(observed, alpha=self.smoothing * curvature)
             g.add_(z.div_(h.sqrt()), alpha=c)
         return g
 
 
-class _Factored(Space):
-    """Shared machinery of the matrix spaces: a rank, a resampling period and factors."""
+class Factored(Space):
+    """A low-rank perturbation ``A @ B`` of a matrix, one factor drawn per step in coordinates
+    and the others kept in the state (``factors``), redrawn every ``resample_every`` steps.
 
+    Every method takes stacks: ``factors`` maps each name to an ``(L, ...)`` tensor, one row
+    per tensor of a set, and coordinates ``C`` are ``(L, *coords)``."""
+
+    factored = True
     factors: tuple[str, ...] = ()
-    compact = True
+    # Which of ``(A, B)`` the per-step coordinates make: "left" (LOZO's U) or "right".
+    drawn_side = "right"
 
     def __init__(self, rank: int, resample_every: int, noise_kind: str = "gaussian"):
         super().__init__(noise_kind)
         self.rank = rank
         self.resample_every = resample_every
 
+    def epoch(self, step: int) -> int:
+        return step // self.resample_every
+
     def effective_rank(self, m: int, n: int) -> int:
         return min(self.rank, m)
 
-    def prepare(self, p, state, step, key, scratch):
-        epoch = step // self.resample_every
-        if state.get("factor_epoch") == epoch:
-            return None
-        old = {name: state[name] for name in self.factors if name in state}
+    def coords_shape(self, p, state):
         m, n = as_matrix(p).shape
-        new = self.draw(mix(key, _FACTOR_SALT, epoch), m, n, self.effective_rank(m, n),
-                        p.dtype, p.device)
-        state.update(new)
-        state["factor_epoch"] = epoch
-        if not old:
-            return None
-        return lambda c: self.transfer(c, old, new)
+        return self.shape_of(m, n, self.effective_rank(m, n))
 
-    def draw(self, key, m, n, r, dtype, device) -> dict:
+    def shape_of(self, m: int, n: int, r: int) -> tuple[int, int]:
+        """The coordinates' shape of an ``m x n`` matrix at rank ``r``."""
         raise NotImplementedError
 
-    def transfer(self, c, old: dict, new: dict) -> torch.Tensor:
+    def draw(self, keys: list[int], m: int, n: int, r: int, dtype, device) -> dict:
+        """The factors of ``len(keys)`` matrices of shape ``m x n``, stacked."""
         raise NotImplementedError
 
-    def batched_factors(self, p, state, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a stack of coordinates ``(k, ...)``, ``(A, B)`` with ``A[i] @ B[i]`` the matrix
-        view of ``coords[i]`` lifted to the parameter: a rank-r product, which lets a layer
-        apply the perturbation to its activations. One factor is shared by every coordinate
-        and returned once, two-dimensional (ZO-Muon's ``P``, LOZO's ``V^T``)."""
+    def lift(self, factors: dict, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` with ``s * A @ B`` the perturbations of coordinates ``C`` (stacks)."""
         raise NotImplementedError
 
-    def lifted_factors(self, p, state, coords) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` with ``A @ B`` the matrix view of ``coords`` lifted to the parameter."""
-        a, b = self.batched_factors(p, state, coords.unsqueeze(0))
-        return (a[0] if a.dim() == 3 else a), (b[0] if b.dim() == 3 else b)
+    def transfer(self, c: torch.Tensor, old: dict, new: dict) -> torch.Tensor:
+        """State kept in the old factors' coordinates, in the new ones' (stacks)."""
+        raise NotImplementedError
 
-    def add_lifted_(self, p, state, coords, alpha):
-        a, b = self.lifted_factors(p, state, coords)
-        as_matrix(p).addmm_(a, b, alpha=alpha)
+    def scale(self, factors: dict) -> float:
+        """The constant ``s`` of ``lift``."""
+        return 1.0
+
+    def slice_factors(self, factors: dict, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For per-slice coordinates ``Z`` ``(L, S, *coords)`` (already times ``s``), the
+        factors ``(A, B)`` of each slice's perturbation: the one made from ``Z`` is
+        ``(L, S, ...)``, the shared one ``(L, ...)``."""
+        A, B, _ = self.lift(factors, Z)
+        return A, B
 
     def perturb_(self, p, state, key, alpha, scratch):
-        self.add_lifted_(p, state, self.coords(p, state, key, scratch), alpha)
+        # one tensor on its own (forward-mode tangents): its factors as a stack of one
+        factors = {name: state[name].unsqueeze(0) for name in self.factors}
+        C = noise(key, self.coords_shape(p, state), self.noise_kind, p.dtype, p.device)
+        a, b, s = self.lift(factors, C.unsqueeze(0))
+        as_matrix(p).addmm_(a[0], b[0], alpha=alpha * s)
 
-    def add_directions_(self, p, state, keys, weights, scratch):
-        # A linear combination of directions is one direction in coordinates: one write to p.
-        self.add_lifted_(p, state, self.estimate(p, state, keys, weights, None, None, scratch), 1.0)
 
-
-class Projected(_Factored):
+class Projected(Factored):
     """ZO-Muon's subspace (Lang et al., 2026, arXiv 2602.17155): ``z = P @ Psi`` with ``P``
     (m x r) column-orthonormal from the QR of a Gaussian, shared by every query of a step and
     redrawn every ``resample_every`` steps, and ``Psi`` (r x n) Gaussian per query."""
 
     factors = ("P",)
 
-    def draw(self, key, m, n, r, dtype, device):
-        return {"P": orthonormal(key, m, r, dtype, device)}
+    def shape_of(self, m, n, r):
+        return r, n
 
-    def coords_shape(self, p, state):
-        return state["P"].shape[1], as_matrix(p).shape[1]
+    def draw(self, keys, m, n, r, dtype, device):
+        return {"P": orthonormal(keys, m, r, dtype, device)}
 
-    def batched_factors(self, p, state, coords):
-        return state["P"], coords
+    def lift(self, factors, C):
+        return factors["P"], C, 1.0
 
     def transfer(self, c, old, new):
-        return new["P"].T @ (old["P"] @ c)
+        return new["P"].mT @ (old["P"] @ c)
 
 
-class LowRank(_Factored):
+class LowRank(Factored):
     """LOZO's low-rank perturbation (Chen et al., 2024, arXiv 2410.07698): ``z = U @ V^T`` with
     ``U`` (m x r) Gaussian per query and ``V`` (n x r) Gaussian, kept for ``resample_every``
-    steps (lazy sampling). Unscaled, as in the authors' code."""
+    steps (lazy sampling).
+
+    Unscaled, as in the authors' code: ``E|z|^2 = r m n``, ``r`` times dense noise's, so a
+    learning rate tuned for MeZO is ``r`` times too large here (ZO-Muon's paper runs its LOZO
+    baseline with ``z / r``; take ``lr / r`` to compare with it)."""
 
     factors = ("V",)
+    drawn_side = "left"
 
     def effective_rank(self, m, n):
         return min(self.rank, m, n)
 
-    def draw(self, key, m, n, r, dtype, device):
-        return {"V": noise(key, (n, r), self.noise_kind, dtype, device)}
+    def shape_of(self, m, n, r):
+        return m, r
 
-    def coords_shape(self, p, state):
-        return as_matrix(p).shape[0], state["V"].shape[1]
+    def draw(self, keys, m, n, r, dtype, device):
+        (v,) = noise_stacks([list(keys)], [(n, r)], self.noise_kind, dtype, device)
+        return {"V": v}
 
-    def batched_factors(self, p, state, coords):
-        return coords, state["V"].T
+    def lift(self, factors, C):
+        return C, factors["V"].mT, 1.0
 
     def transfer(self, c, old, new):
         # LOZO-M's momentum transfer: M V_old^T V_new / n (V_old^T V_new / n ~ I for V_new = V_old).
-        return c @ (old["V"].T @ new["V"]) / old["V"].shape[0]
+        return c @ (old["V"].mT @ new["V"]) / old["V"].shape[-2]
 
 
-class TwoSided(_Factored):
+class TwoSided(Factored):
     """SubZero's random subspace (Yu et al., 2024, arXiv 2410.08989): ``z = s U Z V^T`` with
     ``U`` (m x r), ``V`` (n x r) column-orthonormal, redrawn every ``resample_every`` steps,
     ``Z`` (r x r) Gaussian per query, and ``s = sqrt(m n) / r`` so that ``E|z|^2 = m n`` as for
@@ -274,18 +320,27 @@ class TwoSided(_Factored):
     def effective_rank(self, m, n):
         return min(self.rank, m, n)
 
-    def draw(self, key, m, n, r, dtype, device):
-        return {"U": orthonormal(mix(key, 0), m, r, dtype, device),
-                "V": orthonormal(mix(key, 1), n, r, dtype, device)}
-
-    def coords_shape(self, p, state):
-        r = state["U"].shape[1]
+    def shape_of(self, m, n, r):
         return r, r
 
-    def batched_factors(self, p, state, coords):
-        m, n = as_matrix(p).shape
-        scale = math.sqrt(m * n) / state["U"].shape[1]
-        return state["U"], (coords @ state["V"].T).mul_(scale)
+    def draw(self, keys, m, n, r, dtype, device):
+        return {"U": orthonormal([mix(k, 0) for k in keys], m, r, dtype, device),
+                "V": orthonormal([mix(k, 1) for k in keys], n, r, dtype, device)}
+
+    def scale(self, factors):
+        U, V = factors["U"], factors["V"]
+        return math.sqrt(U.shape[-2] * V.shape[-2]) / U.shape[-1]
+
+    def lift(self, factors, C):
+        return factors["U"], C @ factors["V"].mT, self.scale(factors)
+
+    def slice_factors(self, factors, Z):
+        return factors["U"], Z @ factors["V"].mT.unsqueeze(1)
 
     def transfer(self, c, old, new):
-        return new["U"].T @ old["U"] @ c @ old["V"].T @ new["V"]
+        return new["U"].mT @ old["U"] @ c @ old["V"].mT @ new["V"]
+
+
+def factor_keys(space: Factored, seed: int, indices: list[int], epoch: int) -> list[int]:
+    """The keys of the factors of the tensors at ``indices`` for ``epoch``."""
+    return [mix(mix(seed, i), _FACTOR_SALT, epoch) for i in indices]

@@ -1,29 +1,83 @@
-"""Per-tensor update rules, applied to a gradient estimate in its space's coordinates.
+"""Update rules applied to gradient estimates in their space's coordinates.
 
-Each transform maps an estimate ``g`` to an update direction, keeping its state in the
-optimizer's per-parameter state under its own names (so ``state_dict`` saves it). They
-compose in a list, applied in order, as ``optax.chain`` does. A transform whose state is a
-linear image of past estimates lists it in ``carried``; when a space redraws its factors the
-optimizer maps that state into the new coordinates.
+Each transform maps estimates to update directions, keeping its state in the optimizer's
+per-parameter state under its own names (so ``state_dict`` saves it). They compose in a
+list, applied in order, as ``optax.chain`` does. A transform works on a stack ``G`` of the
+estimates of several same-shaped tensors ``(L, ...)`` at once, its state held in one stacked
+tensor per name whose rows are the per-parameter entries (``StateStack``): a step's calls do
+not grow with the number of tensors.
+
+A transform whose state is a linear image of past estimates lists it in ``carried``: when a
+space redraws its factors the optimizer maps that state into the new coordinates. State that
+is not (Adam's second moment) is listed in ``restarted`` and is estimated afresh.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
+
+
+class StateStack:
+    """The per-parameter states of a stack of tensors, seen as stacked tensors: ``get(name)``
+    is an ``(L, ...)`` tensor whose row ``i`` is ``states[i][name]`` (the entries are views of
+    it, so ``state_dict`` sees them as usual). Rows loaded from a checkpoint are stacked again
+    once; after that, reading a stack costs no operator call."""
+
+    def __init__(self, states: list[dict]):
+        self.states = states
+        self._bound: dict[str, tuple[torch.Tensor, list]] = {}
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The stack of ``name``, or ``None`` when no tensor has it yet."""
+        rows = [s.get(name) for s in self.states]
+        bound = self._bound.get(name)
+        if bound is not None and all(a is b for a, b in zip(rows, bound[1])):
+            return bound[0]
+        if all(r is None for r in rows):
+            return None
+        if any(r is None for r in rows):
+            raise ValueError(f"state {name!r} is held by some tensors of a set and not others")
+        if len(rows) == 1:  # a stack of one is a view, not a copy
+            stack = rows[0].unsqueeze(0)
+            self._bound[name] = (stack, rows)
+            return stack
+        return self.set(name, torch.stack(rows))
+
+    def set(self, name: str, stack: torch.Tensor) -> torch.Tensor:
+        """Make ``stack`` the state ``name`` of every tensor (row ``i`` for tensor ``i``)."""
+        rows = list(stack.unbind(0))
+        for s, r in zip(self.states, rows):
+            s[name] = r
+        self._bound[name] = (stack, rows)
+        return stack
+
+    def drop(self, name: str) -> None:
+        for s in self.states:
+            s.pop(name, None)
+        self._bound.pop(name, None)
+
+    def scalar(self, name: str, default=None):
+        return self.states[0].get(name, default)
+
+    def set_scalar(self, name: str, value) -> None:
+        for s in self.states:
+            s[name] = value
 
 
 class Transform:
     carried: tuple[str, ...] = ()
+    restarted: tuple[str, ...] = ()
 
-    def __call__(self, g: torch.Tensor, state: dict) -> torch.Tensor:
+    def stacked(self, G: torch.Tensor, state: StateStack) -> torch.Tensor:
+        """The update directions of a stack of estimates ``(L, ...)``."""
         raise NotImplementedError
 
-    def many(self, gs: list[torch.Tensor], states: list[dict]) -> list[torch.Tensor]:
-        """The transform of several tensors' estimates (compact ones, held together): one by
-        one unless a transform does better."""
-        return [self(g, state) for g, state in zip(gs, states)]
+    def __call__(self, g: torch.Tensor, state: dict) -> torch.Tensor:
+        """The update direction of one tensor's estimate."""
+        return self.stacked(g.unsqueeze(0), StateStack([state]))[0]
 
 
 class Momentum(Transform):
@@ -36,52 +90,55 @@ class Momentum(Transform):
     def __init__(self, beta: float, dampening: float = 0.0, nesterov: bool = False):
         self.beta, self.dampening, self.nesterov = beta, dampening, nesterov
 
-    def __call__(self, g, state):
+    def stacked(self, G, state):
         buf = state.get("momentum_buffer")
         if buf is None:
-            buf = state["momentum_buffer"] = g.clone()
+            buf = state.set("momentum_buffer", G.clone())
         else:
-            buf.mul_(self.beta).add_(g, alpha=1.0 - self.dampening)
-        return g.add(buf, alpha=self.beta) if self.nesterov else buf.clone()
+            buf.mul_(self.beta).add_(G, alpha=1.0 - self.dampening)
+        return G.add(buf, alpha=self.beta) if self.nesterov else buf.clone()
 
 
 class Sign(Transform):
     """Elementwise sign of the estimate (ZO-signSGD, Liu et al., ICLR 2019)."""
 
-    def __call__(self, g, state):
-        return g.sign_()
+    def stacked(self, G, state):
+        return G.sign_()
 
 
 class Adam(Transform):
     """Adam's moments with bias correction (Kingma & Ba, 2015), as ``torch.optim.Adam``.
 
-    The second moment is not a linear image of past estimates, so when a space redraws its
-    factors it is re-estimated from zero (and the bias correction restarts with it)."""
+    The first moment is carried into new coordinates when a space redraws its factors; the
+    second is not a linear image of past estimates, so it is re-estimated from zero then, and
+    the bias correction restarts with it."""
 
     carried = ("exp_avg",)
+    restarted = ("exp_avg_sq", "adam_step")
 
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8):
         self.b1, self.b2 = betas
         self.eps = eps
 
-    def __call__(self, g, state):
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(g)
-        if "exp_avg_sq" not in state or state["exp_avg_sq"].shape != g.shape:
-            state["exp_avg_sq"] = torch.zeros_like(g)
-            state["adam_step"] = 0
-        state["adam_step"] += 1
-        t = state["adam_step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-        v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+    def stacked(self, G, state):
+        m = state.get("exp_avg")
+        if m is None:
+            m = state.set("exp_avg", torch.zeros_like(G))
+        v = state.get("exp_avg_sq")
+        if v is None:
+            v = state.set("exp_avg_sq", torch.zeros_like(G))
+            state.set_scalar("adam_step", 0)
+        t = state.scalar("adam_step") + 1
+        state.set_scalar("adam_step", t)
+        m.mul_(self.b1).add_(G, alpha=1 - self.b1)
+        v.mul_(self.b2).addcmul_(G, G, value=1 - self.b2)
         denom = (v / (1 - self.b2**t)).sqrt_().add_(self.eps)
         return (m / (1 - self.b1**t)).div_(denom)
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate the orthogonal polar factor ``U V^T`` of ``g`` (Jordan et al., Muon), or of
-    each matrix of a stack ``(k, m, n)``.
+    each matrix of a stack ``(..., m, n)``.
 
     A quintic iteration ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` and coefficients
     (3.4445, -4.7750, 2.0315), chosen to push singular values up fast from near zero rather
@@ -108,29 +165,18 @@ def polar(g: torch.Tensor) -> torch.Tensor:
 
 
 class Orthogonalize(Transform):
-    """Replace a matrix estimate by its orthogonal polar factor: Newton-Schulz or SVD."""
+    """Replace a matrix estimate by its orthogonal polar factor: Newton-Schulz or SVD. A stack
+    of estimates is orthogonalized in one batched iteration."""
 
     def __init__(self, method: str = "newton_schulz", steps: int = 5):
         if method not in ("newton_schulz", "svd"):
             raise ValueError(f"orthogonalization must be 'newton_schulz' or 'svd', got {method!r}")
         self.method, self.steps = method, steps
 
-    def __call__(self, g, state):
-        return self.many([g], [state])[0]
-
-    def many(self, gs, states):
-        # same-shaped matrices in one stack: one batched iteration instead of one per matrix
-        out: list = [None] * len(gs)
-        alike = defaultdict(list)
-        for i, g in enumerate(gs):
-            alike[(g.shape, g.dtype, g.device)].append(i)
-        for idx in alike.values():
-            stack = torch.stack([gs[i].reshape(gs[i].shape[0], -1) for i in idx])
-            stack = newton_schulz(stack, self.steps) if self.method == "newton_schulz" \
-                else polar(stack)
-            for i, o in zip(idx, stack):
-                out[i] = o.view_as(gs[i])
-        return out
+    def stacked(self, G, state):
+        mats = G if G.dim() == 3 else G.reshape(G.shape[0], G.shape[1], -1)
+        out = newton_schulz(mats, self.steps) if self.method == "newton_schulz" else polar(mats)
+        return out.view_as(G)
 
 
 class ClipNorm(Transform):
@@ -139,6 +185,7 @@ class ClipNorm(Transform):
     def __init__(self, max_norm: float):
         self.max_norm = max_norm
 
-    def __call__(self, g, state):
-        norm = float(g.norm())
-        return g.mul_(self.max_norm / norm) if norm > self.max_norm else g
+    def stacked(self, G, state):
+        norms = torch.linalg.vector_norm(G.flatten(1), dim=1)
+        scale = (self.max_norm / norms).clamp_(max=1.0)
+        return G.mul_(scale.view(-1, *([1] * (G.dim() - 1))))

@@ -45,7 +45,7 @@ class TaskConfig(_Strict):
 class MethodConfig(_Strict):
     name: str = "zo-muon"
     settings: dict[str, Any] = {"lr": 1e-2, "eps": 1e-3, "rank": 32, "resample_every": 100,
-                                "queries": 4}
+                                "directions": 4}
 
 
 class GuardConfig(_Strict):
@@ -161,20 +161,16 @@ def method_class(name: str):
     return methods[name]
 
 
-def takes_model(cls) -> bool:
-    """Whether a method is given the model (``model=``): forward gradient (forward-mode
-    passes) and the low-rank methods (all queries of a step in one batched pass)."""
-    return getattr(cls, "uses_model", False)
-
-
 def _check_method(method: MethodConfig) -> None:
     """Build the method once on a dummy parameter: unknown settings and impossible values are
     reported by the optimizer's own checks, before any model is loaded."""
     import torch
 
+    from zoptim.methods import model_arguments
+
     cls = method_class(method.name)
     dummy = torch.nn.Linear(2, 2)
-    extra = {"model": dummy} if takes_model(cls) else {}
+    extra = model_arguments(cls, dummy)
     try:
         cls(dummy.parameters(), **method.settings, **extra)
     except (TypeError, ValueError) as err:

@@ -34,6 +34,7 @@ from zoptim.runs import journal
 from zoptim.runs.config import TrainConfig
 from zoptim.engine.optimizer import skip_non_finite
 from zoptim.integrations.classifier import PromptClassifier
+from zoptim.methods import model_arguments
 from zoptim.integrations.models import DTYPES, load_model
 from zoptim.integrations.schemes import apply_scheme
 from zoptim.tasks import Prompt, Splits, load_task
@@ -112,7 +113,7 @@ def build(cfg: TrainConfig) -> Run:
                        f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
     # The method and its settings were checked when the configuration was built.
     cls = config.method_class(cfg.method.name)
-    extra = {"model": clf} if config.takes_model(cls) else {}
+    extra = model_arguments(cls, clf)
     opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings, **extra)
     return Run(cfg, splits, clf, params, opt)
 
@@ -256,8 +257,7 @@ def _roll_forward(run: Run, entries: list[journal.Entry], guard: LossGuard) -> N
     for entry in entries:
         if entry.step != run.opt.steps:
             raise RunError(f"journal step {entry.step} does not follow step {run.opt.steps}")
-        run.opt.guard = lambda values, skip=entry.skipped: skip
-        run.opt.step(replay=entry.values)
+        run.opt.step(replay=entry.values, skip=entry.skipped)
         guard.observe(entry.values, entry.skipped)
 
 

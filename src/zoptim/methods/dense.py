@@ -1,0 +1,226 @@
+"""MeZO and the methods that perturb whole tensors: momentum, sign, Adam, the conservative
+step, Sparse-MeZO, HiZOO and forward gradient. Defaults follow each method's paper or its
+authors' code; where they leave a choice open the docstring says what is chosen here."""
+
+from __future__ import annotations
+
+import torch
+
+from zoptim.engine import settings
+from zoptim.engine.optimizer import ZOOptimizer, split_matrices
+from zoptim.parts.estimators import JVP, Central, ThreePoint
+from zoptim.parts.spaces import Dense, HessianScaled, Masked
+from zoptim.parts.transforms import Adam, Momentum, Sign
+
+COMMON_ARGS = """
+        lr: learning rate.
+        eps: perturbation scale (the finite difference's step).
+        weight_decay: decoupled weight decay, ``p <- p (1 - lr * weight_decay)``, applied
+            to every tensor of a group (put biases and norms in a group of their own to
+            exempt them).
+        noise: ``"gaussian"`` or ``"rademacher"`` perturbations.
+        seed: every direction derives from it (random when ``None``); two optimizers with
+            one seed and one objective take the same steps.
+        foreach: write the tensors of one shape together (one ``_foreach_add_`` a set)
+            rather than one by one; ``None``: on CUDA (``torch.optim``'s rule)."""
+
+
+def documented(cls):
+    """Put the arguments every method shares into the class docstring's ``Args`` list."""
+    cls.__doc__ = cls.__doc__.replace("        {common}", COMMON_ARGS.strip("\n"))
+    return cls
+
+
+@documented
+class MeZO(ZOOptimizer):
+    """ZO-SGD with seeded in-place perturbations: MeZO (Malladi et al., 2023, "Fine-Tuning
+    Language Models with Just Forward Passes", arXiv 2305.17333).
+
+    ``theta <- theta - lr * ((f(theta + eps z) - f(theta - eps z)) / (2 eps) * z + wd * theta)``
+    with ``z ~ N(0, I)`` (or Rademacher); ``directions > 1`` averages that many directions
+    (n-SPSA), two evaluations each.
+
+    Args:
+        params: tensors or parameter groups (dicts with per-group settings).
+        {common}
+        directions: random directions a step (``queries`` in zoptim 0.1); each costs two
+            evaluations.
+    """
+
+    # Settings a subclass adds to the groups (passed through ``extra``); anything else is a typo.
+    own_settings: tuple[str, ...] = ()
+
+    @settings.renamed(queries="directions")
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 directions: int = 1, noise: str = "gaussian", seed: int | None = None,
+                 foreach: bool | None = None, **extra):
+        settings.unknown(type(self), extra, self.own_settings)
+        settings.check("directions", directions)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise,
+                                      **extra), Central(directions), seed=seed, foreach=foreach)
+
+
+ZOSGD = MeZO
+
+
+class ZOSGDMomentum(MeZO):
+    """ZO-SGD with heavy-ball momentum (ZO-SGD-MMT in Zhang et al., 2024, "Revisiting
+    Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning: A Benchmark",
+    arXiv 2402.11592): ``b <- momentum * b + g``, ``theta <- theta - lr * b``, as
+    ``torch.optim.SGD`` (one dense buffer per parameter).
+
+    Args:
+        momentum: the buffer's decay, in [0, 1).
+        Everything else as :class:`MeZO`.
+    """
+
+    own_settings = ("momentum",)
+
+    def __init__(self, params, lr: float = 1e-6, momentum: float = 0.9, **kw):
+        super().__init__(params, lr=lr, momentum=momentum, **kw)
+
+    def transforms(self, group):
+        return [Momentum(group["momentum"])]
+
+
+class ZOSignSGD(MeZO):
+    """ZO-signSGD (Liu et al., 2019, "signSGD via Zeroth-Order Oracle", ICLR): the update is
+    the elementwise sign of the estimate, ``theta <- theta - lr * sign(g)``. (The benchmark
+    code of arXiv 2402.11592 instead takes the sign of the scalar difference only.)
+
+    Args: as :class:`MeZO` (``lr`` default 1e-7: every entry moves by ``lr``)."""
+
+    def __init__(self, params, lr: float = 1e-7, **kw):
+        super().__init__(params, lr=lr, **kw)
+
+    def transforms(self, group):
+        return [Sign()]
+
+
+class ZOAdam(MeZO):
+    """ZO-Adam (arXiv 2402.11592): Adam's bias-corrected moments of the ZO estimate
+    ``g = c z``, as ``torch.optim.Adam`` (two dense buffers per parameter). Weight decay is
+    decoupled (AdamW style).
+
+    Args:
+        betas: the moments' decays.
+        adam_eps: Adam's denominator term (``eps`` is the perturbation scale).
+        Everything else as :class:`MeZO` (``lr`` default 1e-5).
+    """
+
+    own_settings = ("betas", "adam_eps")
+
+    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), adam_eps: float = 1e-8,
+                 **kw):
+        super().__init__(params, lr=lr, betas=tuple(betas), adam_eps=adam_eps, **kw)
+
+    def transforms(self, group):
+        return [Adam(group["betas"], group["adam_eps"])]
+
+
+@documented
+class ZOSGDConservative(ZOOptimizer):
+    """Conservative ZO-SGD (ZO-SGD-Cons, arXiv 2402.11592): after the ZO-SGD step, keep the
+    best of ``theta - lr g``, ``theta + lr g`` and ``theta`` by their losses on the same batch.
+    5 evaluations a step: ``f(theta)`` and the central difference, then the two candidates.
+    Ties keep the earlier candidate in that order. No weight decay (none in the reference).
+
+    Args:
+        params: tensors or parameter groups.
+        {common}
+    """
+
+    evaluates_after_update = True
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, noise: str = "gaussian",
+                 seed: int | None = None, foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, eps=eps, noise=noise), ThreePoint(), seed=seed,
+                         foreach=foreach)
+
+    def _after_update(self, probe, dirs, loss):
+        descent = probe.evaluate()  # at theta - lr g
+        self.move(probe, dirs, 2.0)
+        ascent = probe.evaluate()  # at theta + lr g
+        best = min((descent, -2.0), (ascent, 0.0), (loss, -1.0), key=lambda c: c[0])
+        self.move(probe, dirs, best[1])
+
+
+@documented
+class ForwardGradient(ZOOptimizer):
+    """Forward gradient (Baydin et al., 2022, "Gradients without Backpropagation"): the exact
+    directional derivative along ``z ~ N(0, I)`` by ``torch.func.jvp``, ``g = (grad f . z) z``.
+    One JVP counts as one query. The tangents are materialized: one extra copy of the
+    optimized parameters.
+
+    Args:
+        params: tensors or parameter groups.
+        model: the module the closure runs; every optimized parameter must belong to it.
+        {common}
+    """
+
+    uses_model = "required"
+
+    def __init__(self, params, model: torch.nn.Module, lr: float = 1e-6,
+                 weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
+                 foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, eps=1.0, weight_decay=weight_decay, noise=noise),
+                         JVP(model), seed=seed, foreach=foreach)
+
+
+class SparseMeZO(MeZO):
+    """Sparse-MeZO (Liu et al., 2024, "Sparse MeZO: Less Parameters for Better Performance in
+    Zeroth-Order LLM Fine-Tuning", arXiv 2402.15751): perturb and update only the entries of
+    each weight matrix whose magnitude is at most the threshold fixed at the first step, so
+    that a fraction ``1 - sparsity`` is tuned; the mask is recomputed from the current weights
+    every step. Chosen here: vectors (biases, norms) stay dense.
+
+    Args:
+        sparsity: the fraction of each matrix's entries left out, in [0, 1).
+        Everything else as :class:`MeZO`.
+    """
+
+    own_settings = ("sparsity",)
+
+    def __init__(self, params, lr: float = 1e-6, sparsity: float = 0.8, **kw):
+        super().__init__(params, lr=lr, sparsity=sparsity, **kw)
+
+    def add_param_group(self, param_group: dict) -> None:
+        add_split_group(self, param_group, lambda settings: {})
+
+    def space(self, group):
+        if group["matrix"]:
+            return Masked(group["sparsity"], group["noise"])
+        return Dense(group["noise"])
+
+
+@documented
+class HiZOO(ZOOptimizer):
+    """HiZOO (Zhao et al., 2024, "Second-Order Fine-Tuning without Pain for LLMs: A Hessian
+    Informed Zeroth-Order Optimizer", arXiv 2402.15173): perturbations scaled by a diagonal
+    Hessian estimate kept as an EMA with weight ``smoothing`` (the authors' ``alpha``), three
+    evaluations a step. One dense buffer per parameter.
+
+    Args:
+        params: tensors or parameter groups.
+        smoothing: the Hessian estimate's EMA weight, in [0, 1].
+        {common}
+    """
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, smoothing: float = 1e-8,
+                 weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
+                 foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, eps=eps, smoothing=smoothing,
+                                      weight_decay=weight_decay, noise=noise), ThreePoint(),
+                         seed=seed, foreach=foreach)
+
+    def space(self, group):
+        return HessianScaled(group["smoothing"], group["noise"])
+
+
+def add_split_group(opt: ZOOptimizer, param_group: dict, vector_settings) -> None:
+    """Add a group as two: its matrices and its vectors (``vector_settings`` overrides)."""
+    params = param_group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    for part in split_matrices([{**param_group, "params": params}], opt.defaults,
+                               vector_settings):
+        ZOOptimizer.add_param_group(opt, part)
