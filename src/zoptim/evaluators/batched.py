@@ -136,7 +136,8 @@ class _Roles:
 
 
 class _Operands:
-    """One set's per-slice perturbations for a chunk layout, in buffers made once: for a
+    """One set's per-slice perturbations for a chunk layout (each slice's column of the draw,
+    ``None`` for the baseline, and its scale), in buffers made once: for a
     dense set ``dz[row]`` ``(S, *shape)``; for a low-rank set the factors of each slice's
     perturbation ``left[row] @ right[row]`` (``(S, m, r)`` and ``(S, r, n)``, the shared one
     expanded), the per-slice one scaled by ``scale * eps`` and zero for the baseline."""
@@ -151,8 +152,11 @@ class _Operands:
         self.slices = list(self.scaled.unbind(1))
         self.rows = list(self.scaled.unbind(0))  # per tensor (S, *shape)
         self._factors_id = None
+        # the runs of consecutive perturbed slices, and the baseline slices
+        self.runs, self.bases = _runs(layout)
         # dense rows as (S, 1, *shape): added to a layer's (S, tokens, *shape) output
         self.dz3 = [] if self.factored else [r.view(S, 1, *p.shape) for r in self.rows]
+        self.run_dz3 = [[d[a:b] for a, b in self.runs] for d in self.dz3]
 
     def dense(self, row: int, i: int) -> torch.Tensor:
         """The perturbation of tensor ``row`` in slice ``i``, materialized."""
@@ -164,17 +168,17 @@ class _Operands:
         """Write this chunk's per-slice perturbations (one call per perturbed slice)."""
         tset = self.set
         if isinstance(tset, OwnSet):  # its space computes each slice's perturbation
-            for zs, (seed, a) in zip(self.slices, self.layout):
+            for zs, (j, a) in zip(self.slices, self.layout):
                 zs.zero_()
-                if seed is not None:
-                    tset.space.perturb_(zs[0], tset.state, mix(seed, tset.slot.index),
+                if j is not None:
+                    tset.space.perturb_(zs[0], tset.state, mix(draw.seeds[j], tset.slot.index),
                                         a * tset.group["eps"], tset.scratch)
             return
         cols = draw.columns[tset]
         scale = tset.space.scale(tset.factors) if self.factored else 1.0
-        for zs, (seed, a) in zip(self.slices, self.layout):
-            if seed is not None:
-                torch.mul(cols[draw.column(seed)], a * tset.group["eps"] * scale, out=zs)
+        for zs, (j, a) in zip(self.slices, self.layout):
+            if j is not None:
+                torch.mul(cols[j], a * tset.group["eps"] * scale, out=zs)
         if self.factored:
             self._factor_views()
 
@@ -196,7 +200,23 @@ class _Operands:
         self.right = [b if b.dim() == 3 else b.expand(S, *b.shape) for b in B.unbind(0)]
         self.left_t = [a.mT for a in self.left]
         self.right_t = [b.mT for b in self.right]
+        self.run_left = [[t[a:b] for a, b in self.runs] for t in self.left]
+        self.run_right = [[t[a:b] for a, b in self.runs] for t in self.right]
         self._factors_id = None if fresh else key  # SubZero's is made again every chunk
+
+
+def _runs(layout) -> tuple[list[tuple[int, int]], list[int]]:
+    """The runs ``(start, end)`` of consecutive perturbed slices of a layout, and the baseline
+    slices."""
+    runs, bases = [], []
+    for i, (column, _) in enumerate(layout):
+        if column is None:
+            bases.append(i)
+        elif runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs, bases
 
 
 class BatchedQueries(Evaluator):
@@ -247,7 +267,10 @@ class BatchedQueries(Evaluator):
         return Evaluation(values, [], draw)
 
     def _chunk(self, roles: _Roles, draw: Draw, points: list, closure) -> list[float]:
-        layout = tuple((None, 0.0) if pt is None else (pt[0], pt[1]) for pt in points)
+        # each slice's column of the draw (None: the baseline) and scale: the same from step
+        # to step, so the operands' buffers and views are made once
+        layout = tuple((None, 0.0) if pt is None else (draw.column(pt[0]), pt[1])
+                       for pt in points)
         slices = len(points)
         operands = {}
         for tset in dict.fromkeys(e.set for entries in roles.modules.values() for e in entries):
@@ -334,21 +357,13 @@ def _linear(mod, by_name: dict, slices: int, rows: list):
 
     def forward(x):
         x = _stacked(mod, x, slices, rows)
-        xs = x.reshape(slices, -1, x.shape[-1])
+        xs = (x.view if x.is_contiguous() else x.reshape)(slices, -1, x.shape[-1])
         if weight is not None and _materializes(mod, x, slices):
-            ops, row = weight
-            # every slice's W^T + (eps B_i^T A_i^T), then one batched product with its bias
-            wt = torch.baddbmm(mod.weight.T.expand(slices, *mod.weight.T.shape),
-                               ops.right_t[row], ops.left_t[row])
-            if mod.bias is None:
-                out = torch.bmm(xs, wt)
-            else:
-                b = mod.bias if bias is None else torch.add(mod.bias, bias[0].dz3[bias[1]])
-                out = torch.baddbmm(b, xs, wt)
+            out = _materialized(mod, xs, weight, bias)
             return out.view(*x.shape[:-1], out.shape[-1])
         y = F.linear(x, mod.weight, mod.bias)
         ys = y.view(slices, -1, y.shape[-1])
-        if weight is not None:
+        if weight is not None:  # every slice at once: the baseline's factor is zero
             ops, row = weight
             ys.baddbmm_(torch.bmm(xs, ops.right_t[row]), ops.left_t[row])
         if bias is not None:
@@ -356,6 +371,31 @@ def _linear(mod, by_name: dict, slices: int, rows: list):
         return y
 
     return forward
+
+
+def _materialized(mod, xs, weight, bias) -> torch.Tensor:
+    """A linear layer's output on the stacked batch ``xs`` ``(S, T, n)``: each run of perturbed
+    slices through its own weights ``W + eps A_i B_i`` (built for the call, bias included),
+    the baseline slices through ``W`` (a batched product over fewer slices balances better
+    across CPU threads than one that includes them)."""
+    ops, row = weight
+    W, b = mod.weight, mod.bias
+    out = torch.empty((xs.shape[0], xs.shape[1], W.shape[0]), dtype=xs.dtype, device=xs.device)
+    for i in ops.bases:
+        if b is None:
+            torch.mm(xs[i], W.T, out=out[i])
+        else:
+            torch.addmm(b, xs[i], W.T, out=out[i])
+    for r, (start, end) in enumerate(ops.runs):
+        # W_i = W + A_i B_i: W copied as it lies (a transposing copy would be slow)
+        wt = torch.baddbmm(W, ops.run_left[row][r], ops.run_right[row][r]).mT
+        piece = out[start:end]
+        if b is None:
+            torch.bmm(xs[start:end], wt, out=piece)
+        else:
+            bb = b if bias is None else torch.add(b, bias[0].run_dz3[bias[1]][r])
+            torch.baddbmm(bb, xs[start:end], wt, out=piece)
+    return out
 
 
 def _embedding(mod, by_name: dict, slices: int, rows: list):
@@ -429,8 +469,8 @@ def _recompute(mod, args, kwargs, output, by_name: dict, slices: int):
 
     pieces = list(output.split(n))
     layout = next(iter(by_name.values()))[0].layout
-    for i, (seed, _) in enumerate(layout):
-        if seed is None:
+    for i, (column, _) in enumerate(layout):
+        if column is None:
             continue
         params = {name: getattr(mod, name) + ops.dense(row, i)
                   for name, (ops, row) in by_name.items()}
