@@ -168,7 +168,7 @@ model = { scheme = "head" }
 label = "unstable"
 name = "mezo"
 settings = { lr = 1e4, eps = 1e-3 }
-guard = { window = 1, max_consecutive = 1 }
+guard = { spike = 10.0, window = 1, max_consecutive = 1 }  # the spike test, asked for
 """
 
 
@@ -185,3 +185,13 @@ def test_bench_on_images_merges_method_settings_and_survives_a_divergence(tmp_pa
     summary = json.loads((out / "unstable" / "seed-0" / "summary.json").read_text())
     assert summary["after"]["steps"] < 4 and "skipped steps in a row" in summary["after"]["diverged"]
     assert "Diverged" in (out / "report.md").read_text()
+
+
+def test_cells_run_without_the_spike_test_unless_the_config_asks():
+    from zoptim.bench.matrix import Method, _config
+
+    method = Method("mezo", "mezo", {"lr": 1e-3}, {}, [{}])
+    assert _config({"base": {}}, method, {}, 0).guard.spike == 0.0
+    asked = {"base": {"guard": {"spike": 5.0}}}
+    assert _config(asked, method, {}, 0).guard.spike == 5.0
+    assert _config(asked, method, {}, 0).guard.window == 20  # the rest as configured

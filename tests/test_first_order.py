@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from zoptim.runs import config
 from zoptim.cli import main
 from zoptim.methods.first_order import FirstOrderAdamW
-from zoptim.runs.run import latest_checkpoint, train
+from zoptim.runs.checkpoints import latest_checkpoint
+from zoptim.runs.run import train
 
 from conftest import MR_PATH, mlp
 

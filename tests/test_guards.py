@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.runs.run import LossGuard
+from zoptim.runs.guard import LossGuard
 
 
 def quadratic():
@@ -50,10 +50,37 @@ def test_loss_guard_skips_spikes_after_a_history():
     for v in [0.7, 0.69, 0.71, 0.68, 0.7]:
         assert guard.decide([v, v]) is None
         guard.observe([v, v], None)
-    assert "above 10 x median" in guard.decide([0.7, 9.0])
-    assert guard.decide([0.7, 6.0]) is None
+    assert "above 10 x the highest recent" in guard.decide([8.0, 9.0, 9.5])
+    assert guard.decide([0.7, 6.0, 6.5]) is None
     assert guard.decide([math.nan]) == "non-finite loss"
     assert LossGuard(spike=0.0, window=8, history=[0.7] * 8).decide([1e9]) is None
+
+
+def test_one_blown_up_query_is_not_a_spike():
+    # the step's level is its median: one bad direction among good ones decides nothing
+    guard = LossGuard(spike=10.0, window=8, history=[0.7] * 8, first=0.7)
+    assert guard.decide([0.7, 0.71, 0.69, 0.7, 40.0]) is None
+
+
+def test_late_in_an_easy_task_a_hard_batch_is_not_a_spike():
+    guard = LossGuard(spike=10.0, window=20)
+    guard.observe([0.69, 0.7], None)  # the first step: the loss of an untrained head
+    for _ in range(30):
+        guard.observe([0.02, 0.021], None)  # easy batches, late in training
+    assert guard.decide([0.55, 0.6, 0.58]) is None  # a hard batch, 25 times the median
+    assert guard.decide([50.0, 60.0, 55.0]) is not None  # a diverged model
+
+
+def test_replay_follows_the_recorded_decision_and_keeps_the_guard():
+    x, f = quadratic()
+    opt = zoptim.MeZO([x], lr=1e-2, seed=0)
+    guard = opt.guard
+    before = x.detach().clone()
+    opt.step(replay=[1.0, 2.0], skip="recorded skip")
+    assert opt.guard is guard and opt.last_skip == "recorded skip"
+    torch.testing.assert_close(x.detach(), before, atol=1e-6, rtol=0)  # probes undone only
+    opt.step(replay=[float("nan"), 2.0], skip=None)  # recorded as applied: applied
+    assert opt.last_skip is None and torch.isnan(x).all()
 
 
 def test_a_run_stops_after_consecutive_failures_with_its_last_good_state_saved(tmp_path,

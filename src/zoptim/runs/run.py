@@ -9,9 +9,13 @@ A run folder holds:
 - ``metrics.jsonl`` (one line a step; dev accuracy every ``eval_every`` steps),
 - ``journal.jsonl`` (every value each step's objective returned, checksummed: enough to
   replay the run from its starting weights, bit for bit on the CPU; see ``journal``),
-- ``checkpoint-<step>/`` (trainable weights and optimizer state as safetensors plus JSON) and
-  ``latest`` naming the newest complete one,
+- ``checkpoint-<step>/`` (trainable weights and optimizer state, see ``checkpoints``) and
+  ``latest.json`` naming the newest complete one,
 - ``summary.json`` (accuracy before and after, queries, wall time).
+
+``train`` is a ``Training``: its phases (open the folder, build, restore, evaluate before,
+the loop, finish) are methods, and every process of a distributed run goes through the same
+loop; the lead process alone evaluates and writes.
 """
 
 from __future__ import annotations
@@ -19,29 +23,32 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import statistics
 import sys
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from zoptim.runs import config
-from zoptim.runs import journal
-from zoptim.runs.config import TrainConfig
-from zoptim.engine.optimizer import skip_non_finite
 from zoptim.integrations.classifier import PromptClassifier
-from zoptim.methods import model_arguments
 from zoptim.integrations.models import DTYPES, load_model
 from zoptim.integrations.schemes import apply_scheme
+from zoptim.methods import model_arguments
+from zoptim.runs import config, journal
+from zoptim.runs.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, write_json
+from zoptim.runs.config import TrainConfig
+from zoptim.runs.guard import LossGuard
 from zoptim.tasks import Prompt, Splits, load_task
 from zoptim.tasks.images import is_image_task
 
 
 class RunError(RuntimeError):
+    pass
+
+
+class Diverged(RunError):
     pass
 
 
@@ -91,6 +98,14 @@ def _image_classifier(cfg: TrainConfig, splits: Splits):
     return clf.to(DTYPES[cfg.model.dtype])
 
 
+def _check_rank(cfg: TrainConfig, params: dict) -> None:
+    rank = cfg.method.settings.get("rank")
+    rows = [p.shape[0] for p in params.values() if p.dim() >= 2]
+    if rank is not None and rows and rank > max(rows):
+        raise RunError(f"method.settings.rank={rank} exceeds every matrix of this model and "
+                       f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
+
+
 def build(cfg: TrainConfig) -> Run:
     """Everything a run needs, at its starting weights (adapters and new heads are initialized
     from ``cfg.seed``)."""
@@ -106,15 +121,11 @@ def build(cfg: TrainConfig) -> Run:
     except ValueError as err:  # a model that cannot be loaded, a scheme it does not take
         raise RunError(str(err)) from err
     params = {n: p for n, p in clf.named_parameters() if p.requires_grad}
-    rank = cfg.method.settings.get("rank")
-    rows = [p.shape[0] for p in params.values() if p.dim() >= 2]
-    if rank is not None and rows and rank > max(rows):
-        raise RunError(f"method.settings.rank={rank} exceeds every matrix of this model and "
-                       f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
+    _check_rank(cfg, params)
     # The method and its settings were checked when the configuration was built.
     cls = config.method_class(cfg.method.name)
-    extra = model_arguments(cls, clf)
-    opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings, **extra)
+    opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings,
+              **model_arguments(cls, clf))
     return Run(cfg, splits, clf, params, opt)
 
 
@@ -123,117 +134,6 @@ def batch(run: Run, step: int) -> list:
     run sees the same batches."""
     rng = random.Random(f"{run.cfg.seed}:{step}")
     return rng.sample(run.splits.train, min(run.cfg.batch_size, len(run.splits.train)))
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(run: Run, folder: Path, guard: "LossGuard | None" = None) -> Path:
-    """Write ``checkpoint-<step>`` completely, then point ``latest`` at it, then drop older
-    ones: a crash at any moment leaves the previous checkpoint intact and named."""
-    step = run.opt.steps
-    target = folder / f"checkpoint-{step}"
-    staging = folder / f".checkpoint-{step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in run.params.items()},
-              str(staging / "trainable.safetensors"))
-    sd = run.opt.state_dict()
-    tensors, meta = {}, {}
-    for idx, entry in sd["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.contiguous()
-            else:
-                meta[f"{idx}.{key}"] = value
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    _write_json(staging / "optimizer.json", {"param_groups": sd["param_groups"], "zo": sd["zo"],
-                                             "scalars": meta})
-    _write_json(staging / "progress.json", {"step": step,
-                                            "guard_history": guard.history if guard else []})
-    for name in ("trainable.safetensors", "optimizer.safetensors"):
-        _fsync_path(staging / name)
-    _fsync_path(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    _fsync_path(folder)
-    _write_json(folder / "latest.json", {"checkpoint": target.name, "step": step})
-    _fsync_path(folder)
-    for old in folder.glob("checkpoint-*"):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_checkpoint(run: Run, checkpoint: Path) -> None:
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
-    missing = set(run.params) - set(weights)
-    if missing:
-        raise RunError(f"{checkpoint}: weights missing for {sorted(missing)[:3]}...; the "
-                       "checkpoint belongs to a different model or scheme")
-    with torch.no_grad():
-        for name, p in run.params.items():
-            p.copy_(weights[name])
-    info = json.loads((checkpoint / "optimizer.json").read_text())
-    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
-    state: dict = {}
-    for key, value in [*tensors.items(), *info["scalars"].items()]:
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    run.opt.load_state_dict({"state": state, "param_groups": info["param_groups"],
-                             "zo": info["zo"]})
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / "latest.json"
-    if not pointer.exists():
-        return None
-    return folder / json.loads(pointer.read_text())["checkpoint"]
-
-
-# -- the run ------------------------------------------------------------------------------------
-
-class Diverged(RunError):
-    pass
-
-
-class LossGuard:
-    """Skips a step whose losses are not finite or jump above ``spike`` times the median of
-    the last ``window`` accepted losses (``spike = 0``: no jump test). ``decide`` judges a
-    step's values before its update; ``observe`` records the outcome."""
-
-    def __init__(self, spike: float, window: int, history: list[float] | None = None):
-        self.spike, self.window = spike, window
-        self.history = list(history or [])
-
-    def decide(self, values: list[float]) -> str | None:
-        if reason := skip_non_finite(values):
-            return reason
-        if self.spike and len(self.history) >= min(5, self.window):
-            typical = statistics.median(self.history)
-            if typical > 0 and max(values) > self.spike * typical:
-                return f"loss {max(values):.4g} above {self.spike:g} x median {typical:.4g}"
-        return None
-
-    def observe(self, values: list[float], skipped: str | None) -> None:
-        if skipped is None:
-            self.history = (self.history + [statistics.fmean(values)])[-self.window:]
 
 
 def _truncate_jsonl(path: Path, below_step: int) -> None:
@@ -252,145 +152,13 @@ def _truncate_jsonl(path: Path, below_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _roll_forward(run: Run, entries: list[journal.Entry], guard: LossGuard) -> None:
-    """Redo journalled steps after the checkpoint from their recorded values (no model run)."""
+def roll_forward(run: Run, entries: list[journal.Entry], guard: LossGuard) -> None:
+    """Redo journalled steps from their recorded values and decisions (no model run)."""
     for entry in entries:
         if entry.step != run.opt.steps:
             raise RunError(f"journal step {entry.step} does not follow step {run.opt.steps}")
         run.opt.step(replay=entry.values, skip=entry.skipped)
         guard.observe(entry.values, entry.skipped)
-
-
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-          log=print) -> dict:
-    """Run (or, with ``resume``, continue) the fine-tune of ``cfg`` in folder ``out``. A resumed
-    run loads the latest checkpoint, redoes the journalled steps after it, and continues: its
-    final weights equal an uninterrupted run's, bit for bit on the CPU."""
-    folder = Path(out)
-    par = _parallel(cfg)
-    lead = par is None or par.rank == 0  # the one process that writes the run folder
-    if not lead:
-        log = _quiet
-    has_run = (folder / "config.json").exists()
-    if par is not None:
-        _barrier()  # every rank has looked at the folder before the lead writes to it
-    if has_run and not resume:
-        raise RunError(f"{folder} already holds a run; pass --resume to continue it or choose "
-                       "another --out")
-    if resume and has_run:
-        saved = config.build(json.loads((folder / "config.json").read_text()))
-        if saved.model_dump(exclude={"steps"}) != cfg.model_dump(exclude={"steps"}):
-            raise RunError(f"{folder} was started with a different configuration; resume it "
-                           "with the same one (only steps may change)")
-    run = build(cfg)
-    if par is not None:
-        par.attach(run.opt)
-    if lead:
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "config.json", json.loads(cfg.model_dump_json()))
-        _write_json(folder / "split.json", run.splits.record)
-
-    summary_path = folder / "summary.json"
-    journal_path = folder / "journal.jsonl"
-    guard = LossGuard(cfg.guard.spike, cfg.guard.window)
-    checkpoint = latest_checkpoint(folder) if resume else None
-    if checkpoint is not None:
-        load_checkpoint(run, checkpoint)
-        progress_state = json.loads((checkpoint / "progress.json").read_text())
-        guard.history = progress_state["guard_history"]
-    summary = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
-    if par is None:
-        entries = journal.truncate_to_good(journal_path) if resume else []
-    else:  # the lead cuts a torn tail, then every rank reads the same entries
-        if lead and resume:
-            journal.truncate_to_good(journal_path)
-        _barrier()
-        entries = journal.read(journal_path)[0] if resume else []
-    # A first-order step cannot be redone from its losses: its journalled steps after the
-    # checkpoint are run again instead (the batches are a function of the step).
-    replayable = getattr(run.opt, "replayable", True)
-    later = [e for e in entries if e.step >= run.opt.steps] if replayable else []
-    if resume and has_run:
-        _roll_forward(run, later, guard)
-        log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): "
-            f"{checkpoint.name if checkpoint else 'no checkpoint'} + {len(later)} journalled steps")
-    if "before" not in summary and lead:
-        dev0 = run.clf.accuracy(run.splits.dev, cfg.eval_batch_size)
-        test0 = run.clf.accuracy(run.splits.test, cfg.eval_batch_size)
-        summary = {"before": {"dev_acc": dev0, "test_acc": test0}}
-        _write_json(summary_path, summary)
-        log(f"before: dev {dev0:.4f}  test {test0:.4f}  ({len(run.params)} tensors, "
-            f"{sum(p.numel() for p in run.params.values()):,} trainable parameters)")
-    if lead:
-        journal.truncate_to_good(journal_path, keep_below=run.opt.steps)
-        _truncate_jsonl(folder / "metrics.jsonl", run.opt.steps)
-    run.opt.guard = guard.decide
-    # Under torchrun every rank steps; the lead alone evaluates and writes.
-    if not lead:
-        return _follow(run, cfg, guard, par)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=run.opt.steps, desc=cfg.method.name, unit="step",
-                   dynamic_ncols=True)
-    start, start_queries = time.perf_counter(), run.opt.queries
-    dev = summary.get("last_dev_acc")
-    failures = 0
-    with journal.Writer(journal_path, cfg.journal_fsync_every) as writer, \
-            open(folder / "metrics.jsonl", "a") as metrics:
-        while run.opt.steps < cfg.steps:
-            examples = batch(run, run.opt.steps)
-            if par is not None:
-                examples = par.shard(examples)
-            # Batched queries call the closure with the number of slices to stack.
-            loss = run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
-            step, skipped = run.opt.steps, run.opt.last_skip
-            guard.observe(run.opt.last_values, skipped)
-            writer.append(journal.Entry(step - 1, run.opt.step_seed(step - 1), run.opt.last_values,
-                                        [g["lr"] for g in run.opt.param_groups], run.opt.queries,
-                                        skipped))
-            elapsed = time.perf_counter() - start
-            rate = (run.opt.queries - start_queries) / max(elapsed, 1e-9)
-            record = {"step": step - 1, "loss": loss, "queries": run.opt.queries,
-                      "elapsed_s": round(elapsed, 3), "queries_per_s": round(rate, 3)}
-            failures = failures + 1 if skipped else 0
-            if skipped:
-                record["skipped"] = skipped
-                log(f"step {step - 1} skipped: {skipped} ({failures} in a row)")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                dev = record["dev_acc"] = run.clf.accuracy(run.splits.dev, cfg.eval_batch_size)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", dev="-" if dev is None else f"{dev:.3f}",
-                                queries=run.opt.queries, qps=f"{rate:.1f}")
-                bar.update(1)
-            stop = failures >= cfg.guard.max_consecutive
-            if step % cfg.save_every == 0 or step == cfg.steps or stop:
-                writer.sync()
-                save_checkpoint(run, folder, guard)
-                summary["last_dev_acc"] = dev
-                _write_json(summary_path, summary)
-            if stop:
-                raise Diverged(f"stopped after {failures} skipped steps in a row (last: "
-                               f"{skipped}); the last good weights are saved in "
-                               f"{folder / f'checkpoint-{step}'}; lower the learning rate or "
-                               "eps and resume")
-    if bar is not None:
-        bar.close()
-    test = run.clf.accuracy(run.splits.test, cfg.eval_batch_size)
-    summary["after"] = {"dev_acc": dev, "test_acc": test, "steps": run.opt.steps,
-                        "queries": run.opt.queries, "skipped_steps": run.opt.skipped}
-    summary["wall_s"] = summary.get("wall_s", 0.0) + time.perf_counter() - start
-    summary["command"] = ["zoptim", *sys.argv[1:]]
-    _write_json(summary_path, summary)
-    before = summary.get("before", {})
-    log(f"after:  dev {dev:.4f}  test {test:.4f}  ({run.opt.steps} steps, {run.opt.queries} "
-        f"queries; before: dev {before.get('dev_acc', float('nan')):.4f}  "
-        f"test {before.get('test_acc', float('nan')):.4f})")
-    return summary
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -403,31 +171,235 @@ def _barrier() -> None:
     dist.barrier()
 
 
-def _follow(run: Run, cfg: TrainConfig, guard: LossGuard, par) -> dict:
-    """A rank other than the lead: the same steps on its share of the work, nothing written."""
-    failures = 0
-    while run.opt.steps < cfg.steps:
-        examples = par.shard(batch(run, run.opt.steps))
-        run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
-        guard.observe(run.opt.last_values, run.opt.last_skip)
-        # the lead stops on divergence by the same rule, from the same values
-        failures = failures + 1 if run.opt.last_skip else 0
-        if failures >= cfg.guard.max_consecutive:
-            raise Diverged("stopped after skipped steps in a row (see the lead's log)")
-    return {"rank": par.rank, "steps": run.opt.steps, "queries": run.opt.queries}
+class _Outputs:
+    """What the loop writes: the journal and the metrics on the lead process, nothing on the
+    others (every method is then a no-op)."""
+
+    def __init__(self, folder: Path | None, fsync_every: int, stack: ExitStack):
+        self.journal = self.metrics = None
+        if folder is not None:
+            self.journal = stack.enter_context(journal.Writer(folder / "journal.jsonl",
+                                                              fsync_every))
+            self.metrics = stack.enter_context(open(folder / "metrics.jsonl", "a"))
+
+    def step(self, entry: journal.Entry, record: dict) -> None:
+        if self.journal is not None:
+            self.journal.append(entry)
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def sync(self) -> None:
+        if self.journal is not None:
+            self.journal.sync()
+
+
+class Training:
+    """``zoptim train``, phase by phase; ``run()`` goes through them."""
+
+    def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
+                 progress: bool = True, log=print):
+        self.cfg, self.folder, self.resume, self.progress = cfg, Path(out), resume, progress
+        self.par = _parallel(cfg)
+        self.lead = self.par is None or self.par.rank == 0  # the one process that writes
+        self.log = log if self.lead else _quiet
+        self.guard = LossGuard(cfg.guard.spike, cfg.guard.window)
+        self.summary: dict = {}
+        self.run_: Run | None = None
+        self.dev: float | None = None
+
+    def run(self) -> dict:
+        had_run = self.open_folder()
+        self.build()
+        self.restore(had_run)
+        self.evaluate_before()
+        self.loop()
+        return self.finish()
+
+    # -- phases -------------------------------------------------------------------------------
+    def open_folder(self) -> bool:
+        """Refuse a folder that holds another run (or this one, without ``resume``)."""
+        had_run = (self.folder / "config.json").exists()
+        if self.par is not None:
+            _barrier()  # every rank has looked at the folder before the lead writes to it
+        if had_run and not self.resume:
+            raise RunError(f"{self.folder} already holds a run; pass --resume to continue it or "
+                           "choose another --out")
+        if self.resume and had_run:
+            saved = config.build(json.loads((self.folder / "config.json").read_text()))
+            if saved.model_dump(exclude={"steps"}) != self.cfg.model_dump(exclude={"steps"}):
+                raise RunError(f"{self.folder} was started with a different configuration; "
+                               "resume it with the same one (only steps may change)")
+        return had_run
+
+    def build(self) -> None:
+        self.run_ = build(self.cfg)
+        if self.par is not None:
+            self.par.attach(self.run_.opt)
+        if self.lead:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(self.folder / "config.json", json.loads(self.cfg.model_dump_json()))
+            write_json(self.folder / "split.json", self.run_.splits.record)
+
+    def restore(self, had_run: bool) -> None:
+        """Load the latest checkpoint and redo the journalled steps after it."""
+        run = self.run_
+        checkpoint = latest_checkpoint(self.folder) if self.resume else None
+        if checkpoint is not None:
+            saved = _load(run, checkpoint)
+            self.guard.history = saved["guard_history"]
+            self.guard.first = saved.get("guard_first")
+        summary_path = self.folder / "summary.json"
+        if self.resume and summary_path.exists():
+            self.summary = json.loads(summary_path.read_text())
+        self.dev = self.summary.get("last_dev_acc")
+        later = [e for e in self._journalled() if e.step >= run.opt.steps]
+        if self.resume and had_run:
+            roll_forward(run, later, self.guard)
+            self.log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): "
+                     f"{checkpoint.name if checkpoint else 'no checkpoint'} + {len(later)} "
+                     "journalled steps")
+        run.opt.guard = self.guard.decide
+
+    def _journalled(self) -> list[journal.Entry]:
+        """The journal's good entries (a first-order run's are run again, not replayed: a
+        step cannot be redone from its losses)."""
+        if not self.resume or not getattr(self.run_.opt, "replayable", True):
+            return []
+        path = self.folder / "journal.jsonl"
+        if self.par is None:
+            return journal.truncate_to_good(path)
+        if self.lead:  # the lead cuts a torn tail, then every rank reads the same entries
+            journal.truncate_to_good(path)
+        _barrier()
+        return journal.read(path)[0]
+
+    def evaluate_before(self) -> None:
+        run = self.run_
+        if self.lead and "before" not in self.summary:
+            dev0 = run.clf.accuracy(run.splits.dev, self.cfg.eval_batch_size)
+            test0 = run.clf.accuracy(run.splits.test, self.cfg.eval_batch_size)
+            self.summary = {"before": {"dev_acc": dev0, "test_acc": test0}}
+            write_json(self.folder / "summary.json", self.summary)
+            self.log(f"before: dev {dev0:.4f}  test {test0:.4f}  ({len(run.params)} tensors, "
+                     f"{sum(p.numel() for p in run.params.values()):,} trainable parameters)")
+        if self.lead:  # steps after the checkpoint and the journal are redone
+            journal.truncate_to_good(self.folder / "journal.jsonl", keep_below=run.opt.steps)
+            _truncate_jsonl(self.folder / "metrics.jsonl", run.opt.steps)
+
+    def loop(self) -> None:
+        cfg, opt = self.cfg, self.run_.opt
+        self.start, self.start_queries, self.failures = time.perf_counter(), opt.queries, 0
+        with ExitStack() as stack:
+            out = _Outputs(self.folder if self.lead else None, cfg.journal_fsync_every, stack)
+            bar = stack.enter_context(self._bar())
+            while opt.steps < cfg.steps:
+                self.step(out, bar)
+
+    def _bar(self):
+        if not (self.progress and self.lead):
+            return nullcontext()
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=self.run_.opt.steps, desc=self.cfg.method.name,
+                    unit="step", dynamic_ncols=True)
+
+    def step(self, out: _Outputs, bar) -> None:
+        """One training step, its records, evaluation, checkpoint and divergence check."""
+        run, cfg, opt = self.run_, self.cfg, self.run_.opt
+        examples = batch(run, opt.steps)
+        if self.par is not None:
+            examples = self.par.shard(examples)
+        # Batched queries call the closure with the number of slices to stack.
+        loss = opt.step(lambda slices=None: run.clf.loss(examples, slices))
+        step, skipped = opt.steps, opt.last_skip
+        self.guard.observe(opt.last_values, skipped)
+        self.failures = self.failures + 1 if skipped else 0
+        record = self._record(step - 1, loss, skipped)
+        out.step(journal.Entry(step - 1, opt.step_seed(step - 1), opt.last_values,
+                               [g["lr"] for g in opt.param_groups], opt.queries, skipped), record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", dev="-" if self.dev is None else f"{self.dev:.3f}",
+                            queries=opt.queries, qps=f"{record['queries_per_s']:.1f}")
+            bar.update(1)
+        stop = self.failures >= cfg.guard.max_consecutive
+        if step % cfg.save_every == 0 or step == cfg.steps or stop:
+            out.sync()
+            self.checkpoint()
+        if stop:
+            raise Diverged(f"stopped after {self.failures} skipped steps in a row (last: "
+                           f"{skipped}); the last good weights are saved in "
+                           f"{self.folder / f'checkpoint-{step}'}; lower the learning rate or "
+                           "eps and resume")
+
+    def _record(self, step: int, loss: float, skipped: str | None) -> dict:
+        """The step's metrics line (the lead evaluates dev accuracy on schedule)."""
+        opt, cfg = self.run_.opt, self.cfg
+        elapsed = time.perf_counter() - self.start
+        rate = (opt.queries - self.start_queries) / max(elapsed, 1e-9)
+        record = {"step": step, "loss": loss, "queries": opt.queries,
+                  "elapsed_s": round(elapsed, 3), "queries_per_s": round(rate, 3)}
+        if skipped:
+            record["skipped"] = skipped
+            self.log(f"step {step} skipped: {skipped} ({self.failures} in a row)")
+        done = step + 1
+        if self.lead and (done % cfg.eval_every == 0 or done == cfg.steps):
+            self.dev = record["dev_acc"] = self.run_.clf.accuracy(self.run_.splits.dev,
+                                                                  cfg.eval_batch_size)
+        return record
+
+    def checkpoint(self) -> None:
+        if not self.lead:
+            return
+        save_checkpoint(self.run_.params, self.run_.opt, self.folder, self.guard.record())
+        self.summary["last_dev_acc"] = self.dev
+        write_json(self.folder / "summary.json", self.summary)
+
+    def finish(self) -> dict:
+        run, opt = self.run_, self.run_.opt
+        if not self.lead:
+            return {"rank": self.par.rank, "steps": opt.steps, "queries": opt.queries}
+        test = run.clf.accuracy(run.splits.test, self.cfg.eval_batch_size)
+        self.summary["after"] = {"dev_acc": self.dev, "test_acc": test, "steps": opt.steps,
+                                 "queries": opt.queries, "skipped_steps": opt.skipped}
+        self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - self.start
+        self.summary["command"] = ["zoptim", *sys.argv[1:]]
+        write_json(self.folder / "summary.json", self.summary)
+        before = self.summary.get("before", {})
+        self.log(f"after:  dev {self.dev:.4f}  test {test:.4f}  ({opt.steps} steps, "
+                 f"{opt.queries} queries; before: dev {before.get('dev_acc', float('nan')):.4f}"
+                 f"  test {before.get('test_acc', float('nan')):.4f})")
+        return self.summary
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+          log=print) -> dict:
+    """Run (or, with ``resume``, continue) the fine-tune of ``cfg`` in folder ``out``. A resumed
+    run loads the latest checkpoint, redoes the journalled steps after it, and continues: its
+    final weights equal an uninterrupted run's, bit for bit on the CPU."""
+    return Training(cfg, out, resume=resume, progress=progress, log=log).run()
+
+
+def _load(run: Run, checkpoint: Path) -> dict:
+    try:
+        return load_checkpoint(run.params, run.opt, checkpoint)
+    except ValueError as err:
+        raise RunError(str(err)) from err
+
+
+def _saved_config(folder: Path) -> TrainConfig:
+    if not (folder / "config.json").exists():
+        raise RunError(f"{folder} holds no run (no config.json)")
+    return config.build(json.loads((folder / "config.json").read_text()))
 
 
 def open_run(folder: str | Path) -> tuple[Run, Path]:
     """The run of a folder at its latest checkpoint."""
     folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise RunError(f"{folder} holds no run (no config.json)")
-    cfg = config.build(json.loads((folder / "config.json").read_text()))
-    run = build(cfg)
+    run = build(_saved_config(folder))
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         raise RunError(f"{folder} has no checkpoint yet")
-    load_checkpoint(run, checkpoint)
+    _load(run, checkpoint)
     return run, checkpoint
 
 
@@ -440,15 +412,13 @@ def replay(folder: str | Path) -> tuple[Run, int]:
     """Rebuild a run from its starting weights and redo every journalled step without running
     the model. Returns the run and the number of steps replayed."""
     folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise RunError(f"{folder} holds no run (no config.json)")
-    cfg = config.build(json.loads((folder / "config.json").read_text()))
+    cfg = _saved_config(folder)
     run = build(cfg)
     if not getattr(run.opt, "replayable", True):
         raise RunError(f"{folder} was trained with the first-order method {cfg.method.name!r}, "
                        "whose steps cannot be redone from their loss values")
     entries, _ = journal.read(folder / "journal.jsonl")
-    _roll_forward(run, entries, LossGuard(cfg.guard.spike, cfg.guard.window))
+    roll_forward(run, entries, LossGuard(cfg.guard.spike, cfg.guard.window))
     return run, len(entries)
 
 
