@@ -78,16 +78,16 @@ def point_name(point: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "fixed"
 
 
-def _methods(spec: dict) -> list[Method]:
-    raw = spec.get("methods") or []
-    if not raw:
-        raise BenchError("the benchmark config lists no [[methods]]")
-    methods = []
-    for m in raw:
-        label = m.get("label", m.get("name"))
-        extra = {k: v for k, v in m.items() if k not in ("label", "name", "settings", "grid")}
-        methods.append(Method(label, m["name"], m.get("settings", {}), extra,
-                              _grid_points(m.get("grid") or {}, label)))
+def _method(m: dict) -> Method:
+    """One ``[[methods]]`` entry as a ``Method``, its grid expanded to points."""
+    label = m.get("label", m.get("name"))
+    extra = {k: v for k, v in m.items() if k not in ("label", "name", "settings", "grid")}
+    return Method(label, m["name"], m.get("settings", {}), extra,
+                  _grid_points(m.get("grid") or {}, label))
+
+
+def _check_methods(methods: list[Method]) -> None:
+    """Fail unless the labels are unique and every method's grid has the same size."""
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise BenchError(f"method labels must be unique: {labels}")
@@ -95,6 +95,14 @@ def _methods(spec: dict) -> list[Method]:
     if len(set(sizes.values())) > 1:
         raise BenchError(f"every method must get the same tuning budget, but the grids have "
                          f"{sizes} points; give each method a grid of the same size")
+
+
+def _methods(spec: dict) -> list[Method]:
+    raw = spec.get("methods") or []
+    if not raw:
+        raise BenchError("the benchmark config lists no [[methods]]")
+    methods = [_method(m) for m in raw]
+    _check_methods(methods)
     return methods
 
 
@@ -217,26 +225,38 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     return results
 
 
-def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dict]:
-    """Derived figures from the finished cells: ``cells[label][seed]`` is a run folder."""
+def _load_cells(cells: dict[str, dict[int, Path]]) -> tuple[dict, dict]:
+    """The curves (``metrics.jsonl``) and summaries (``summary.json``) of every cell, by label
+    and seed."""
     curves = {label: {seed: load_curve(cell / "metrics.jsonl") for seed, cell in by_seed.items()}
               for label, by_seed in cells.items()}
     finals = {label: {seed: json.loads((cell / "summary.json").read_text())
                       for seed, cell in by_seed.items()} for label, by_seed in cells.items()}
+    return curves, finals
+
+
+def _method_figures(curves: dict, base_curves: dict, finals: dict) -> dict:
+    """One method's derived figures from its curves and summaries by seed, against the
+    baseline's curves."""
+    q_seed, q = to_target(curves, base_curves, "queries")
+    t_seed, t = to_target(curves, base_curves, "seconds")
+    return {
+        "queries_to_target": {"per_seed": q_seed, **q},
+        "time_to_target": {"per_seed": t_seed, **t},
+        "final_dev": spread([s["after"]["dev_acc"] for s in finals.values()]),
+        "final_test": spread([s["after"]["test_acc"] for s in finals.values()]),
+        "zero_shot_dev": spread([s["before"]["dev_acc"] for s in finals.values()]),
+        "queries": spread([s["after"]["queries"] for s in finals.values()]),
+        "diverged_seeds": [seed for seed, s in finals.items() if "diverged" in s["after"]],
+    }
+
+
+def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dict]:
+    """Derived figures from the finished cells: ``cells[label][seed]`` is a run folder."""
+    curves, finals = _load_cells(cells)
     out = {"baseline": baseline, "methods": {}}
     for label in cells:
-        q_seed, q = to_target(curves[label], curves[baseline], "queries")
-        t_seed, t = to_target(curves[label], curves[baseline], "seconds")
-        out["methods"][label] = {
-            "queries_to_target": {"per_seed": q_seed, **q},
-            "time_to_target": {"per_seed": t_seed, **t},
-            "final_dev": spread([s["after"]["dev_acc"] for s in finals[label].values()]),
-            "final_test": spread([s["after"]["test_acc"] for s in finals[label].values()]),
-            "zero_shot_dev": spread([s["before"]["dev_acc"] for s in finals[label].values()]),
-            "queries": spread([s["after"]["queries"] for s in finals[label].values()]),
-            "diverged_seeds": [seed for seed, s in finals[label].items()
-                               if "diverged" in s["after"]],
-        }
+        out["methods"][label] = _method_figures(curves[label], curves[baseline], finals[label])
     return out, curves
 
 
@@ -261,35 +281,58 @@ def _fmt(s: dict, digits: int = 3) -> str:
     return text + (f" ({s['missing']} seeds not reached)" if s.get("missing") else "")
 
 
-def report(results: dict, plots: list[str]) -> str:
+def _report_header(results: dict) -> list[str]:
+    """The report's title, environment line, explanation and table header."""
     base, env = results["baseline"], results["environment"]
-    lines = ["# Benchmark report\n",
-             f"Command: `{' '.join(env['command'])}`; zoptim {env['zoptim']}, torch {env['torch']}, "
-             f"Python {env['python']}, {env['machine']}, {env['threads']} threads, "
-             f"GPU {env['cuda'] or 'none'}.\n",
-             "Median [min, max] over seeds. The target of a "
-             f"seed is {base}'s final dev accuracy on it; a ratio is the queries (or seconds) a "
-             f"method needed to first reach it over {base}'s.\n",
-             "| method | queries to target / " + base + " | time to target / " + base +
-             " | final dev | final test | queries |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for label, m in results["methods"].items():
-        lines.append(f"| {label} | {_fmt(m['queries_to_target'], 2)} | "
-                     f"{_fmt(m['time_to_target'], 2)} | {_fmt(m['final_dev'])} | "
-                     f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} |")
+    return ["# Benchmark report\n",
+            f"Command: `{' '.join(env['command'])}`; zoptim {env['zoptim']}, torch {env['torch']}, "
+            f"Python {env['python']}, {env['machine']}, {env['threads']} threads, "
+            f"GPU {env['cuda'] or 'none'}.\n",
+            "Median [min, max] over seeds. The target of a "
+            f"seed is {base}'s final dev accuracy on it; a ratio is the queries (or seconds) a "
+            f"method needed to first reach it over {base}'s.\n",
+            "| method | queries to target / " + base + " | time to target / " + base +
+            " | final dev | final test | queries |",
+            "| --- | --- | --- | --- | --- | --- |"]
+
+
+def _report_rows(results: dict) -> list[str]:
+    """One table row a method."""
+    return [f"| {label} | {_fmt(m['queries_to_target'], 2)} | "
+            f"{_fmt(m['time_to_target'], 2)} | {_fmt(m['final_dev'])} | "
+            f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} |"
+            for label, m in results["methods"].items()]
+
+
+def _report_diverged(results: dict) -> list[str]:
+    """The note on diverged seeds, if any."""
     diverged = {label: m["diverged_seeds"] for label, m in results["methods"].items()
                 if m.get("diverged_seeds")}
-    if diverged:
-        lines += ["", "Diverged (stopped by the loss guard; figures at the last good weights): " +
-                  "; ".join(f"{label} seeds {seeds}" for label, seeds in diverged.items())]
+    if not diverged:
+        return []
+    return ["", "Diverged (stopped by the loss guard; figures at the last good weights): " +
+            "; ".join(f"{label} seeds {seeds}" for label, seeds in diverged.items())]
+
+
+def _tuning_line(label: str, tuning: dict) -> str:
+    """One tuned method's grid points and their dev accuracy, the chosen one in bold."""
+    points = [f"**{p}: {acc:.3f}**" if p == tuning["chosen"] else f"{p}: {acc:.3f}"
+              for p, acc in tuning["tried"].items()]
+    return f"- {label}: " + "; ".join(points)
+
+
+def _report_tuning(results: dict) -> list[str]:
+    """The tuning section, if any method was tuned."""
     tuned = {label: m for label, m in results["methods"].items() if "tuning" in m}
-    if tuned:
-        lines += ["", "Tuning (final dev accuracy of each grid point on seed "
-                  f"{next(iter(tuned.values()))['tuning']['seed']}; the chosen point is in bold):", ""]
-        for label, m in tuned.items():
-            tried = m["tuning"]["tried"]
-            points = [f"**{p}: {acc:.3f}**" if p == m["tuning"]["chosen"] else f"{p}: {acc:.3f}"
-                      for p, acc in tried.items()]
-            lines.append(f"- {label}: " + "; ".join(points))
+    if not tuned:
+        return []
+    return ["", "Tuning (final dev accuracy of each grid point on seed "
+            f"{next(iter(tuned.values()))['tuning']['seed']}; the chosen point is in bold):", "",
+            *(_tuning_line(label, m["tuning"]) for label, m in tuned.items())]
+
+
+def report(results: dict, plots: list[str]) -> str:
+    lines = [*_report_header(results), *_report_rows(results), *_report_diverged(results),
+             *_report_tuning(results)]
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

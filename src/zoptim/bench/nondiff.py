@@ -88,7 +88,8 @@ def run_first_order(kind, queries, data):
     return model, queries
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m zoptim.bench.nondiff``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", type=int, default=6000, help="budget of each ZO method")
     parser.add_argument("--polystep-queries", type=int, default=64000,
@@ -96,35 +97,61 @@ def main(argv=None) -> int:
                              "cheap (640 a PolyStep step here; DeepZero's are partial forwards)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return parser
+
+
+def _chosen_methods(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """The comma-separated method names of ``--methods``; an unknown one is a usage error."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    data = digits()
+    return methods
+
+
+def _measure(name: str, kind: str, args, data) -> dict:
+    """Train network ``kind`` with method ``name`` (or the first-order baseline) and return its
+    test accuracy, queries spent and seconds taken."""
     xte, yte = data[1], data[3]
+    start = time.perf_counter()
+    if name in METHODS:
+        model, spent = run_zo(name, kind, args.queries, data, args.polystep_queries)
+    else:
+        model, spent = run_first_order(kind, args.queries, data)
+    with torch.no_grad():
+        acc = float((model(xte).argmax(1) == yte).float().mean())
+    return {"test_accuracy": acc, "queries": spent, "seconds": time.perf_counter() - start}
+
+
+def _print_row(name: str, row: dict) -> None:
+    """Print one method's accuracy and queries on every network."""
+    print(f"{name:30s}" + "".join(f"{kind}: {row[kind]['test_accuracy']:.3f} "
+                                  f"({row[kind]['queries']} q)   " for kind in NETWORKS),
+          flush=True)
+
+
+def _write(out: str, rows: list[dict]) -> None:
+    """Write the figures and the command line to the JSON file ``out``."""
+    with open(out, "w") as f:
+        json.dump({"data": "scikit-learn digits, 1257 train / 540 test", "rows": rows,
+                   "command": ["python", "-m", "zoptim.bench.nondiff", *sys.argv[1:]]},
+                  f, indent=2)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    methods = _chosen_methods(parser, args.methods)
+    data = digits()
     rows = []
     for name in [*methods, "adamw (surrogate gradients)"]:
         row = {"method": name}
         for kind in NETWORKS:
-            start = time.perf_counter()
-            if name in METHODS:
-                model, spent = run_zo(name, kind, args.queries, data, args.polystep_queries)
-            else:
-                model, spent = run_first_order(kind, args.queries, data)
-            with torch.no_grad():
-                acc = float((model(xte).argmax(1) == yte).float().mean())
-            row[kind] = {"test_accuracy": acc, "queries": spent,
-                         "seconds": time.perf_counter() - start}
+            row[kind] = _measure(name, kind, args, data)
         rows.append(row)
-        print(f"{name:30s}" + "".join(f"{kind}: {row[kind]['test_accuracy']:.3f} "
-                                      f"({row[kind]['queries']} q)   " for kind in NETWORKS),
-              flush=True)
+        _print_row(name, row)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"data": "scikit-learn digits, 1257 train / 540 test", "rows": rows,
-                       "command": ["python", "-m", "zoptim.bench.nondiff", *sys.argv[1:]]},
-                      f, indent=2)
+        _write(args.out, rows)
     return 0
 
 

@@ -81,22 +81,33 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_fits_task(self):
-        from zoptim.integrations.vision import VISION_MODELS, is_vision_model
         from zoptim.tasks.images import is_image_task
 
         images = is_image_task(self.task.name)
         if self.model.name is None:
             self.model.name = "efficientnet-lite0" if images else "minilm-l6"
-        if images and not is_vision_model(self.model.name):
-            raise ValueError(f"task {self.task.name!r} is an image task; model.name must be an "
-                             f"image model ({', '.join(VISION_MODELS)}), not {self.model.name!r}")
-        if not images and is_vision_model(self.model.name):
-            raise ValueError(f"model {self.model.name!r} is an image model; task.name must be "
-                             f"an image task, not {self.task.name!r}")
-        if not images and self.task.labels is not None and \
-                len(self.task.labels) != len(self.task.label_words):
-            raise ValueError("task.labels and task.label_words must have the same length")
+        _check_model_kind(self.task.name, self.model.name, images)
+        if not images:
+            _check_label_words(self.task)
         return self
+
+
+def _check_model_kind(task_name: str, model_name: str, images: bool) -> None:
+    """Fail unless the model is an image model exactly when the task is an image task."""
+    from zoptim.integrations.vision import VISION_MODELS, is_vision_model
+
+    if images and not is_vision_model(model_name):
+        raise ValueError(f"task {task_name!r} is an image task; model.name must be an "
+                         f"image model ({', '.join(VISION_MODELS)}), not {model_name!r}")
+    if not images and is_vision_model(model_name):
+        raise ValueError(f"model {model_name!r} is an image model; task.name must be "
+                         f"an image task, not {task_name!r}")
+
+
+def _check_label_words(task: TaskConfig) -> None:
+    """Fail if a text task's ``labels`` and ``label_words`` differ in length."""
+    if task.labels is not None and len(task.labels) != len(task.label_words):
+        raise ValueError("task.labels and task.label_words must have the same length")
 
 
 class ConfigError(ValueError):

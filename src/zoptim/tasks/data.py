@@ -129,6 +129,15 @@ def load_20ng(path: str | None):
     return _index_labels(pairs)
 
 
+def _orange_text_column(types: list[str], flags: list[str]) -> int | None:
+    """The text column of an Orange table: the first ``string`` meta column, else the first
+    ``string`` column."""
+    text_col = next((i for i, t in enumerate(types) if t == "string" and "meta" in flags[i]), None)
+    if text_col is None:
+        text_col = next((i for i, t in enumerate(types) if t == "string"), None)
+    return text_col
+
+
 def read_orange_tab(file: Path) -> list[tuple[str, str]]:
     """(text, label) pairs of an Orange ``.tab`` corpus: header rows of names, types and
     flags, then rows; the label is the column flagged ``class``, the text the first
@@ -137,9 +146,7 @@ def read_orange_tab(file: Path) -> list[tuple[str, str]]:
         rows = list(csv.reader(f, delimiter="\t"))
     names, types, flags = rows[0], rows[1], rows[2]
     label_col = next((i for i, fl in enumerate(flags) if "class" in fl), None)
-    text_col = next((i for i, t in enumerate(types) if t == "string" and "meta" in flags[i]), None)
-    if text_col is None:
-        text_col = next((i for i, t in enumerate(types) if t == "string"), None)
+    text_col = _orange_text_column(types, flags)
     if label_col is None or text_col is None:
         raise DataError(f"{file}: no class column or text column found")
     return [(r[text_col], r[label_col]) for r in rows[3:] if len(r) == len(names)]
@@ -157,45 +164,109 @@ def _index_labels(pairs, labels: list[str] | None = None):
     return pool, names
 
 
-def load_file(path: str | None, text_column: str = "text", label_column: str = "label",
-              labels: list[str] | None = None):
-    """A user's own data: CSV (header row), JSON lines, or a dataset saved with
-    ``datasets.Dataset.save_to_disk``. Labels are the label column's values (as strings),
-    sorted, unless ``labels`` gives their order."""
+def _data_path(path: str | None) -> Path:
+    """The user's data file or folder ``path`` names, checked to exist."""
     if not path:
         raise DataError("task 'file' needs a path: --task.path data.csv")
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file not found: {p}")
+    return p
+
+
+def _read_saved_dataset(p: Path) -> list:
+    """The rows of a dataset saved with ``datasets.Dataset.save_to_disk`` in folder ``p``."""
+    try:
+        from datasets import load_from_disk
+    except ImportError as err:
+        raise DataError("a saved dataset needs the datasets package") from err
+    return list(load_from_disk(str(p)))
+
+
+def _read_json_lines(p: Path) -> list:
+    """The rows of a JSON lines file, blank lines skipped."""
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{p}:{n}: not valid JSON ({err.msg})") from err
+    return rows
+
+
+def _read_delimited(p: Path) -> list:
+    """The rows of a CSV or TSV file with a header row, as dicts."""
+    with open(p, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ","))
+
+
+def _read_rows(p: Path) -> list:
+    """The rows of a user's data file or saved dataset, read according to its format."""
     if p.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError as err:
-            raise DataError("a saved dataset needs the datasets package") from err
-        rows = list(load_from_disk(str(p)))
-    elif p.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{p}:{n}: not valid JSON ({err.msg})") from err
-    elif p.suffix in (".csv", ".tsv"):
-        with open(p, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ","))
-    else:
-        raise DataError(f"{p}: unknown data format; use .csv, .tsv, .jsonl or a saved dataset")
+        return _read_saved_dataset(p)
+    if p.suffix in (".jsonl", ".json"):
+        return _read_json_lines(p)
+    if p.suffix in (".csv", ".tsv"):
+        return _read_delimited(p)
+    raise DataError(f"{p}: unknown data format; use .csv, .tsv, .jsonl or a saved dataset")
+
+
+def _check_rows(p: Path, rows: list, text_column: str, label_column: str) -> None:
+    """Fail unless ``rows`` is non-empty and has the text and label columns."""
     for col in (text_column, label_column):
         if rows and col not in rows[0]:
             raise DataError(f"{p}: no column {col!r} (columns: {', '.join(rows[0])})")
     if not rows:
         raise DataError(f"{p}: no rows")
+
+
+def load_file(path: str | None, text_column: str = "text", label_column: str = "label",
+              labels: list[str] | None = None):
+    """A user's own data: CSV (header row), JSON lines, or a dataset saved with
+    ``datasets.Dataset.save_to_disk``. Labels are the label column's values (as strings),
+    sorted, unless ``labels`` gives their order."""
+    p = _data_path(path)
+    rows = _read_rows(p)
+    _check_rows(p, rows, text_column, label_column)
     return _index_labels([(r[text_column], r[label_column]) for r in rows], labels)
 
 
 LOADERS = {"mr": load_mr, "sst2": load_sst2, "20ng": load_20ng}
+
+
+def _plain_pick(pool: list, order: list[int], train: int, dev: int, test: int) -> list[int]:
+    """The first ``train`` of the shuffled ``order``, once the pool is checked to be large
+    enough for all three subsets."""
+    if train + dev + test > len(pool):
+        raise DataError(f"asked for {train}+{dev}+{test} examples but the task has "
+                        f"{len(pool)}; lower task.train, task.dev or task.test")
+    return order[:train]
+
+
+def _by_label(pool: list, order: list[int]) -> dict[int, list[int]]:
+    """The indices of ``order`` grouped by their example's label, keeping their order."""
+    per_label: dict[int, list[int]] = {}
+    for i in order:
+        per_label.setdefault(pool[i].label, []).append(i)
+    return per_label
+
+
+def _kshot_pick(pool: list, labels: list[str], order: list[int], dev: int, test: int,
+                shots: int) -> list[int]:
+    """``shots`` indices of every label, in shuffled order, once every label is checked to
+    have that many and the pool to be large enough for dev and test too."""
+    per_label = _by_label(pool, order)
+    short = [labels[k] for k in range(len(labels)) if len(per_label.get(k, [])) < shots]
+    if short:
+        raise DataError(f"{shots}-shot asked, but labels {short[:5]} have fewer examples")
+    chosen = {i for k in sorted(per_label) for i in per_label[k][:shots]}
+    picked = [i for i in order if i in chosen]
+    if len(picked) + dev + test > len(pool):
+        raise DataError(f"asked for {len(picked)} ({shots}-shot)+{dev}+{test} examples but "
+                        f"the task has {len(pool)}; lower task.shots, task.dev or task.test")
+    return picked
 
 
 def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: int,
@@ -208,22 +279,9 @@ def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: 
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     if shots is None:
-        if train + dev + test > len(pool):
-            raise DataError(f"asked for {train}+{dev}+{test} examples but the task has "
-                            f"{len(pool)}; lower task.train, task.dev or task.test")
-        picked = order[:train]
+        picked = _plain_pick(pool, order, train, dev, test)
     else:
-        per_label: dict[int, list[int]] = {}
-        for i in order:
-            per_label.setdefault(pool[i].label, []).append(i)
-        short = [labels[k] for k in range(len(labels)) if len(per_label.get(k, [])) < shots]
-        if short:
-            raise DataError(f"{shots}-shot asked, but labels {short[:5]} have fewer examples")
-        chosen = {i for k in sorted(per_label) for i in per_label[k][:shots]}
-        picked = [i for i in order if i in chosen]
-        if len(picked) + dev + test > len(pool):
-            raise DataError(f"asked for {len(picked)} ({shots}-shot)+{dev}+{test} examples but "
-                            f"the task has {len(pool)}; lower task.shots, task.dev or task.test")
+        picked = _kshot_pick(pool, labels, order, dev, test, shots)
         taken = set(picked)
         order = picked + [i for i in order if i not in taken]
     n = len(picked)

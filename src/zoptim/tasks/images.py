@@ -73,25 +73,42 @@ def load_mnist5k(path: str | None = None):
     return _from_arrays(x.reshape(-1, 28, 28).astype(np.uint8), y), [str(d) for d in range(10)]
 
 
-def load_image_folder(path: str | None):
-    """A folder with one subfolder of images per class (the ImageFolder layout); classes are
-    the subfolder names, sorted."""
+def _folder_root(path: str | None) -> Path:
+    """The image folder ``path`` names, checked to exist."""
     if not path:
         raise DataError("task 'imagefolder' needs a folder: --task-path photos/ (one subfolder "
                         "of images per class)")
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
+    return root
+
+
+def _folder_classes(root: Path) -> list[str]:
+    """The sorted names of the visible class subfolders of ``root``; at least one."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class subfolders; put each class's images in a "
                         "subfolder named after it")
+    return classes
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The sorted image files under ``folder`` (searched recursively); at least one."""
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_image_folder(path: str | None):
+    """A folder with one subfolder of images per class (the ImageFolder layout); classes are
+    the subfolder names, sorted."""
+    root = _folder_root(path)
+    classes = _folder_classes(root)
     pool = []
     for index, name in enumerate(classes):
-        files = sorted(f for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"{root / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        pool += [ImageExample(str(f), index) for f in files]
+        pool += [ImageExample(str(f), index) for f in _class_images(root / name)]
     return pool, classes
 
 
