@@ -231,3 +231,14 @@ def test_deepzero_needs_a_sequential_model():
 
     with pytest.raises(ValueError, match="nn.Sequential"):
         DeepZero(nn.Linear(3, 3), F.cross_entropy)
+
+
+def test_zo_grasp_keeps_the_scores_of_largest_magnitude_as_deepzero_does():
+    # DeepZero's code prunes by |-theta * Hg| (L1Unstructured on the scores): a layer whose
+    # scores are large and negative keeps them, one whose scores are near zero loses them
+    from zoptim.methods.deepzero import layer_densities
+
+    strong_negative = -torch.linspace(1.0, 2.0, 10)
+    weak = torch.linspace(0.0, 0.1, 10)
+    dense, sparse = layer_densities([strong_negative, weak], sparsity=0.5)
+    assert dense == 1.0 and sparse == pytest.approx(0.1)

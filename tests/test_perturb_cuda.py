@@ -63,3 +63,13 @@ def _run_mezo(backend):
 def test_mezo_steps_equal_the_eager_path():
     for a, b in zip(_run_mezo("auto"), _run_mezo("eager")):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_rows_are_drawn_in_one_kernel_close_to_the_per_tensor_noise(kind):
+    keys = [perturb.mix(7, i) for i in range(6)]
+    rows = torch.empty(6, 4097, device="cuda")
+    perturb.fill_rows_(rows, keys, 1.0, kind)
+    for row, key in zip(rows, keys):
+        ref = perturb.noise(key, (4097,), kind, torch.float32, "cuda")
+        torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-5)

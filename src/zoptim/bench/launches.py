@@ -52,31 +52,34 @@ def count_calls(fn) -> tuple[int, int]:
     return len(top), len(events)
 
 
-def methods(model, rank: int) -> dict:
+def methods(model, rank: int, foreach: bool | None = None) -> dict:
     """name: (optimizer, the forward passes one step evaluates, as a function of the loss)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return {
-        "MeZO": (zoptim.MeZO(params, lr=1e-7, seed=0), lambda loss: [loss, loss]),
+        "MeZO": (zoptim.MeZO(params, lr=1e-7, seed=0, foreach=foreach),
+                 lambda loss: [loss, loss]),
         "ZO-Muon in place": (zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0,
-                                           batched=False), lambda loss: [loss] * 5),
+                                           batched=False, foreach=foreach),
+                             lambda loss: [loss] * 5),
         "ZO-Muon batched": (zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0,
-                                          model=model), lambda loss: [lambda: loss(5)]),
+                                          model=model, foreach=foreach),
+                            lambda loss: [lambda: loss(5)]),
     }
 
 
-def measure(layers: int, rank: int, batch: int, tokens: int, device: str, rounds: int) -> list:
+def measure(layers: int, args) -> list:
     """One row per method at this depth: calls of a step and of its forwards, and times."""
-    model = encoder(layers, device)
-    loss = make_loss(model, batch, tokens)
+    model = encoder(layers, args.device)
+    loss = make_loss(model, args.batch, args.tokens)
     rows = []
     with torch.no_grad():
-        built = methods(model, rank)
+        built = methods(model, args.rank, args.foreach)
         for opt, _ in built.values():  # factors drawn, kernels compiled
             for _ in range(2):
                 opt.step(loss)
         timed = {"forward": loss, "stacked": lambda: loss(5)}
         timed.update({name: (lambda opt=opt: opt.step(loss)) for name, (opt, _) in built.items()})
-        seconds = interleaved_medians(timed, rounds)
+        seconds = interleaved_medians(timed, args.rounds)
         for name, (opt, forwards) in built.items():
             step_top, step_all = count_calls(lambda: opt.step(loss))
             passes = forwards(loss)
@@ -110,7 +113,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=_ints, default=[2, 6, 12],
                         help="encoder depths, comma-separated (at least two)")
@@ -119,19 +122,24 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per method")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--foreach", action="store_true",
+                        help="write each set of tensors with one _foreach_add_ (the default on "
+                             "a GPU) on any device")
     parser.add_argument("--out", help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    if len(set(args.layers)) < 2:
-        parser.error("--layers needs at least two different depths for a slope")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda needs an NVIDIA GPU")
-    rows = [r for n in args.layers
-            for r in measure(n, args.rank, args.batch, args.tokens, args.device, args.rounds)]
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    slopes = {name: {key: slope([(r["layers"], r[key]) for r in rows if r["method"] == name])
-                     for key in ("extra_calls", "extra_calls_all")} for name in names}
+    return parser
+
+
+def _slopes(rows: list[dict]) -> dict:
+    """Per method, the slope over depth of its extra calls (top-level and all)."""
+    names = dict.fromkeys(r["method"] for r in rows)
+    return {name: {key: slope([(r["layers"], r[key]) for r in rows if r["method"] == name])
+                   for key in ("extra_calls", "extra_calls_all")} for name in names}
+
+
+def _report(args, rows, slopes) -> None:
     print(f"BERT encoders of MiniLM's widths, batch {args.batch} x {args.tokens} tokens, rank "
-          f"{args.rank}, {args.device}, torch {torch.__version__}")
+          f"{args.rank}, {args.device}, torch {torch.__version__}"
+          f"{', foreach writes' if args.foreach else ''}")
     print(f"{'method':20s}{'layers':>7s}{'step':>8s}{'fwds':>8s}{'extra':>8s}"
           f"{'extra (all)':>13s}{'step / fwds':>13s}")
     for r in rows:
@@ -140,10 +148,23 @@ def main(argv=None) -> int:
     print("\nextra calls per added layer (top-level / all):")
     for name, s in slopes.items():
         print(f"  {name:20s}{s['extra_calls']:9.1f} / {s['extra_calls_all']:.1f}")
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if len(set(args.layers)) < 2:
+        parser.error("--layers needs at least two different depths for a slope")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs an NVIDIA GPU")
+    rows = [r for n in args.layers for r in measure(n, args)]
+    slopes = _slopes(rows)
+    _report(args, rows, slopes)
     if args.out:
         record = dict(rows=rows, slopes=slopes, rank=args.rank, batch=args.batch,
-                      tokens=args.tokens, device=args.device, torch=torch.__version__,
-                      threads=torch.get_num_threads(), machine=platform.machine(),
+                      tokens=args.tokens, device=args.device, foreach=args.foreach,
+                      torch=torch.__version__, threads=torch.get_num_threads(),
+                      machine=platform.machine(),
                       command=["python", "-m", "zoptim.bench.launches",
                                *(sys.argv[1:] if argv is None else argv)])
         with open(args.out, "w") as f:

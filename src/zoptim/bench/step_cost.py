@@ -167,7 +167,7 @@ def _device_name(device: str) -> str:
     return f"cpu, {torch.get_num_threads()} threads"
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (steps per method)")
     parser.add_argument("--ranks", type=_ranks, default=[8, 32],
@@ -181,35 +181,37 @@ def main(argv=None) -> int:
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave the C allocator's settings alone (by default freed memory is "
                              "kept for reuse, see keep_freed_memory)")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda needs an NVIDIA GPU")
-    kept = not args.system_allocator and keep_freed_memory()
+    return parser
 
-    model = load_minilm(args.random_weights).to(args.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = make_loss(model, args.batch, args.tokens)
-    n_params = sum(p.numel() for p in params)
 
+def _methods(params, model, ranks) -> dict:
+    """name: (the optimizer or stepper, the forward passes its step evaluates)."""
     methods = {
         "reference MeZO (torch.normal x4)": (ReferenceMeZO(params, lr=1e-7, eps=1e-3), 2),
         "zoptim MeZO, Gaussian": (zoptim.MeZO(params, lr=1e-7, seed=0), 2),
         "zoptim MeZO, Rademacher": (zoptim.MeZO(params, lr=1e-7, noise="rademacher", seed=0), 2),
     }
-    for rank in args.ranks:
+    for rank in ranks:
         methods[f"zoptim ZO-Muon rank {rank} (4 queries + baseline)"] = (
             zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0), 5)
         methods[f"zoptim ZO-Muon rank {rank}, batched queries"] = (
             zoptim.ZOMuon(params, lr=1e-4, rank=rank, directions=4, seed=0, model=model), 5)
+    return methods
+
+
+def _timed(methods: dict, loss, rounds: int) -> tuple[float, list[dict]]:
+    """The forward pass's seconds, and a row per method: its step against its forwards."""
     timed = {"forward": loss, STACKED: lambda: loss(5)}
     timed.update({name: (lambda opt=opt: opt.step(loss)) for name, (opt, _) in methods.items()})
     with torch.no_grad():
-        seconds = interleaved_medians(timed, args.steps)
+        seconds = interleaved_medians(timed, rounds)
     forward = seconds["forward"]
-    rows = [dict(method=name, step_s=seconds[name], forwards=passes,
-                 ratio=seconds[name] / (passes * forward))
-            for name, passes in [(STACKED, 5)] + [(n, p) for n, (_, p) in methods.items()]]
+    passes = [(STACKED, 5)] + [(n, p) for n, (_, p) in methods.items()]
+    return forward, [dict(method=name, step_s=seconds[name], forwards=k,
+                          ratio=seconds[name] / (k * forward)) for name, k in passes]
 
+
+def _report(args, rows, forward: float, n_params: int, kept: bool) -> None:
     print(f"all-MiniLM-L6-v2, {n_params / 1e6:.1f}M parameters, batch {args.batch} x "
           f"{args.tokens} tokens, fp32, {_device_name(args.device)}, "
           f"torch {torch.__version__}, noise backend {zoptim.noise.get_backend()}, "
@@ -219,18 +221,37 @@ def main(argv=None) -> int:
     for r in rows:
         floor = f"{r['forwards']} x fwd"
         print(f"{r['method']:52s}{r['step_s'] * 1e3:8.1f}ms{floor:>10s}{r['ratio']:14.2f}")
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs an NVIDIA GPU")
+    kept = not args.system_allocator and keep_freed_memory()
+
+    model = load_minilm(args.random_weights).to(args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = make_loss(model, args.batch, args.tokens)
+    n_params = sum(p.numel() for p in params)
+    forward, rows = _timed(_methods(params, model, args.ranks), loss, args.steps)
+    _report(args, rows, forward, n_params, kept)
     if args.out:
-        record = dict(model="all-MiniLM-L6-v2", parameters=n_params, batch=args.batch,
-                      tokens=args.tokens, forward_s=forward, rows=rows,
-                      device=_device_name(args.device), random_weights=args.random_weights,
-                      threads=torch.get_num_threads(), torch=torch.__version__,
-                      machine=platform.machine(), processor=platform.processor(),
-                      noise_backend=zoptim.noise.get_backend(), freed_memory_kept=kept,
-                      command=["python", "-m", "zoptim.bench.step_cost",
-                               *(sys.argv[1:] if argv is None else argv)])
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
+        _write(args, argv, dict(model="all-MiniLM-L6-v2", parameters=n_params, batch=args.batch,
+                                tokens=args.tokens, forward_s=forward, rows=rows,
+                                random_weights=args.random_weights, freed_memory_kept=kept))
     return 0
+
+
+def _write(args, argv, record: dict) -> None:
+    """The figures as JSON, with the machine and the command that made them."""
+    record.update(device=_device_name(args.device), threads=torch.get_num_threads(),
+                  torch=torch.__version__, machine=platform.machine(),
+                  processor=platform.processor(), noise_backend=zoptim.noise.get_backend(),
+                  command=["python", "-m", "zoptim.bench.step_cost",
+                           *(sys.argv[1:] if argv is None else argv)])
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

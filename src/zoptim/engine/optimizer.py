@@ -416,21 +416,31 @@ def told_values(n: int, values, ranking, better) -> list[float]:
     if sum(a is not None for a in (values, ranking, better)) != 1:
         raise ValueError("tell one of values=, ranking= or better=")
     if ranking is not None:
-        if sorted(ranking) != list(range(n)):
-            raise ValueError(f"ranking must order all {n} candidates (indices 0..{n - 1}, "
-                             f"each once), got {ranking}")
-        places = [0.0] * n
-        for place, k in enumerate(ranking):
-            places[k] = float(place)
-        return places
+        return _places(n, ranking)
     if better is not None:
-        if n % 2 or len(better) != n // 2 or any(b not in (0, 1) for b in better):
-            raise ValueError(f"better must give 0 or 1 for each of the {n // 2} pairs of "
-                             f"candidates, got {better}")
-        return [float(v) for b in better for v in ((0, 1) if b == 0 else (1, 0))]
+        return _pair_places(n, better)
     if len(values) != n:
         raise ValueError(f"{n} candidates were asked for, {len(values)} values told")
     return [float(v) for v in values]
+
+
+def _places(n: int, ranking: list[int]) -> list[float]:
+    """Each candidate's place (0 best) from a ranking of all of them, best first."""
+    if sorted(ranking) != list(range(n)):
+        raise ValueError(f"ranking must order all {n} candidates (indices 0..{n - 1}, "
+                         f"each once), got {ranking}")
+    places = [0.0] * n
+    for place, k in enumerate(ranking):
+        places[k] = float(place)
+    return places
+
+
+def _pair_places(n: int, better: list[int]) -> list[float]:
+    """Places within each consecutive pair from which of the two is better (0 or 1)."""
+    if n % 2 or len(better) != n // 2 or any(b not in (0, 1) for b in better):
+        raise ValueError(f"better must give 0 or 1 for each of the {n // 2} pairs of "
+                         f"candidates, got {better}")
+    return [float(v) for b in better for v in ((0, 1) if b == 0 else (1, 0))]
 
 
 def split_matrices(params, defaults: dict, vector_settings: Callable[[dict], dict]) -> list[dict]:
@@ -440,14 +450,17 @@ def split_matrices(params, defaults: dict, vector_settings: Callable[[dict], dic
     are dropped."""
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-    out = []
-    for group in groups:
-        ps = list(group["params"])
-        rest = {k: v for k, v in group.items() if k != "params"}
-        halves = (([p for p in ps if p.dim() >= 2], {"matrix": True}),
-                  ([p for p in ps if p.dim() < 2],
-                   {**vector_settings({**defaults, **rest}), "matrix": False}))
-        out += [{**rest, **extra, "params": half} for half, extra in halves if half]
+    out = [half for group in groups for half in _halves(group, defaults, vector_settings)]
     if not out:
         raise ValueError("optimizer got an empty parameter list")
     return out
+
+
+def _halves(group: dict, defaults: dict, vector_settings) -> list[dict]:
+    """A group's matrices and its vectors, as two groups (an empty one dropped)."""
+    ps = list(group["params"])
+    rest = {k: v for k, v in group.items() if k != "params"}
+    halves = (([p for p in ps if p.dim() >= 2], {"matrix": True}),
+              ([p for p in ps if p.dim() < 2],
+               {**vector_settings({**defaults, **rest}), "matrix": False}))
+    return [{**rest, **extra, "params": half} for half, extra in halves if half]

@@ -179,13 +179,11 @@ class HeldSet(TensorSet):
         if not self.factored:
             return
         epoch = self.space.epoch(step)
-        stale = [s.get("factor_epoch") != epoch for s in self.stack.states]
-        if not any(stale):
+        if all(s.get("factor_epoch") == epoch for s in self.stack.states):
             self.factors = {name: self.stack.get(name) for name in self.space.factors}
             return
-        names = (*self.space.factors, "factor_epoch",
-                 *(n for t in self.chain for n in (*t.carried, *t.restarted)))
-        undo.record(self.stack, names)
+        # redrawn: what this changes is recorded, so that a skipped step can put it back
+        undo.record(self.stack, self._redrawn_names())
         old = {name: self.stack.get(name) for name in self.space.factors}
         keys = factor_keys(self.space, seed, [s.index for s in self.slots], epoch)
         new = self.space.draw(keys, self.m, self.n, self.r, self.dtype, self.device)
@@ -193,17 +191,25 @@ class HeldSet(TensorSet):
             self.stack.set(name, value)
         self.stack.set_scalar("factor_epoch", epoch)
         self.factors = new
-        have_old = [v is not None for v in old.values()]
-        if all(have_old):
-            for t in self.chain:
-                for name in t.carried:
-                    c = self.stack.get(name)
-                    if c is not None:
-                        self.stack.set(name, self.space.transfer(c, old, new))
-                for name in t.restarted:
-                    self.stack.drop(name)
-        elif any(have_old):
-            raise ValueError("inconsistent optimizer state: some factors of a set are missing")
+        if all(v is not None for v in old.values()):
+            self._carry(old, new)
+
+    def _redrawn_names(self) -> list[str]:
+        names = [*self.space.factors, "factor_epoch"]
+        for t in self.chain:
+            names += [*t.carried, *t.restarted]
+        return names
+
+    def _carry(self, old: dict, new: dict) -> None:
+        """The transforms' state into the new factors' coordinates (``carried``), or afresh
+        (``restarted``)."""
+        for t in self.chain:
+            for name in t.carried:
+                c = self.stack.get(name)
+                if c is not None:
+                    self.stack.set(name, self.space.transfer(c, old, new))
+            for name in t.restarted:
+                self.stack.drop(name)
 
     # -- coordinates ------------------------------------------------------------------------
     def draw(self, seeds):
@@ -323,7 +329,13 @@ class StreamedSet(TensorSet):
             for seed, scale in left:
                 weights[seed] += scale * eps
             self.add_directions_(draw, weights)
-            return
+        else:
+            self._update_each(dirs, coefs, left)
+
+    def _update_each(self, dirs, coefs, left) -> None:
+        """Restore, then estimate, transform and apply tensor by tensor (a transform's state
+        is as large as its tensor: nothing is stacked)."""
+        lr, eps, seeds = self.group["lr"], self.group["eps"], [d.seed for d in dirs]
         for seed, scale in left:
             self._add(seed, scale * eps)
         for s, state in zip(self.slots, self.stack.states):

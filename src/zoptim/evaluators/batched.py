@@ -90,49 +90,58 @@ def _plain(module, cls) -> bool:
 
 
 def _role(module, name: str, tset: TensorSet) -> str | None:
+    """How a module perturbs its parameter ``name`` (``None``: it cannot)."""
     factored = isinstance(tset, HeldSet) and tset.factored
-    if _plain(module, torch.nn.Linear) and (name == "bias" or factored):
-        return LOW_RANK if name == "weight" else BIAS
-    if _plain(module, torch.nn.Embedding) and name == "weight" and factored \
-            and module.max_norm is None:
-        return LOW_RANK
-    if _plain(module, torch.nn.LayerNorm) and not factored:
-        return NORM
-    if not any(True for _ in module.children()) \
-            and tset.params[0].numel() <= RECOMPUTE_MAX_NUMEL:
-        return RECOMPUTE
-    return None
+    leaf = not any(True for _ in module.children())
+    shortcut = _shortcut(module, name, factored)
+    if shortcut is not None:
+        return shortcut
+    return RECOMPUTE if leaf and tset.params[0].numel() <= RECOMPUTE_MAX_NUMEL else None
+
+
+def _shortcut(module, name: str, factored: bool) -> str | None:
+    """The plain layers' own ways (a layer whose forward is replaced by a subclass, such as
+    OPT's learned positions or a quantized layer, computes something else: none)."""
+    if _plain(module, torch.nn.Linear):
+        return BIAS if name == "bias" else LOW_RANK if factored else None
+    if _plain(module, torch.nn.Embedding):
+        return LOW_RANK if factored and module.max_norm is None else None
+    return NORM if _plain(module, torch.nn.LayerNorm) and not factored else None
 
 
 class _Roles:
-    """Which module perturbs which parameter, for one plan."""
+    """Which module perturbs which parameter, for one plan; ``reason`` says why the plan
+    cannot be served (``None`` when it can)."""
 
     def __init__(self, model: torch.nn.Module, plan: StepPlan):
         self.modules: dict[torch.nn.Module, list[_Entry]] = {}
-        self.reason: str | None = None
-        where = {id(p): (tset, row) for tset in plan.sets for row, p in enumerate(tset.params)}
-        owners, names = {}, {}
-        for qual, module in model.named_modules():
-            names[module] = qual or type(module).__name__
+        self.names = {module: qual or type(module).__name__
+                      for qual, module in model.named_modules()}
+        owners = {}
+        for module in self.names:
             for name, p in module.named_parameters(recurse=False):
                 owners.setdefault(id(p), []).append((module, name))
-        for pid, (tset, row) in where.items():
-            if pid not in owners:
-                self.reason = "an optimized parameter does not belong to the model given"
-                return
-            for module, name in owners[pid]:
-                role = _role(module, name, tset)
-                if role is None:
-                    p = tset.params[row]
-                    self.reason = (f"{names[module]}.{name} ({type(module).__name__}, shape "
-                                   f"{tuple(p.shape)}) cannot be perturbed through activations")
-                    return
-                self.modules.setdefault(module, []).append(_Entry(name, role, tset, row))
+        self.reason = self._assign(plan, owners) or self._mixed()
+
+    def _assign(self, plan: StepPlan, owners: dict) -> str | None:
+        for tset in plan.sets:
+            for row, p in enumerate(tset.params):
+                if id(p) not in owners:
+                    return "an optimized parameter does not belong to the model given"
+                for module, name in owners[id(p)]:
+                    role = _role(module, name, tset)
+                    if role is None:
+                        return (f"{self.names[module]}.{name} ({type(module).__name__}, shape "
+                                f"{tuple(p.shape)}) cannot be perturbed through activations")
+                    self.modules.setdefault(module, []).append(_Entry(name, role, tset, row))
+        return None
+
+    def _mixed(self) -> str | None:
         for module, entries in self.modules.items():
             roles = {e.role for e in entries}
             if RECOMPUTE in roles and roles != {RECOMPUTE}:
-                self.reason = f"{names[module]} mixes perturbation kinds"
-                return
+                return f"{self.names[module]} mixes perturbation kinds"
+        return None
 
 
 class _Operands:
@@ -156,7 +165,7 @@ class _Operands:
         self.runs, self.bases = _runs(layout)
         # dense rows as (S, 1, *shape): added to a layer's (S, tokens, *shape) output
         self.dz3 = [] if self.factored else [r.view(S, 1, *p.shape) for r in self.rows]
-        self.run_dz3 = [[d[a:b] for a, b in self.runs] for d in self.dz3]
+        self.run_dz3 = self._by_run(self.dz3)
 
     def dense(self, row: int, i: int) -> torch.Tensor:
         """The perturbation of tensor ``row`` in slice ``i``, materialized."""
@@ -189,20 +198,26 @@ class _Operands:
         key = tuple(id(tset.factors[n]) for n in tset.space.factors)
         if key == self._factors_id:
             return
-        S = len(self.layout)
         A, B = tset.space.slice_factors(tset.factors, self.scaled)
-        # a factor made from the per-slice coordinates is new each chunk unless it is them
-        per_slice = B if A.dim() == 3 else A
-        fresh = per_slice is not self.scaled and per_slice._base is not self.scaled
         self.shared_left = A.dim() == 3  # A is (L, m, r): one factor for every slice
         self.left_shared = list(A.unbind(0)) if self.shared_left else None
-        self.left = [a if a.dim() == 3 else a.expand(S, *a.shape) for a in A.unbind(0)]
-        self.right = [b if b.dim() == 3 else b.expand(S, *b.shape) for b in B.unbind(0)]
+        self.left, self.right = self._per_slice(A), self._per_slice(B)
         self.left_t = [a.mT for a in self.left]
         self.right_t = [b.mT for b in self.right]
-        self.run_left = [[t[a:b] for a, b in self.runs] for t in self.left]
-        self.run_right = [[t[a:b] for a, b in self.runs] for t in self.right]
-        self._factors_id = None if fresh else key  # SubZero's is made again every chunk
+        self.run_left, self.run_right = self._by_run(self.left), self._by_run(self.right)
+        # a factor made from the per-slice coordinates is new each chunk unless it is them
+        # (SubZero's ``Z V^T``): then the views are made again every chunk
+        made = A if A.dim() == 4 else B
+        self._factors_id = key if made is self.scaled or made._base is self.scaled else None
+
+    def _by_run(self, factors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each row's factors cut to the runs of perturbed slices."""
+        return [[f[a:b] for a, b in self.runs] for f in factors]
+
+    def _per_slice(self, factor: torch.Tensor) -> list[torch.Tensor]:
+        """Each row's ``(S, ...)`` factor: its own, or the shared one expanded."""
+        S = len(self.layout)
+        return [f if f.dim() == 3 else f.expand(S, *f.shape) for f in factor.unbind(0)]
 
 
 def _runs(layout) -> tuple[list[tuple[int, int]], list[int]]:
@@ -272,13 +287,8 @@ class BatchedQueries(Evaluator):
         layout = tuple((None, 0.0) if pt is None else (draw.column(pt[0]), pt[1])
                        for pt in points)
         slices = len(points)
-        operands = {}
-        for tset in dict.fromkeys(e.set for entries in roles.modules.values() for e in entries):
-            ops = self._operands.get((id(tset), layout))
-            if ops is None:
-                ops = self._operands[(id(tset), layout)] = _Operands(tset, layout)
-            ops.fill(draw)
-            operands[tset] = ops
+        operands = {tset: self._filled(tset, layout, draw) for tset in dict.fromkeys(
+            e.set for entries in roles.modules.values() for e in entries)}
         rows = [None]
         installed = [_install(m, entries, operands, slices, rows)
                      for m, entries in roles.modules.items()]
@@ -289,12 +299,23 @@ class BatchedQueries(Evaluator):
             _ROWS.reset(token)
             for undo in installed:
                 undo()
-        out = torch.as_tensor(out).detach().flatten()
-        if out.numel() != slices:
-            raise ValueError(f"in batched mode the closure is called with the number of "
-                             f"slices ({slices}) and must return one loss per slice; it "
-                             f"returned {out.numel()} values")
-        return [float(v) for v in out.tolist()]
+        return one_per_slice(out, slices)
+
+    def _filled(self, tset: TensorSet, layout: tuple, draw: Draw) -> "_Operands":
+        ops = self._operands.get((id(tset), layout))
+        if ops is None:
+            ops = self._operands[(id(tset), layout)] = _Operands(tset, layout)
+        ops.fill(draw)
+        return ops
+
+
+def one_per_slice(out, slices: int) -> list[float]:
+    out = torch.as_tensor(out).detach().flatten()
+    if out.numel() != slices:
+        raise ValueError(f"in batched mode the closure is called with the number of slices "
+                         f"({slices}) and must return one loss per slice; it returned "
+                         f"{out.numel()} values")
+    return [float(v) for v in out.tolist()]
 
 
 class _Recorded(Evaluator):

@@ -28,6 +28,7 @@ import torch
 
 from zoptim.engine.plan import Draw
 from zoptim.evaluators import EngineError, Evaluation, Evaluator
+from zoptim.evaluators.batched import one_per_slice
 from zoptim.evaluators.in_place import InPlace, seeds_of
 
 
@@ -102,25 +103,25 @@ class Offload(Evaluator):
         # A key/value cache would let a block's later slices attend to its earlier ones.
         if getattr(getattr(model, "config", None), "use_cache", False):
             model.config.use_cache = False
-        in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        # non-block parts live on the device; block parameters in (pinned) CPU memory
-        for p in model.parameters():
-            if id(p) not in in_blocks:
-                p.data = p.data.to(self.device)
-        for b in model.buffers():
-            b.data = b.data.to(self.device)
         self.transfer_dtype = transfer_dtype
         self._dtype = {}  # a streamed parameter's precision on the device
-        for blk in self.blocks:
-            for p in blk.parameters():
-                self._dtype[id(p)] = p.dtype
-                host = p.data.to("cpu", dtype=transfer_dtype or p.dtype)
-                p.data = host.pin_memory() if self.cuda else host
+        self._place()
         self.units: list[_Unit] = []
         self._unit_of: dict = {}
         self._step = None  # (step, seed, undo) of the step under way
+
+    def _place(self) -> None:
+        """Non-block parts on the device; block parameters in (pinned) CPU memory."""
+        streamed = self._block_params()
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if id(t) not in streamed:
+                t.data = t.data.to(self.device)
+        for p in streamed.values():
+            self._dtype[id(p)] = p.dtype
+            host = p.data.to("cpu", dtype=self.transfer_dtype or p.dtype)
+            p.data = host.pin_memory() if self.cuda else host
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, optimizer) -> "Offload":
@@ -138,22 +139,31 @@ class Offload(Evaluator):
         tied weight has several owners, each of which walks it)."""
         optimized = {id(p) for p in params}
         self.units, self._unit_of = [], {}
-        in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
         for blk in self.blocks:
             self._add_unit(blk, True, [p for p in blk.parameters() if id(p) in optimized])
-        walking = []
-        for name, m in self.model.named_modules():
-            mine = [p for p in m.parameters(recurse=False)
-                    if id(p) not in in_blocks and id(p) in optimized]
-            if not mine or any(name.startswith(w + ".") for w in walking):
-                continue  # a unit already walking walks its whole subtree
-            if any(b is c for b in self.blocks for c in m.modules()):
-                raise OffloadError(f"{name or type(m).__name__} owns optimized parameters and "
-                                   "contains the blocks; offloading needs them in leaf modules")
-            walking.append(name)
+        for m in self._walking(optimized):
             self._add_unit(m, False, list(m.parameters()))
         if not optimized <= set(self._unit_of):
             raise OffloadError("an optimized parameter does not belong to the model")
+
+    def _walking(self, optimized: set) -> list:
+        """The resident modules that own optimized parameters directly, outermost first (a
+        module walking through the points walks its whole subtree)."""
+        own = set(optimized) - set(self._block_params())
+        blocks = {id(b) for b in self.blocks}
+        names = []
+        for name, m in self.model.named_modules():
+            owns = any(id(p) in own for p in m.parameters(recurse=False))
+            if not owns or _inside(name, names):
+                continue
+            if any(id(c) in blocks for c in m.modules()):
+                raise OffloadError(f"{name or type(m).__name__} owns optimized parameters and "
+                                   "contains the blocks; offloading needs them in leaf modules")
+            names.append(name)
+        return [self.model.get_submodule(n) for n in names]
+
+    def _block_params(self) -> dict:
+        return {id(p): p for b in self.blocks for p in b.parameters()}
 
     def _add_unit(self, module, offloaded: bool, params) -> None:
         unit = _Unit(module, offloaded, len(self.units))
@@ -261,21 +271,18 @@ class Offload(Evaluator):
             unit.module.forward = step.forward(unit, unit.module.forward,
                                                following.get(id(unit)))
         try:
-            out = torch.as_tensor(closure(n)).detach().flatten()
+            out = one_per_slice(closure(n), n)
         finally:
             for unit in order:
                 del unit.module.forward  # the class's forward again
-        if out.numel() != n:
-            raise OffloadError(f"offloading: the closure is called with the number of slices "
-                               f"({n}) and must return one loss per slice; it returned "
-                               f"{out.numel()} values")
-        missed = [u for u in order if any(plan.part(k) and k not in step.at for k in u.keys)]
-        if missed:
-            raise OffloadError(f"offloading: {type(missed[0].module).__name__} was not run by the "
-                               "closure; every optimized parameter must take part")
+        step.check(order)
         last = points[-1]
-        values = [float(v) if w else None for v, w in zip(out.tolist(), wanted)]
+        values = [v if w else None for v, w in zip(out, wanted)]
         return Evaluation(values, [] if last is None else [(last[0], -last[1])], step.draw)
+
+
+def _inside(name: str, outer: list[str]) -> bool:
+    return any(name.startswith(o + ".") for o in outer)
 
 
 class _Walk:
@@ -295,6 +302,13 @@ class _Walk:
         missing = [s for k in unit.keys for s in plan.part(k) if s not in self.draw.coords]
         if missing and self.draw.seeds:
             self.draw.merge(plan.draw(self.draw.seeds, missing))
+
+    def check(self, units) -> None:
+        """Refuse a pass that left a unit out: its parameters took no part."""
+        for u in units:
+            if any(self.plan.part(k) and k not in self.at for k in u.keys):
+                raise OffloadError(f"offloading: {type(u.module).__name__} was not run by the "
+                                   "closure; every optimized parameter must take part")
 
     def _move(self, unit, point) -> None:
         for key in unit.keys:

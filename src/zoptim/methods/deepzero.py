@@ -29,24 +29,56 @@ import math
 import torch
 from torch.func import functional_call, vmap
 
+from zoptim.engine import settings
 from zoptim.engine.optimizer import Counted
 from zoptim.noise import mix, noise
 
 
+def layer_densities(scores: list[torch.Tensor], sparsity: float) -> list[float]:
+    """Each tensor's density when the ``1 - sparsity`` entries of largest score magnitude are
+    kept over all tensors together (at least one entry per tensor).
+
+    Ranked by magnitude, as DeepZero's code does (``torch.nn.utils.prune.L1Unstructured`` on
+    the scores ``-theta * Hg``): GraSP itself prunes the largest signed scores instead, and
+    ranking signed scores the other way (keeping the largest) follows neither."""
+    flat = torch.cat([s.flatten() for s in scores]).abs()
+    keep = max(1, math.ceil((1 - sparsity) * flat.numel()))
+    threshold = flat.topk(keep).values.min()
+    return [max(float((s.abs() >= threshold).float().mean()), 1 / s.numel()) for s in scores]
+
+
+def _check(model, lr, mu, sparsity, parallel) -> None:
+    if not isinstance(model, torch.nn.Sequential):
+        raise ValueError("DeepZero reuses features layer by layer: give an nn.Sequential")
+    settings.check("sparsity", sparsity)
+    if not (lr > 0 and mu > 0):
+        raise ValueError("lr and mu must be > 0")
+    if parallel < 1:
+        raise ValueError(f"parallel={parallel!r} is invalid: at least one query a forward")
+
+
 class DeepZero(Counted, torch.optim.Optimizer):
+    """DeepZero's training (see the module's docstring); ``step(inputs, targets)``.
+
+    Args:
+        model: an ``nn.Sequential`` (features are reused layer by layer).
+        loss_fn: ``loss_fn(outputs, targets)``, the objective.
+        lr: learning rate.
+        mu: the coordinate finite difference's step.
+        sparsity: the fraction of coordinates left out of each step, in [0, 1); each layer's
+            share comes from the ZO-GraSP prior.
+        momentum: heavy-ball momentum of the coordinate estimates.
+        prior_queries: random directions of each gradient estimate of the prior.
+        parallel: coordinate queries run in one vectorized forward (``1``: one by one).
+        seed: every random choice derives from it (random when ``None``).
+    """
+
     replayable = False
 
     def __init__(self, model: torch.nn.Sequential, loss_fn, lr: float = 0.1, mu: float = 5e-3,
                  sparsity: float = 0.5, momentum: float = 0.9, prior_queries: int = 64,
                  parallel: int = 64, seed: int | None = None):
-        if not isinstance(model, torch.nn.Sequential):
-            raise ValueError("DeepZero reuses features layer by layer: give an nn.Sequential")
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"sparsity={sparsity!r} is invalid: must be in [0, 1)")
-        if not (lr > 0 and mu > 0):
-            raise ValueError("lr and mu must be > 0")
-        if parallel < 1:
-            raise ValueError(f"parallel={parallel!r} is invalid: at least one query a forward")
+        _check(model, lr, mu, sparsity, parallel)
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, dict(lr=lr, mu=mu, momentum=momentum))
         self.model, self.loss_fn, self.sparsity = model, loss_fn, sparsity
@@ -121,11 +153,7 @@ class DeepZero(Counted, torch.optim.Optimizer):
         for (_, p), s in zip(self._where, saved):
             p.copy_(s)
         scores = [-(p * (b - a) / delta) for (_, p), a, b in zip(self._where, g, g2)]
-        flat = torch.cat([s.flatten() for s in scores])
-        keep = max(1, math.ceil((1 - self.sparsity) * flat.numel()))
-        threshold = flat.topk(keep).values.min()
-        self.density = [max(float((s >= threshold).float().mean()), 1 / s.numel())
-                        for s in scores]
+        self.density = layer_densities(scores, self.sparsity)
         return self.density
 
     # -- the step ---------------------------------------------------------------------------

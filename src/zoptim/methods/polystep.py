@@ -28,6 +28,14 @@ from zoptim.noise import mix, noise
 from zoptim.parts.spaces import as_matrix, orthonormal
 
 
+def _check(rank, block, **positive) -> None:
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{name}={value!r} is invalid: must be > 0")
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(block, int) and block >= 1):
+        raise ValueError("rank and block must be integers >= 1")
+
+
 def _rotation(key: int, n: int) -> torch.Tensor:
     """A Haar-random rotation of R^n (determinant +1)."""
     q = orthonormal(key, n, n, torch.float32, "cpu")
@@ -38,19 +46,26 @@ def _rotation(key: int, n: int) -> torch.Tensor:
 
 class PolyStep(Counted, torch.optim.Optimizer):
     """``step(closure)``; the closure returns the loss and runs ``model``, whose parameters
-    are substituted for each probe (nothing is written in place during a step)."""
+    are substituted for each probe (nothing is written in place during a step).
+
+    Args:
+        params: the tensors to optimize, all of them parameters of ``model``.
+        model: the module the closure runs.
+        rank: the rank of each matrix's compressed coordinates.
+        block: coordinates moved together (a polytope of ``2 * block`` vertices a block).
+        temperature: the softmax's temperature over the vertices' losses.
+        step_radius: the length of a block's move.
+        probe_radius: the distance of a polytope's vertices from the current point.
+        seed: the projections and rotations derive from it (random when ``None``).
+    """
 
     replayable = False
 
     def __init__(self, params, model: torch.nn.Module, rank: int = 4, block: int = 8,
                  temperature: float = 0.1, step_radius: float = 0.1, probe_radius: float = 0.1,
                  seed: int | None = None):
-        for name, value in (("temperature", temperature), ("step_radius", step_radius),
-                            ("probe_radius", probe_radius)):
-            if not value > 0:
-                raise ValueError(f"{name}={value!r} is invalid: must be > 0")
-        if not (isinstance(rank, int) and rank >= 1 and isinstance(block, int) and block >= 1):
-            raise ValueError("rank and block must be integers >= 1")
+        _check(rank, block, temperature=temperature, step_radius=step_radius,
+               probe_radius=probe_radius)
         super().__init__(params, dict(temperature=temperature, step_radius=step_radius,
                                       probe_radius=probe_radius))
         self.model, self.rank, self.block = model, rank, block

@@ -234,14 +234,17 @@ def add_noise_(x: torch.Tensor, key: int, alpha: float, kind: str = "gaussian") 
 def fill_rows_(rows: torch.Tensor, keys: list[int], alpha: float, kind: str) -> None:
     """Set each row of ``rows`` (k, n) to ``alpha`` times the noise of its key (``keys[i]``
     for row ``i``), as ``add_noise_`` would add it to zeros: in one compiled kernel where
-    there is one, as on a CPU a call costs more than a small tensor's noise, and a step's
-    tensors are mostly small."""
+    there is one (on a GPU too: one launch for every row, where a launch per row would make
+    a step's launches grow with the model's depth). On a CPU the values equal
+    ``add_noise_``'s bit for bit; on a GPU, whose ``add_noise_`` is a Triton kernel with the
+    hardware's approximate functions, to about 1e-6 (the rows are a step's held coordinates,
+    always drawn this way, so the step stays self-consistent)."""
     k, n = rows.shape
     if n >= 1 << 31:
         raise ValueError("tensors of 2**31 elements or more are not supported; split the parameter")
     dev = rows.device
     # one row, or rows of one element, would each be a specialized variant of the kernel
-    if _triton_for([rows]) is None and k > 1 and n >= FUSED_MIN_NUMEL:
+    if k > 1 and n >= FUSED_MIN_NUMEL:
         k0, k1 = _key_halves(keys, dev)
         a = torch.tensor(alpha, dtype=torch.float32, device=dev)
         if _run_fused(f"{kind}-rows", rows, k0.view(k, 1), k1.view(k, 1), a):

@@ -57,7 +57,9 @@ def orthonormal(key, rows: int, cols: int, dtype, device) -> torch.Tensor:
     q, r = torch.linalg.qr(gauss)
     signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs[signs == 0] = 1
-    q = (q * signs.unsqueeze(-2)).to(dtype)
+    # row-major like every state tensor: a run resumed from a checkpoint (which stores
+    # tensors contiguous) then multiplies the same layout, so its rounding is the same
+    q = (q * signs.unsqueeze(-2)).to(dtype).contiguous()
     return q[0] if isinstance(key, int) else q
 
 

@@ -1,0 +1,103 @@
+"""Checkpoints of a run: ``checkpoint-<step>/`` holds the trainable weights and the optimizer
+state (safetensors, plus JSON for what is not a tensor); ``latest.json`` names the newest
+complete one. Written to a staging folder, fsynced and renamed, so a crash at any moment
+leaves the previous checkpoint intact and named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON, whole or not at all (a temporary file, fsynced, renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_files(opt) -> tuple[dict, dict]:
+    """The optimizer state as (tensors, the rest): state tensors are copied, as several
+    entries may be views of one stacked tensor, which safetensors refuses."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().clone(
+                    memory_format=torch.contiguous_format)
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "zo": sd["zo"], "scalars": scalars}
+
+
+def save_checkpoint(params: dict, opt, folder: Path, progress: dict) -> Path:
+    """Write ``checkpoint-<step>`` completely, then point ``latest`` at it, then drop older
+    ones. ``progress`` is saved beside (the step, the guard's history)."""
+    step = opt.steps
+    target = folder / f"checkpoint-{step}"
+    staging = folder / f".checkpoint-{step}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({n: p.detach().clone(memory_format=torch.contiguous_format)
+               for n, p in params.items()},
+              str(staging / "trainable.safetensors"))
+    tensors, info = _optimizer_files(opt)
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    write_json(staging / "optimizer.json", info)
+    write_json(staging / "progress.json", {"step": step, **progress})
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        fsync_path(staging / name)
+    fsync_path(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    fsync_path(folder)
+    write_json(folder / "latest.json", {"checkpoint": target.name, "step": step})
+    fsync_path(folder)
+    for old in folder.glob("checkpoint-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(params: dict, opt, checkpoint: Path) -> dict:
+    """Load weights and optimizer state; returns the checkpoint's progress record."""
+    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    missing = set(params) - set(weights)
+    if missing:
+        raise ValueError(f"{checkpoint}: weights missing for {sorted(missing)[:3]}...; the "
+                         "checkpoint belongs to a different model or scheme")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    info = json.loads((checkpoint / "optimizer.json").read_text())
+    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    state: dict = {}
+    for key, value in [*tensors.items(), *info["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"], "zo": info["zo"]})
+    return json.loads((checkpoint / "progress.json").read_text())
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    pointer = folder / "latest.json"
+    if not pointer.exists():
+        return None
+    return folder / json.loads(pointer.read_text())["checkpoint"]
