@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import zoptim
 
-from zoptim.bench.step_cost import MINILM_SHAPE, interleaved_medians, make_loss
+from zoptim.bench.step_cost import MINILM_SHAPE, interleaved_medians, make_loss, positive_ints
 
 
 def encoder(layers: int, device: str):
@@ -103,19 +103,9 @@ def slope(points: list[tuple[int, int]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / var if var else float("nan")
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
-    return values
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=_ints, default=[2, 6, 12],
+    parser.add_argument("--layers", type=positive_ints, default=[2, 6, 12],
                         help="encoder depths, comma-separated (at least two)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)

@@ -3,8 +3,8 @@
 For each shape an OPT model is built with random weights in half precision in CPU memory, then
 trained with MeZO, side by side in one run:
 
-- offloaded (``zoptim.evaluators.offload``): its decoder layers stream from pinned CPU memory, once per
-  step; the step's peak GPU memory and time,
+- offloaded (``zoptim.evaluators.offload``): its decoder layers stream from pinned CPU
+  memory, once per step; the step's peak GPU memory and time,
 - resident, where the model fits the GPU: the same step with every weight on the GPU.
 
     python -m zoptim.bench.offload --shapes 1.3b,13b --out offload.json
@@ -23,7 +23,13 @@ import torch
 import zoptim
 from zoptim.evaluators.offload import Offload
 
-from zoptim.bench.opt_shapes import add_shape_options, build_opt, checked_shapes, lm_loss, peak_bytes
+from zoptim.bench.opt_shapes import (
+    add_shape_options,
+    build_opt,
+    checked_shapes,
+    lm_loss,
+    peak_bytes,
+)
 from zoptim.bench.step_cost import median_seconds
 
 

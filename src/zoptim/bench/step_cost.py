@@ -112,14 +112,15 @@ class ReferenceMeZO:
 STACKED = "stacked forward x5, no perturbation (batched floor)"
 
 
-def _ranks(text: str) -> list[int]:
+def positive_ints(text: str) -> list[int]:
+    """A command-line list of positive integers, ``"8,32"``."""
     try:
-        ranks = [int(v) for v in text.split(",")]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ranks")
-    if not ranks or min(ranks) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: ranks must be at least 1")
-    return ranks
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
 
 
 def interleaved_medians(fns: dict, rounds: int, warmup: int = 2, settle: int = 1) -> dict:
@@ -170,7 +171,7 @@ def _device_name(device: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (steps per method)")
-    parser.add_argument("--ranks", type=_ranks, default=[8, 32],
+    parser.add_argument("--ranks", type=positive_ints, default=[8, 32],
                         help="ZO-Muon's ranks, comma-separated (default 8,32)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)

@@ -37,8 +37,9 @@ class Parallel:
 
     def __init__(self, perturbation: int | None = None, data: int = 1, group=None):
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("zoptim.evaluators.distributed needs torch.distributed initialized first "
-                               "(init_process_group; torchrun sets the rank and world size)")
+            raise RuntimeError("zoptim.evaluators.distributed needs torch.distributed initialized "
+                               "first (init_process_group; torchrun sets the rank and world "
+                               "size)")
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)

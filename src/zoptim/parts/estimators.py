@@ -3,7 +3,8 @@
 An estimator names the points it needs, each ``None`` (the current parameters) or
 ``(seed, scale)`` (every parameter moved by ``scale * eps * z(seed)``), and the probe evaluates
 them (``probe.evaluate_points``, one query each) through the optimizer's evaluator
-(``zoptim.evaluators``: in place, batched, offloaded, distributed). ``probe.directional`` gives a forward-mode derivative instead. It returns:
+(``zoptim.evaluators``: in place, batched, offloaded, distributed). ``probe.directional`` gives
+a forward-mode derivative instead. It returns:
 
 - the loss to report,
 - one :class:`Direction` per query direction: its seed and ``diff``, the estimated directional
