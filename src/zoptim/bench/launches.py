@@ -73,7 +73,7 @@ def measure(layers: int, args) -> list:
     loss = make_loss(model, args.batch, args.tokens)
     rows = []
     with torch.no_grad():
-        built = methods(model, args.rank, args.foreach)
+        built = methods(model, args.rank, True if args.foreach else None)
         for opt, _ in built.values():  # factors drawn, kernels compiled
             for _ in range(2):
                 opt.step(loss)
@@ -113,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per method")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--foreach", action="store_true",
-                        help="write each set of tensors with one _foreach_add_ (the default on "
-                             "a GPU) on any device")
+                        help="every method writes each set of tensors with one _foreach_add_ "
+                             "(by default: on a GPU, and under batched queries)")
     parser.add_argument("--out", help="write the figures to this JSON file")
     return parser
 

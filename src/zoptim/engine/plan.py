@@ -146,9 +146,11 @@ class TensorSet:
 class HeldSet(TensorSet):
     """Same-shaped tensors whose step coordinates are held (see the module's docstring)."""
 
-    def __init__(self, slots, states, foreach: bool):
+    def __init__(self, slots, states, foreach: bool, lift_buffer: Callable | None = None):
         super().__init__(slots, states)
         self.foreach = foreach
+        self.lift_buffer = lift_buffer  # (dtype, device) -> the plan's flat lift buffer
+        self._lift = None
         p = self.params[0]
         self.shape = tuple(p.shape)
         self.factored = isinstance(self.space, Factored)
@@ -258,15 +260,39 @@ class HeldSet(TensorSet):
         for p, a, b in zip(self.params, self.rows(A), self.rows(B)):
             as_matrix(p).addmm_(a, b, alpha=alpha * s)
 
+    def chunk(self) -> int:
+        """Tensors lifted together with ``foreach``: at most ``LIFT_CHUNK_BYTES`` of updates."""
+        return max(1, min(len(self), LIFT_CHUNK_BYTES // (self.m * self.n *
+                                                         self._C.element_size())))
+
     def _apply_chunked(self, A, B, alpha: float) -> None:
-        """The lifted updates of a chunk of tensors in one ``bmm``, written in one
-        ``_foreach_add_``; chunks of at most ``LIFT_CHUNK_BYTES``."""
-        per = max(1, LIFT_CHUNK_BYTES // (self.m * self.n * self._C.element_size()))
-        mats = [as_matrix(p) for p in self.params]
-        for a in range(0, len(self), per):
-            b = min(len(self), a + per)
-            lifted = torch.bmm(A[a:b], B[a:b])
-            torch._foreach_add_(mats[a:b], list(lifted.unbind(0)), alpha=alpha)
+        """The lifted updates of a chunk of tensors in one ``bmm`` into the plan's lift buffer,
+        written in one ``_foreach_add_`` (its views and rows made once)."""
+        if self._lift is None:
+            per = self.chunk()
+            flat = self.lift_buffer(self.dtype, self.device)
+            spans = [(a, min(len(self), a + per)) for a in range(0, len(self), per)]
+            outs = [flat[:(b - a) * self.m * self.n].view(b - a, self.m, self.n)
+                    for a, b in spans]
+            self._lift = (spans, outs, [list(o.unbind(0)) for o in outs])
+        spans, outs, rows = self._lift
+        mats = self.params if self.shape == (self.m, self.n) else \
+            [as_matrix(p) for p in self.params]
+        for (a, b), out, out_rows, a_part, b_part in zip(spans, outs, rows, self._cut(A),
+                                                          self._cut(B)):
+            torch.bmm(a_part, b_part, out=out)
+            torch._foreach_add_(mats[a:b], out_rows, alpha=alpha)
+
+    def _cut(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """``t`` cut into the chunks' spans (kept for the set's persistent tensors)."""
+        spans = self._lift[0]
+        if len(spans) == 1:
+            return [t]
+        got = self._rows.get(("cut", id(t)))
+        if got is None or got[0] is not t:
+            got = (t, [t[a:b] for a, b in spans])
+            self._rows[("cut", id(t))] = got
+        return got[1]
 
     def shift_(self, draw, frm, to):
         weights = [(pt[0], self.scale(pt) * sign) for pt, sign in ((to, 1.0), (frm, -1.0))
@@ -400,6 +426,7 @@ class StepPlan:
     slots: list[Slot]
     sets: list[TensorSet] = field(default_factory=list)
     parts: dict = field(default_factory=dict)  # partition key: its sets
+    lift_buffers: dict = field(default_factory=dict)  # (dtype, device): a flat buffer
 
     @classmethod
     def build(cls, slots: list[Slot], state, *, partition: Callable = lambda p: 0,
@@ -418,7 +445,7 @@ class StepPlan:
             states = [state[s.p] for s in members]
             kind = key[1]
             if kind == "held":
-                made = HeldSet(members, states, foreach)
+                made = HeldSet(members, states, foreach, plan.lift_buffer)
             elif kind == "streamed":
                 made = StreamedSet(members, states)
             else:
@@ -426,6 +453,16 @@ class StepPlan:
             plan.sets.append(made)
             plan.parts.setdefault(key[0], []).append(made)
         return plan
+
+    def lift_buffer(self, dtype, device) -> torch.Tensor:
+        """A flat buffer the ``foreach`` writes of this plan's sets of one dtype and device
+        lift their updates into, one set after another: as large as the largest chunk."""
+        key = (dtype, device)
+        if key not in self.lift_buffers:
+            numel = max(s.chunk() * s.m * s.n for s in self.sets if isinstance(s, HeldSet)
+                        and s.factored and (s.dtype, s.device) == key)
+            self.lift_buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return self.lift_buffers[key]
 
     def part(self, key) -> list[TensorSet]:
         return self.parts.get(key, [])

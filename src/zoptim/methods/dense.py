@@ -22,7 +22,8 @@ COMMON_ARGS = """
         seed: every direction derives from it (random when ``None``); two optimizers with
             one seed and one objective take the same steps.
         foreach: write the tensors of one shape together (one ``_foreach_add_`` a set)
-            rather than one by one; ``None``: on CUDA (``torch.optim``'s rule)."""
+            rather than one by one; ``None``: on CUDA (``torch.optim``'s rule) and under
+            batched queries (see ``ZOOptimizer``)."""
 
 
 def documented(cls):
