@@ -136,3 +136,37 @@ def test_streamed_from_pinned_memory_equals_resident_on_the_gpu():
     offload.flush()
     for a, b in zip(resident.parameters(), streamed.parameters()):
         assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("method", ["mezo", "zo-muon"])
+def test_low_precision_transfer_serves_every_method_and_replays_bit_for_bit(method):
+    # the step's buffers live where the blocks compute (device, model dtype), not where they
+    # wait between steps (CPU memory, bfloat16); a replay walks the blocks as the live step did
+    model = tiny_opt()
+    start = copy.deepcopy(model)
+    opt = METHODS[method](list(model.parameters()))
+    offload = Offload(model, device="cpu", transfer_dtype=torch.bfloat16).attach(opt)
+    closure = lm_closure(model)
+    values = []
+    for _ in range(STEPS):
+        opt.step(closure)
+        values.append(opt.last_values)
+    offload.flush()
+    again = METHODS[method](list(start.parameters()))
+    replayed = Offload(start, device="cpu", transfer_dtype=torch.bfloat16).attach(again)
+    for v in values:
+        again.step(replay=v)
+    replayed.flush()
+    for a, b in zip(model.parameters(), start.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_group_added_after_attaching_is_refused_clearly():
+    model = tiny_opt()
+    blocks = list(find_blocks(model)[0].parameters())
+    opt = zoptim.MeZO([p for p in model.parameters() if all(p is not b for b in blocks)],
+                      lr=1e-3, seed=0)
+    Offload(model, device="cpu").attach(opt)
+    opt.add_param_group({"params": blocks})
+    with pytest.raises(OffloadError, match="attach the optimizer again"):
+        opt.step(lm_closure(model))

@@ -247,7 +247,8 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         return slots
 
     def _signature(self) -> tuple:
-        groups = tuple((tuple(id(p) for p in g["params"]), g["lr"] == 0,
+        groups = tuple((tuple((id(p), p.dtype, p.device, p.shape) for p in g["params"]),
+                        g["lr"] == 0,
                         repr(sorted((k, v) for k, v in g.items() if k not in ("params", "lr"))))
                        for g in self.param_groups)
         return (id(self.evaluator), id(self.state), groups)
@@ -275,6 +276,7 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         if foreach is None:
             foreach = bool(slots) and slots[0].p.is_cuda or self.evaluator.hold_all
         return StepPlan.build(slots, self.state, partition=self.evaluator.partition,
+                              placement=self.evaluator.placement,
                               hold_all=self.evaluator.hold_all, foreach=foreach)
 
     # -- the step ---------------------------------------------------------------------------
@@ -293,15 +295,18 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         probe = Probe(self, plan, evaluator, closure, replay)
         try:
             loss, dirs, left = self.estimator(probe, self.step_seed(self.steps))
+        except BaseException:  # the evaluator put the parameters back; the state goes back too
+            undo.restore()
+            raise
         finally:
             self._open = None
         if skip is _GUARD:
             skip = self.guard(probe.values) if self.guard is not None else None
         if skip is None:
-            evaluator.finish(plan, lambda sets: self._update(sets, probe.draw, dirs, left))
+            evaluator.finish(plan, lambda sets: self._update(plan, sets, probe.draw, dirs, left))
             self._after_update(probe, dirs, loss)
         else:  # undo the probing: parameters and state as they were
-            evaluator.finish(plan, lambda sets: self._restore(sets, probe.draw, left))
+            evaluator.finish(plan, lambda sets: self._restore(plan, sets, probe.draw, left))
             undo.restore()
             self.skipped += 1
         self.steps += 1
@@ -320,34 +325,38 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         evaluator.begin(plan, self.steps, self.seed, undo)
         return plan, undo, evaluator
 
-    def _drawn(self, sets: list[TensorSet], draw: Draw | None, seeds: list[int]) -> Draw:
+    @staticmethod
+    def _drawn(plan: StepPlan, sets: list[TensorSet], draw: Draw | None,
+               seeds: list[int]) -> Draw:
         """``draw``, completed with the coordinates of the sets it lacks (a replayed step, a
         batched step whose evaluation drew them in chunks)."""
         if draw is None:
             draw = Draw(seeds_of([(s, 1.0) for s in seeds]))
         missing = [s for s in sets if s not in draw.coords]
         if missing and draw.seeds:
-            draw.merge(self._plan[1].draw(draw.seeds, missing))
+            draw.merge(plan.draw(draw.seeds, missing))
         return draw
 
-    def _update(self, sets: list[TensorSet], draw: Draw | None, dirs, left) -> None:
+    def _update(self, plan: StepPlan, sets: list[TensorSet], draw: Draw | None, dirs,
+                left) -> None:
         seeds = [d.seed for d in dirs]
-        draw = self._drawn(sets, draw, seeds + [s for s, _ in left])
+        draw = self._drawn(plan, sets, draw, seeds + [s for s, _ in left])
         for s in sets:
             s.update_(draw, dirs, self.coefficients(s.group, dirs), left)
 
-    def _restore(self, sets: list[TensorSet], draw: Draw | None, left) -> None:
+    def _restore(self, plan: StepPlan, sets: list[TensorSet], draw: Draw | None,
+                 left) -> None:
         if not left:
             return
-        draw = self._drawn(sets, draw, [s for s, _ in left])
+        draw = self._drawn(plan, sets, draw, [s for s, _ in left])
         for s in sets:
             s.add_directions_(draw, {seed: scale * s.group["eps"] for seed, scale in left})
 
     def move(self, probe: Probe, dirs, factor: float) -> None:
         """Move every tensor by ``factor * lr * g``, ``g`` the step's estimate (no
         transforms): the probes of methods that evaluate after their update."""
-        sets = self._plan[1].sets
-        draw = self._drawn(sets, probe.draw, [d.seed for d in dirs])
+        sets = probe.plan.sets
+        draw = self._drawn(probe.plan, sets, probe.draw, [d.seed for d in dirs])
         for s in sets:
             coefs = self.coefficients(s.group, dirs)
             s.add_directions_(draw, {d.seed: factor * s.group["lr"] * c

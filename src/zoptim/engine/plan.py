@@ -18,8 +18,9 @@ Everything a step does to parameters is then a few calls per set, not per tensor
   scaling), moved tensor by tensor.
 
 The writes to the parameters are applied per tensor (``addmm_``, which fuses the lift with
-the write) or, with ``foreach=True`` (the default on a GPU, as in ``torch.optim``), lifted in
-bounded chunks by one ``bmm`` and written by one ``_foreach_add_``: a few launches a set.
+the write) or, with ``foreach=True`` (the default on a GPU, as in ``torch.optim``, and under
+batched queries), lifted in bounded chunks by one ``bmm`` into the plan's lift buffer and
+written by one ``_foreach_add_``: a few launches a set.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from typing import Callable, Sequence
 import torch
 
 from zoptim.noise import add_noise_many_, fill_rows_, mix
+from zoptim.parts.estimators import Point
 from zoptim.parts.spaces import Factored, Space, as_matrix, factor_keys
 from zoptim.parts.transforms import StateStack, Transform
 
-Point = tuple[int, float] | None
+_MISSING = object()  # a state entry that did not exist
 # Bytes of one chunk of lifted updates when they are written with ``_foreach_add_``.
 LIFT_CHUNK_BYTES = 64 << 20
 
@@ -81,15 +83,13 @@ class Undo:
 
     def record(self, stack: StateStack, names) -> None:
         self._stacks.append((stack, dict(stack._bound)))
-        missing = object()
         for s in stack.states:
             for name in names:
-                self._entries.append((s, name, s.get(name, missing)))
-        self._missing = missing
+                self._entries.append((s, name, s.get(name, _MISSING)))
 
     def restore(self) -> None:
         for s, name, value in reversed(self._entries):
-            if value is self._missing:
+            if value is _MISSING:
                 s.pop(name, None)
             else:
                 s[name] = value
@@ -108,9 +108,6 @@ class TensorSet:
 
     def __len__(self) -> int:
         return len(self.slots)
-
-    def keys(self, seed: int) -> list[int]:
-        return [mix(seed, s.index) for s in self.slots]
 
     def scale(self, point: Point) -> float:
         return 0.0 if point is None else point[1] * self.group["eps"]
@@ -135,18 +132,20 @@ class TensorSet:
         """``p += sum_seed weights[seed] * z(seed)`` for every tensor (weights include eps)."""
         raise NotImplementedError
 
-    def decay_(self) -> float:
-        """Decoupled weight decay, ``p *= 1 - lr * wd``; returns that factor."""
+    def decay_(self, params: list | None = None) -> float:
+        """Decoupled weight decay, ``p *= 1 - lr * wd`` (every tensor of the set, or
+        ``params``); returns that factor."""
         lr, wd = self.group["lr"], self.group["weight_decay"]
         if wd:
-            torch._foreach_mul_(self.params, 1.0 - lr * wd)
+            torch._foreach_mul_(self.params if params is None else params, 1.0 - lr * wd)
         return 1.0 - lr * wd
 
 
 class HeldSet(TensorSet):
     """Same-shaped tensors whose step coordinates are held (see the module's docstring)."""
 
-    def __init__(self, slots, states, foreach: bool, lift_buffer: Callable | None = None):
+    def __init__(self, slots, states, foreach: bool, lift_buffer: Callable | None = None,
+                 placement: tuple | None = None):
         super().__init__(slots, states)
         self.foreach = foreach
         self.lift_buffer = lift_buffer  # (dtype, device) -> the plan's flat lift buffer
@@ -160,20 +159,26 @@ class HeldSet(TensorSet):
             self.coords_shape = self.space.shape_of(m, n, self.r)
         else:
             self.coords_shape = self.shape
-        self.dtype, self.device = p.dtype, p.device
+        # where the tensors compute (an offloaded block's are in host memory between steps)
+        self.dtype, self.device = placement or (p.dtype, p.device)
         self._buffers: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._rows: dict[int, list[torch.Tensor]] = {}  # id(persistent tensor): its rows
+        # rows and chunk cuts of the set's persistent tensors (its buffer, its factor stacks)
+        self._rows: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.factors: dict[str, torch.Tensor] = {}
         self._C = torch.empty((len(slots), *self.coords_shape), dtype=self.dtype,
                               device=self.device)
-        self._C_rows = self.rows(self._C)
 
     def rows(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """``list(t.unbind(0))``, kept for the set's persistent tensors (no call per step)."""
-        got = self._rows.get(id(t))
+        """``list(t.unbind(0))``, made once for the set's persistent tensors (its buffer and
+        factor stacks: no call per step); a transient tensor is unbound each time."""
+        return self._kept("rows", t, lambda: list(t.unbind(0)))
+
+    def _kept(self, kind: str, t: torch.Tensor, make) -> list[torch.Tensor]:
+        if not (t is self._C or any(t is f for f in self.factors.values())):
+            return make()
+        got = self._rows.get((kind, id(t)))
         if got is None or got[0] is not t:
-            got = (t, list(t.unbind(0)))
-            self._rows[id(t)] = got
+            got = self._rows[(kind, id(t))] = (t, make())
         return got[1]
 
     # -- factors ----------------------------------------------------------------------------
@@ -182,7 +187,7 @@ class HeldSet(TensorSet):
             return
         epoch = self.space.epoch(step)
         if all(s.get("factor_epoch") == epoch for s in self.stack.states):
-            self.factors = {name: self.stack.get(name) for name in self.space.factors}
+            self.factors = {name: self._placed(name) for name in self.space.factors}
             return
         # redrawn: what this changes is recorded, so that a skipped step can put it back
         undo.record(self.stack, self._redrawn_names())
@@ -193,8 +198,16 @@ class HeldSet(TensorSet):
             self.stack.set(name, value)
         self.stack.set_scalar("factor_epoch", epoch)
         self.factors = new
+        self._rows.clear()  # the old factors' rows and cuts
         if all(v is not None for v in old.values()):
             self._carry(old, new)
+
+    def _placed(self, name: str) -> torch.Tensor:
+        """A factor stack in the set's dtype and device (the model moved: converted once)."""
+        f = self.stack.get(name)
+        if f.dtype != self.dtype or f.device != self.device:
+            f = self.stack.set(name, f.to(device=self.device, dtype=self.dtype))
+        return f
 
     def _redrawn_names(self) -> list[str]:
         names = [*self.space.factors, "factor_epoch"]
@@ -288,11 +301,7 @@ class HeldSet(TensorSet):
         spans = self._lift[0]
         if len(spans) == 1:
             return [t]
-        got = self._rows.get(("cut", id(t)))
-        if got is None or got[0] is not t:
-            got = (t, [t[a:b] for a, b in spans])
-            self._rows[("cut", id(t))] = got
-        return got[1]
+        return self._kept("cut", t, lambda: [t[a:b] for a, b in spans])
 
     def shift_(self, draw, frm, to):
         weights = [(pt[0], self.scale(pt) * sign) for pt, sign in ((to, 1.0), (frm, -1.0))
@@ -369,9 +378,7 @@ class StreamedSet(TensorSet):
                                  dirs, eps, {})
             for t in self.chain:
                 g = t(g, state)
-            decay = 1.0 - lr * self.group["weight_decay"]
-            if decay != 1.0:
-                s.p.mul_(decay)
+            self.decay_([s.p])
             s.p.add_(g, alpha=-lr)
 
 
@@ -405,9 +412,7 @@ class OwnSet(TensorSet):
                                 coefs, dirs, eps, self.scratch)
         for t in self.chain:
             g = t(g, self.state)
-        wd = self.group["weight_decay"]
-        if wd:
-            s.p.mul_(1.0 - lr * wd)
+        self.decay_()
         s.p.add_(g, alpha=-lr)
 
 
@@ -430,22 +435,24 @@ class StepPlan:
 
     @classmethod
     def build(cls, slots: list[Slot], state, *, partition: Callable = lambda p: 0,
-              hold_all: bool = False, foreach: bool = False) -> "StepPlan":
+              placement: Callable = lambda p: (p.dtype, p.device), hold_all: bool = False,
+              foreach: bool = False) -> "StepPlan":
         """Group ``slots``: ``state`` maps a tensor to its optimizer state; ``partition``
         keeps tensors that an evaluator moves separately (offloaded blocks) in separate sets;
-        ``hold_all`` holds every tensor's coordinates (batched evaluation)."""
+        ``placement`` gives the dtype and device a tensor computes in; ``hold_all`` holds
+        every tensor's coordinates (batched evaluation)."""
         keyed = defaultdict(list)
         for s in slots:
             kind = _kind(s, hold_all)
             key = (partition(s.p), kind, id(s.group), s.space.signature(),
-                   tuple(s.p.shape) if kind != "own" else id(s), s.p.dtype, s.p.device)
+                   tuple(s.p.shape) if kind != "own" else id(s), *placement(s.p))
             keyed[key].append(s)
         plan = cls(slots)
         for key, members in keyed.items():
             states = [state[s.p] for s in members]
             kind = key[1]
             if kind == "held":
-                made = HeldSet(members, states, foreach, plan.lift_buffer)
+                made = HeldSet(members, states, foreach, plan.lift_buffer, key[-2:])
             elif kind == "streamed":
                 made = StreamedSet(members, states)
             else:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from zoptim.engine.plan import Draw, StepPlan, Undo
-
-Point = tuple[int, float] | None
+from zoptim.parts.estimators import Point
 
 
 class EngineError(ValueError):
@@ -52,6 +51,10 @@ class Evaluator:
     def partition(self, p):
         """The sets ``p`` may share a set with: only tensors of one partition move together."""
         return 0
+
+    def placement(self, p) -> tuple:
+        """The dtype and device ``p`` computes in during a step."""
+        return p.dtype, p.device
 
     def check(self, plan: StepPlan) -> str | None:
         """Why this evaluator cannot serve ``plan`` (``None`` when it can)."""

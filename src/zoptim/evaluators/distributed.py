@@ -104,6 +104,9 @@ class Distributed(Evaluator):
     def partition(self, p):
         return self.inner.partition(p)
 
+    def placement(self, p):
+        return self.inner.placement(p)
+
     def check(self, plan):
         return self.inner.check(plan)
 

@@ -36,9 +36,13 @@ class InPlace(Evaluator):
         done, at, draw = self._open or (0, None, plan.draw(seeds_of(points)))
         self._open = None
         values = []
-        for i, (point, want) in enumerate(zip(points, wanted)):
-            if i >= done:
-                plan.shift_(draw, at, point)
-                at = point
-            values.append(float(closure()) if want else None)
+        try:
+            for i, (point, want) in enumerate(zip(points, wanted)):
+                if i >= done:
+                    plan.shift_(draw, at, point)
+                    at = point
+                values.append(float(closure()) if want else None)
+        except BaseException:  # the closure raised: the parameters go back to where they were
+            plan.shift_(draw, at, None)
+            raise
         return Evaluation(values, [] if at is None else [(at[0], -at[1])], draw)

@@ -29,7 +29,7 @@ import torch
 from zoptim.engine.plan import Draw
 from zoptim.evaluators import EngineError, Evaluation, Evaluator
 from zoptim.evaluators.batched import one_per_slice
-from zoptim.evaluators.in_place import InPlace, seeds_of
+from zoptim.evaluators.in_place import seeds_of
 
 
 class OffloadError(EngineError):
@@ -174,12 +174,21 @@ class Offload(Evaluator):
         unit.keys = list(dict.fromkeys(unit.keys))
 
     def holds(self, p) -> bool:
-        """Whether ``p`` streams (its preparation and update wait for its upload)."""
+        """Whether ``p`` streams (it lives in CPU memory between steps)."""
         unit = self._unit_of.get(id(p))
         return unit is not None and unit.offloaded
 
     def partition(self, p):
-        return self._unit_of[id(p)].index
+        unit = self._unit_of.get(id(p))
+        if unit is None:
+            raise OffloadError("a parameter group was added after Offload.attach; attach the "
+                               "optimizer again to stream it")
+        return unit.index
+
+    def placement(self, p):
+        """A streamed tensor computes on the device in the model's dtype, whatever its copy
+        in CPU memory is."""
+        return self._dtype.get(id(p), p.dtype), self.device
 
     # -- streaming --------------------------------------------------------------------------
     def _params(self, unit):
@@ -257,15 +266,18 @@ class Offload(Evaluator):
                 apply(sets)
 
     def replaying(self):
-        """A recorded step, redone in place on the parameters where they are (flushed)."""
-        self.flush()
-        return InPlace()
+        """A recorded step redone as it was live: each block walks through the points while
+        it is resident, the model not run."""
+        return _Replay(self)
+
+    def _order(self, plan) -> list:
+        return [u for u in self.units if any(plan.part(k) for k in u.keys)]
 
     def evaluate(self, plan, points, closure, wanted):
         """The objective at every point in one pass on a stacked batch."""
         n = len(points)
         step = _Walk(self, plan, points)
-        order = [u for u in self.units if any(plan.part(k) for k in u.keys)]
+        order = self._order(plan)
         following = {id(a): b for a, b in zip(order, order[1:])}
         for unit in order:
             unit.module.forward = step.forward(unit, unit.module.forward,
@@ -281,6 +293,41 @@ class Offload(Evaluator):
         return Evaluation(values, [] if last is None else [(last[0], -last[1])], step.draw)
 
 
+class _Replay(Evaluator):
+    """``Offload.replaying()``: the writes of a live step, unit by unit, without the model."""
+
+    name = "offloaded, recorded"
+
+    def __init__(self, offload: Offload):
+        self.offload = offload
+
+    def placement(self, p):
+        return self.offload.placement(p)
+
+    def partition(self, p):
+        return self.offload.partition(p)
+
+    def begin(self, plan, step, seed, undo):
+        self.offload.begin(plan, step, seed, undo)
+
+    def finish(self, plan, apply):
+        self.offload.finish(plan, apply)
+
+    def evaluate(self, plan, points, closure, wanted):
+        off, walk = self.offload, _Walk(self.offload, plan, points)
+        for unit in off._order(plan):
+            if unit.offloaded:
+                off._arrive(unit)
+            walk.ready(unit)
+            for point in points:
+                walk.move(unit, point)
+            if unit.offloaded:
+                off._leave(unit)
+        last = points[-1]
+        return Evaluation([None] * len(points), [] if last is None else [(last[0], -last[1])],
+                          walk.draw)
+
+
 def _inside(name: str, outer: list[str]) -> bool:
     return any(name.startswith(o + ".") for o in outer)
 
@@ -294,7 +341,7 @@ class _Walk:
         self.at = {}  # each partition's current point
         self.draw = Draw(seeds_of(points))
 
-    def _ready(self, unit) -> None:
+    def ready(self, unit) -> None:
         """Bring the unit's sets to the step: prepared (streamed blocks) and drawn."""
         off, plan = self.offload, self.plan
         if unit.offloaded:
@@ -310,7 +357,7 @@ class _Walk:
                 raise OffloadError(f"offloading: {type(u.module).__name__} was not run by the "
                                    "closure; every optimized parameter must take part")
 
-    def _move(self, unit, point) -> None:
+    def move(self, unit, point) -> None:
         for key in unit.keys:
             start = self.at.get(key)
             if key not in self.at or start != point:
@@ -325,7 +372,7 @@ class _Walk:
                 off._arrive(unit)
                 if nxt is not None and nxt.offloaded:
                     off._prefetch(nxt)  # overlaps this block's compute
-            self._ready(unit)
+            self.ready(unit)
             stacked = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim()]
             total = stacked[0].shape[0] if stacked else 0
             if not stacked or total % n:
@@ -335,7 +382,7 @@ class _Walk:
             rows = total // n
             outs = []
             for k, point in enumerate(self.points):
-                self._move(unit, point)
+                self.move(unit, point)
                 outs.append(forward(*(_split(a, k, rows, total) for a in args),
                                     **{key: _split(v, k, rows, total)
                                        for key, v in kwargs.items()}))

@@ -16,7 +16,7 @@ TwoSided        s * U @ Z @ V^T             Z    (r x r)        U, V  (orthonorm
 ==============  ==========================  ==================  ===========================
 
 The coordinates of a key are always the noise of that key in the coordinates' shape, so a
-step draws the coordinates of many tensors at once (``noise_stacks``). The factored spaces
+step draws the coordinates of many tensors at once (``engine.plan``, one kernel a set). The factored spaces
 work on stacks: the tensors of one shape hold their factors in one ``(L, ...)`` tensor and
 are lifted together (``lift``), which is how a step's operator calls stay independent of the
 model's depth (``engine.plan``).
@@ -67,19 +67,14 @@ class Space:
     """Where a perturbation lives: the base of every space. Subclasses say how a key becomes a
     perturbation and how an estimate in coordinates becomes an update.
 
-    Declared capabilities, read by the step plan:
-
-    - ``linear``: the update is a fixed linear function of the coefficients (``False`` for
-      HiZOO, whose scaling changes with the step's values);
-    - ``factored``: a low-rank product of factors kept in the state (``Factored``);
-    - ``own_perturbation``: the perturbation is computed tensor by tensor by ``perturb_``
-      (a mask, a scaling), not drawn as plain noise of the coordinates' shape.
+    ``own_perturbation`` declares that the perturbation is computed tensor by tensor by
+    ``perturb_`` (a mask, a scaling), not drawn as plain noise of the coordinates' shape: the
+    step plan then moves the tensor on its own. ``Factored`` spaces are low-rank products of
+    factors kept in the state, moved as stacks.
 
     ``Space("gaussian")``, zoptim 0.1's name of the dense space, still builds a ``Dense``.
     """
 
-    linear = True
-    factored = False
     own_perturbation = False
 
     def __new__(cls, *args, **kwargs):
@@ -172,7 +167,6 @@ class HessianScaled(Dense):
     The gradient estimate is then ``(f(+) - f(-)) / (2 eps) * z / sqrt(H_new)``.
     """
 
-    linear = False
     own_perturbation = True
 
     def __init__(self, smoothing: float, noise_kind: str = "gaussian"):
@@ -206,10 +200,7 @@ class Factored(Space):
     Every method takes stacks: ``factors`` maps each name to an ``(L, ...)`` tensor, one row
     per tensor of a set, and coordinates ``C`` are ``(L, *coords)``."""
 
-    factored = True
     factors: tuple[str, ...] = ()
-    # Which of ``(A, B)`` the per-step coordinates make: "left" (LOZO's U) or "right".
-    drawn_side = "right"
 
     def __init__(self, rank: int, resample_every: int, noise_kind: str = "gaussian"):
         super().__init__(noise_kind)
@@ -291,7 +282,6 @@ class LowRank(Factored):
     baseline with ``z / r``; take ``lr / r`` to compare with it)."""
 
     factors = ("V",)
-    drawn_side = "left"
 
     def effective_rank(self, m, n):
         return min(self.rank, m, n)

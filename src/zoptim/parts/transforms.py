@@ -109,12 +109,13 @@ class Sign(Transform):
 class Adam(Transform):
     """Adam's moments with bias correction (Kingma & Ba, 2015), as ``torch.optim.Adam``.
 
-    The first moment is carried into new coordinates when a space redraws its factors; the
-    second is not a linear image of past estimates, so it is re-estimated from zero then, and
-    the bias correction restarts with it."""
+    When a space redraws its factors, both moments restart from zero with the bias
+    correction: the second is not a linear image of past estimates, and a first moment
+    carried into the new coordinates beside a second one restarted from a single estimate
+    would be divided by ``1 - beta1`` against ``sqrt(g^2)``, a step hundreds of times too
+    long."""
 
-    carried = ("exp_avg",)
-    restarted = ("exp_avg_sq", "adam_step")
+    restarted = ("exp_avg", "exp_avg_sq", "adam_step")
 
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8):
         self.b1, self.b2 = betas
