@@ -12,7 +12,7 @@ from zoptim.integrations.classifier import PromptClassifier
 from zoptim.integrations.models import load_model
 from zoptim.integrations.schemes import apply_scheme
 from zoptim.tasks import Prompt, load_task
-from zoptim.runs.run import replay, train
+from zoptim.runs.run import audit, train
 
 from conftest import MR_PATH
 
@@ -93,9 +93,9 @@ def test_resume_equals_an_uninterrupted_run_and_replay_equals_both(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     journal = (tmp_path / "split" / "journal.jsonl").read_text().splitlines()
     assert [json.loads(ln)["step"] for ln in journal] == [0, 1, 2, 3]
-    run, steps = replay(tmp_path / "split")
-    assert steps == 4
-    assert all(torch.equal(a[n], p.detach()) for n, p in run.params.items())
+    found = audit(tmp_path / "split")
+    assert (found.steps, found.compared, found.equal, found.problems) == \
+        (4, "checkpoint-4", True, [])
     assert main(["replay", str(tmp_path / "split")]) == 0
 
 

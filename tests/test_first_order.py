@@ -2,14 +2,15 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from zoptim.runs import config
 from zoptim.cli import main
 from zoptim.methods.first_order import FirstOrderAdamW
-from zoptim.runs.checkpoints import latest_checkpoint
-from zoptim.runs.run import train
+from zoptim.runs.folder import latest_named as latest_checkpoint
+from zoptim.runs.run import Interrupted, train
 
 from conftest import MR_PATH, mlp
 
@@ -60,10 +61,8 @@ def test_train_with_adamw_resumes_exactly_and_refuses_replay(tmp_path, capsys, m
         return real_batch(run, step)
 
     monkeypatch.setattr(run_module, "batch", crash_at_step_3)
-    try:
+    with pytest.raises(Interrupted, match="interrupted at step 3 of 4"):
         train(cfg, tmp_path / "cut", progress=False, log=lambda *_: None)
-    except KeyboardInterrupt:
-        pass
     monkeypatch.setattr(run_module, "batch", real_batch)
     # checkpoint at step 2, the journal holds step 2 as well: it is run again, not replayed
     assert json.loads((tmp_path / "cut" / "latest.json").read_text())["step"] == 2
@@ -73,5 +72,5 @@ def test_train_with_adamw_resumes_exactly_and_refuses_replay(tmp_path, capsys, m
     a = load_file(str(latest_checkpoint(tmp_path / "whole") / "trainable.safetensors"))
     b = load_file(str(latest_checkpoint(tmp_path / "cut") / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert main(["replay", str(tmp_path / "whole")]) == 2
-    assert "cannot be redone from their loss values" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path / "whole")]) == 1
+    assert "cannot be replayed from its loss values" in capsys.readouterr().out

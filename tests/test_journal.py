@@ -27,32 +27,52 @@ def test_round_trip_is_exact_including_non_finite_values(tmp_path):
     assert math.copysign(1, back.values[2]) == -1  # -0.0 kept bit for bit
 
 
-def test_corrupted_and_torn_tails_are_detected_and_cut(tmp_path):
+def test_a_torn_or_corrupted_tail_is_cut_and_appending_continues(tmp_path):
     path = tmp_path / "journal.jsonl"
     items = entries(6)
     write(path, items)
-    text = path.read_text()
-    lines = text.splitlines(keepends=True)
-    # flip one digit inside the fifth line's values: its checksum no longer matches
-    bad = lines[4].replace("0x1", "0x2", 1)
-    assert bad != lines[4]
-    path.write_text("".join(lines[:4]) + bad + lines[5])
-    got, _ = journal.read(path)
-    assert got == items[:4]
-    assert journal.truncate_to_good(path) == items[:4]
-    assert path.read_text() == "".join(lines[:4])
+    lines = path.read_text().splitlines(keepends=True)
+    # flip one digit inside the last line's values: its checksum no longer matches
+    bad = lines[5].replace("0x1", "0x2", 1)
+    assert bad != lines[5]
+    path.write_text("".join(lines[:5]) + bad)
+    found = journal.scan(path)
+    assert found.prefix() == items[:5] and found.torn and found.problem() is None
+    kept, size = found.from_step(5)
+    assert kept == [] and size == len("".join(lines[:5]).encode())
+    journal.cut(path, size)
+    assert path.read_text() == "".join(lines[:5])
     # a torn line (a crash mid-write) is cut too, and appending then continues cleanly
     with open(path, "a") as f:
-        f.write(lines[4][:17])
-    assert journal.truncate_to_good(path) == items[:4]
-    write(path, items[4:])
+        f.write(lines[5][:17])
+    found = journal.scan(path)
+    assert found.torn and found.problem() is None
+    journal.cut(path, found.from_step(5)[1])
+    write(path, items[5:])
     assert journal.read(path)[0] == items
 
 
-def test_truncation_keeps_steps_below_a_checkpoint(tmp_path):
+def test_damage_in_the_middle_is_reported_and_later_lines_are_kept(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    items = entries(6)
+    write(path, items)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2].replace("0x1", "0x2", 1) + "".join(lines[3:]))
+    found = journal.scan(path)
+    assert found.damaged == [3] and found.problem() == "line 3 damaged"
+    assert found.prefix() == items[:2]  # replay from the start stops at the damage
+    # a checkpoint at step 4: steps 4 and 5 are still there, and so is every line before them
+    kept, size = found.from_step(4)
+    assert kept == items[4:] and size == path.stat().st_size
+    # a checkpoint at step 1: steps from the damaged one on are run again
+    kept, size = found.from_step(1)
+    assert kept == items[1:2] and size == len("".join(lines[:2]).encode())
+
+
+def test_cutting_keeps_steps_below_a_checkpoint(tmp_path):
     path = tmp_path / "journal.jsonl"
     write(path, entries(5))
-    assert [e.step for e in journal.truncate_to_good(path, keep_below=3)] == [0, 1, 2]
+    journal.cut(path, journal.scan(path).end_before(3))
     assert [e.step for e in journal.read(path)[0]] == [0, 1, 2]
 
 

@@ -139,7 +139,7 @@ def test_efficientnet_lite0_fine_tune_on_mnist5k_beats_the_untuned_head(tmp_path
     over the freshly initialized 10-way head. Measured 0.123 -> 0.313 on one CPU and 0.123 ->
     0.21-0.22 on another: the forward pass rounds differently there, and 200 zeroth-order steps
     carry the difference far."""
-    from zoptim.runs.run import evaluate, train, verify_replay
+    from zoptim.runs.run import audit, evaluate, train
 
     cfg = _cfg(**{
         "task.name": "mnist-5k", "task.train": 500, "task.dev": 100, "task.test": 300,
@@ -152,8 +152,9 @@ def test_efficientnet_lite0_fine_tune_on_mnist5k_beats_the_untuned_head(tmp_path
     assert summary["after"]["test_acc"] >= summary["before"]["test_acc"] + 0.06
     # the run folder serves eval and replay like a language model's
     assert evaluate(tmp_path / "run", "test") == summary["after"]["test_acc"]
-    steps, queries, checkpoint, same = verify_replay(tmp_path / "run")
-    assert (steps, queries, checkpoint, same) == (200, 1000, "checkpoint-200", True)
+    found = audit(tmp_path / "run")
+    assert (found.steps, found.queries, found.compared, found.equal) == \
+        (200, 1000, "checkpoint-200", True)
 
 
 def test_bad_image_runs_fail_clearly_and_write_nothing(tmp_path, capsys):

@@ -3,7 +3,10 @@
 - ``zoptim train``: fine-tune a language or image model on a task from a config (TOML or
   YAML) and ``--set key=value`` overrides; without any, a short ZO-Muon fine-tune of
   all-MiniLM-L6-v2 on the movie-review snippets.
-- ``zoptim eval RUN`` / ``zoptim replay RUN``: evaluate a saved run; redo it from its journal.
+- ``zoptim eval RUN``: evaluate a saved run at its latest checkpoint.
+- ``zoptim replay RUN`` / ``zoptim verify RUN``: redo a run from its journal and compare the
+  weights with its checkpoint; verify also checks the data, the journal and every checkpoint
+  file, and says what ``--resume`` would recover.
 - ``zoptim bench``: a matrix of methods x seeds, queries-to-target against a baseline, a report.
 - ``zoptim demo``: small networks on scikit-learn's digits, methods side by side.
 - ``zoptim rank``: steer a colour by ranking candidates (ZO-RankSGD, a person as the oracle).
@@ -44,13 +47,22 @@ def eval_command(args) -> int:
 
 
 def replay_command(args) -> int:
-    from zoptim.runs.run import verify_replay
+    """Exit 0 only when the replayed weights were compared with a checkpoint and are equal."""
+    from zoptim.runs.run import audit
 
-    steps, queries, checkpoint, same = verify_replay(args.run_dir)
-    print(f"replayed {steps} steps ({queries} queries) without running the model")
-    if checkpoint is not None:
-        print(f"final weights {'equal' if same else 'DIFFER FROM'} {checkpoint}")
-    return 0 if same in (True, None) else 1
+    found = audit(args.run_dir)
+    print(f"replayed {found.steps} steps ({found.queries} queries) without running the model")
+    if found.compared is None:
+        print("no checkpoint at a replayed step to compare with: nothing was verified")
+    else:
+        print(f"weights at {found.compared} {'equal' if found.equal else 'DIFFER FROM'} the "
+              "checkpoint")
+    for problem in found.problems:
+        print(f"problem: {problem}")
+    if args.command == "verify":
+        print("verified: data, journal and checkpoints are whole" if found.ok
+              else f"recovery: {found.recovery}")
+    return 0 if (found.ok if args.command == "verify" else found.equal) else 1
 
 
 def bench_command(args) -> int:
@@ -91,7 +103,7 @@ def main(argv=None) -> int:
     from zoptim.integrations.models import ModelError
     from zoptim.tasks.data import DataError
     from zoptim.bench.matrix import BenchError
-    from zoptim.runs.run import RunError
+    from zoptim.runs.run import Interrupted, RunError
 
     parser = argparse.ArgumentParser(prog="zoptim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +133,11 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", metavar="RUN")
     p.set_defaults(handler=replay_command)
 
+    p = sub.add_parser("verify", help="check a run's data, journal and checkpoints; say what "
+                                      "--resume would recover")
+    p.add_argument("run_dir", metavar="RUN")
+    p.set_defaults(handler=replay_command)
+
     p = sub.add_parser("bench", help="run a matrix of methods x seeds and write a report")
     p.add_argument("--config", required=True, help="TOML or YAML benchmark configuration")
     p.add_argument("--out", default="runs/bench", help="benchmark folder")
@@ -146,6 +163,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except Interrupted as err:
+        print(f"zoptim {args.command}: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"zoptim {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (BenchError, ConfigError, DataError, ModelError, RunError, ValueError) as err:
         print(f"zoptim {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -43,10 +43,14 @@ class Evaluation:
 class Evaluator:
     """The interface. ``begin`` prepares the plan's sets for a step, ``evaluate`` evaluates
     points, ``finish`` applies (or undoes) the step on the sets, ``replaying`` is the
-    evaluator of a step redone from recorded values (the model is not run)."""
+    evaluator of a step redone from recorded values (the model is not run), ``skipping``
+    the evaluator of a recorded step whose update was skipped."""
 
     name = "evaluator"
     hold_all = False  # hold every tensor's coordinates for the step (batched evaluation)
+    # The parameters walk to each point, so a skipped step puts them back only to within the
+    # rounding of the walk; a run makes that exact by rewinding through its journal.
+    walks = False
 
     def partition(self, p):
         """The sets ``p`` may share a set with: only tensors of one partition move together."""
@@ -73,9 +77,23 @@ class Evaluator:
     def replaying(self) -> "Evaluator":
         return self
 
+    def skipping(self) -> "Evaluator":
+        """A recorded skipped step writes nothing: the parameters stay exactly as they were."""
+        return Recorded()
+
     def reduce(self, values: list[float], everyone: bool = False) -> list[float]:
         """Values every process computed (on its share of the batch), made global."""
         return values
+
+
+class Recorded(Evaluator):
+    """A step redone from recorded values that needs no walk: nothing to evaluate and
+    nothing left to undo (a batched step, a skipped step)."""
+
+    name = "recorded"
+
+    def evaluate(self, plan, points, closure, wanted):
+        return Evaluation([None] * len(points), [], None)
 
 
 # what may be combined: (the first engine, the other engine or a method's capability) -> why not

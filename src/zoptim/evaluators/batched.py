@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from zoptim.engine.plan import Draw, HeldSet, OwnSet, StepPlan, TensorSet
-from zoptim.evaluators import Evaluation, Evaluator
+from zoptim.evaluators import Evaluation, Evaluator, Recorded
 from zoptim.evaluators.in_place import seeds_of
 from zoptim.noise import mix
 
@@ -262,7 +262,7 @@ class BatchedQueries(Evaluator):
         return self.roles(plan).reason
 
     def replaying(self):
-        return _Recorded()
+        return Recorded()
 
     def evaluate(self, plan, points, closure, wanted):
         roles = self.roles(plan)
@@ -316,15 +316,6 @@ def one_per_slice(out, slices: int) -> list[float]:
                          f"({slices}) and must return one loss per slice; it returned "
                          f"{out.numel()} values")
     return [float(v) for v in out.tolist()]
-
-
-class _Recorded(Evaluator):
-    """A batched step redone from recorded values: nothing to evaluate and nothing to undo."""
-
-    name = "recorded"
-
-    def evaluate(self, plan, points, closure, wanted):
-        return Evaluation([None] * len(points), [], None)
 
 
 def _stacked(mod, t: torch.Tensor, slices: int, rows: list) -> torch.Tensor:

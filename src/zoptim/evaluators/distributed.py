@@ -125,5 +125,10 @@ class Distributed(Evaluator):
     def replaying(self):
         return self.inner.replaying()  # recorded values are every process's already
 
+    def skipping(self):
+        # Processes cannot rewind through a journal only the lead writes: a skipped step
+        # walks as it did live.
+        return self.inner.replaying()
+
     def reduce(self, values, everyone=False):
         return self.parallel.combine(values, everyone=everyone)

@@ -20,6 +20,7 @@ class InPlace(Evaluator):
     (``walk_to``): its evaluation continues from there."""
 
     name = "in place"
+    walks = True
 
     def __init__(self):
         self._open: tuple[int, Point, Draw] | None = None  # (points walked, where, draw)

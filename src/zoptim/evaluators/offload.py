@@ -270,6 +270,11 @@ class Offload(Evaluator):
         it is resident, the model not run."""
         return _Replay(self)
 
+    def skipping(self):
+        # Blocks apply the previous step's update on arrival: a skipped step walks as it did
+        # live, and puts the weights back to within the walk's rounding.
+        return _Replay(self)
+
     def _order(self, plan) -> list:
         return [u for u in self.units if any(plan.part(k) for k in u.keys)]
 

@@ -141,6 +141,12 @@ def get_backend() -> str:
     return _backend
 
 
+def compiles() -> bool:
+    """Whether the next fused noise draw of this process compiles its kernel first (on a
+    fresh machine that takes up to a minute; inductor caches it on disk afterwards)."""
+    return _backend != "eager" and not _compiled
+
+
 def _triton_for(tensors) -> object | None:
     """The Triton kernel module if it can take every one of ``tensors``, else None."""
     global _triton

@@ -1,10 +1,12 @@
 """Checkpoints of a run: ``checkpoint-<step>/`` holds the trainable weights and the optimizer
 state (safetensors, plus JSON for what is not a tensor); ``latest.json`` names the newest
 complete one. Written to a staging folder, fsynced and renamed, so a crash at any moment
-leaves the previous checkpoint intact and named."""
+leaves the previous checkpoint intact and named. ``progress.json`` keeps the SHA-256 of each
+tensor file, so a truncated or altered checkpoint is found before it is loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors")
 
 
 def write_json(path: Path, data) -> None:
@@ -61,9 +66,11 @@ def save_checkpoint(params: dict, opt, folder: Path, progress: dict) -> Path:
     tensors, info = _optimizer_files(opt)
     save_file(tensors, str(staging / "optimizer.safetensors"))
     write_json(staging / "optimizer.json", info)
-    write_json(staging / "progress.json", {"step": step, **progress})
-    for name in ("trainable.safetensors", "optimizer.safetensors"):
+    for name in TENSOR_FILES:
         fsync_path(staging / name)
+    write_json(staging / "progress.json",
+               {"step": step, **progress,
+                "sha256": {name: sha256(staging / name) for name in TENSOR_FILES}})
     fsync_path(staging)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
@@ -76,28 +83,68 @@ def save_checkpoint(params: dict, opt, folder: Path, progress: dict) -> Path:
     return target
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or altered; the message names the file."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_checkpoint(checkpoint: Path) -> dict:
+    """The progress record of ``checkpoint`` once every file is found whole: present, and
+    (for checkpoints that record them) with the SHA-256 written at save time."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint} is missing")
+    try:
+        progress = json.loads((checkpoint / "progress.json").read_text())
+        json.loads((checkpoint / "optimizer.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint}: progress.json or optimizer.json is missing or "
+                              f"damaged ({err})") from err
+    for name in TENSOR_FILES:
+        if not (checkpoint / name).is_file():
+            raise CheckpointError(f"{checkpoint / name} is missing")
+        expected = progress.get("sha256", {}).get(name)
+        if expected is not None and sha256(checkpoint / name) != expected:
+            raise CheckpointError(f"{checkpoint / name} is damaged (its SHA-256 differs from "
+                                  "the one recorded when it was saved)")
+    return progress
+
+
+def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checked checkpoint's trainable weights."""
+    check_checkpoint(checkpoint)
+    try:
+        return load_file(str(checkpoint / "trainable.safetensors"))
+    except Exception as err:  # safetensors' own error type: a file that does not parse
+        raise CheckpointError(f"{checkpoint / 'trainable.safetensors'} cannot be read "
+                              f"({err})") from err
+
+
 def load_checkpoint(params: dict, opt, checkpoint: Path) -> dict:
     """Load weights and optimizer state; returns the checkpoint's progress record."""
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    weights = load_weights(checkpoint)
     missing = set(params) - set(weights)
     if missing:
-        raise ValueError(f"{checkpoint}: weights missing for {sorted(missing)[:3]}...; the "
-                         "checkpoint belongs to a different model or scheme")
+        raise CheckpointError(f"{checkpoint}: weights missing for {sorted(missing)[:3]}...; "
+                              "the checkpoint belongs to a different model or scheme")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
     info = json.loads((checkpoint / "optimizer.json").read_text())
-    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    try:
+        tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    except Exception as err:
+        raise CheckpointError(f"{checkpoint / 'optimizer.safetensors'} cannot be read "
+                              f"({err})") from err
     state: dict = {}
     for key, value in [*tensors.items(), *info["scalars"].items()]:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"], "zo": info["zo"]})
     return json.loads((checkpoint / "progress.json").read_text())
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / "latest.json"
-    if not pointer.exists():
-        return None
-    return folder / json.loads(pointer.read_text())["checkpoint"]

@@ -49,26 +49,85 @@ def decode(line: str) -> Entry:
     return entry
 
 
-def read(path: str | Path) -> tuple[list[Entry], list[int]]:
-    """The good entries of a journal, in order, and the byte offset where each one ends.
-    Reading stops at the first line that is torn, corrupted or out of sequence."""
-    entries, ends = [], []
+@dataclass
+class Scan:
+    """Every line of a journal judged: the good ones (entry, byte offset where the line ends)
+    and the numbers (from 1) of the lines that are not, the torn last line of a crash
+    included."""
+    good: list[tuple[Entry, int]]
+    damaged: list[int]
+    torn: bool  # the last line is incomplete: a crash while it was written
+
+    def prefix(self) -> list[Entry]:
+        """The entries of steps 0, 1, ... up to the first gap: what replays from the start."""
+        out = []
+        for entry, _ in self.good:
+            if entry.step != len(out):
+                break
+            out.append(entry)
+        return out
+
+    def from_step(self, step: int) -> tuple[list[Entry], int]:
+        """The entries of steps ``step``, ``step + 1``, ... up to the first gap, and the byte
+        offset to cut the file at to keep them and every line before them (damaged ones
+        included: they are evidence, and cutting them would not restore their steps)."""
+        start = next((i for i, (e, _) in enumerate(self.good) if e.step >= step), len(self.good))
+        keep = self.end_before(step)
+        run = []
+        for entry, end in self.good[start:]:
+            if entry.step != step + len(run):
+                break
+            run.append(entry)
+            keep = end
+        return run, keep
+
+    def end_before(self, step: int) -> int:
+        """The byte offset where the last good line of a step before ``step`` ends."""
+        ends = [end for e, end in self.good if e.step < step]
+        return ends[-1] if ends else 0
+
+    def problem(self) -> str | None:
+        """What is wrong with the journal short of a torn last line, or None."""
+        if self.damaged:
+            lines = ", ".join(map(str, self.damaged[:5]))
+            return f"line{'s' if len(self.damaged) > 1 else ''} {lines} damaged"
+        steps = [e.step for e, _ in self.good]
+        if steps != list(range(len(steps))):
+            return "steps out of sequence"
+        return None
+
+
+def scan(path: str | Path) -> Scan:
+    """Judge every line of the journal at ``path`` (a missing file has none)."""
+    good, damaged, torn, offset = [], [], False, 0
     p = Path(path)
     if not p.exists():
-        return entries, ends
+        return Scan(good, damaged, torn)
     with open(p, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break  # torn last line
-            try:
-                entry = decode(raw.decode("utf-8"))
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
-                break
-            if entries and entry.step != entries[-1].step + 1:
-                break
-            entries.append(entry)
-            ends.append((ends[-1] if ends else 0) + len(raw))
-    return entries, ends
+        raws = f.readlines()
+    for number, raw in enumerate(raws, 1):
+        offset += len(raw)
+        if not raw.endswith(b"\n"):
+            torn = True  # only the last line can lack its newline
+            break
+        try:
+            good.append((decode(raw.decode("utf-8")), offset))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+            damaged.append(number)
+    if damaged and damaged[-1] == len(raws) and not torn:
+        torn = True  # a bad last line with nothing after it: the tail of a crash
+        damaged.pop()
+    return Scan(good, damaged, torn)
+
+
+def cut(path: str | Path, size: int) -> None:
+    """Cut the journal at ``size`` bytes, durably (nothing happens if it is that long)."""
+    p = Path(path)
+    if p.exists() and p.stat().st_size != size:
+        with open(p, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class Writer:
@@ -104,17 +163,9 @@ class Writer:
         self.close()
 
 
-def truncate_to_good(path: str | Path, keep_below: int | None = None) -> list[Entry]:
-    """Cut a journal back to its good prefix (and, with ``keep_below``, to the entries of
-    steps before it), durably. Returns the entries kept."""
-    p = Path(path)
-    entries, ends = read(p)
-    if keep_below is not None:
-        entries = [e for e in entries if e.step < keep_below]
-    good = ends[len(entries) - 1] if entries else 0
-    if p.exists() and p.stat().st_size != good:
-        with open(p, "r+b") as f:
-            f.truncate(good)
-            f.flush()
-            os.fsync(f.fileno())
-    return entries
+def read(path: str | Path) -> tuple[list[Entry], list[int]]:
+    """The entries that replay from the start (steps 0, 1, ... up to the first damaged,
+    torn or missing one) and the byte offset where each one ends."""
+    found = scan(path)
+    entries = found.prefix()
+    return entries, [end for _, end in found.good[:len(entries)]]

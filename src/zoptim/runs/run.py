@@ -5,17 +5,26 @@ model with a new head (``integrations.vision``); the loop is the same.
 
 A run folder holds:
 
-- ``config.json`` (the validated configuration) and ``split.json`` (how the data was split),
+- ``config.json`` (the validated configuration) and ``split.json`` (how the data was split,
+  with the SHA-256 of the pool and of each split: a run whose data changed is refused),
 - ``metrics.jsonl`` (one line a step; dev accuracy every ``eval_every`` steps),
 - ``journal.jsonl`` (every value each step's objective returned, checksummed: enough to
   replay the run from its starting weights, bit for bit on the CPU; see ``journal``),
-- ``checkpoint-<step>/`` (trainable weights and optimizer state, see ``checkpoints``) and
-  ``latest.json`` naming the newest complete one,
+- ``checkpoint-<step>/`` (trainable weights and optimizer state, see ``checkpoints``;
+  ``checkpoint-0`` holds the starting weights until the first save) and ``latest.json``
+  naming the newest complete one,
 - ``summary.json`` (accuracy before and after, queries, wall time).
 
-``train`` is a ``Training``: its phases (open the folder, build, restore, evaluate before,
-the loop, finish) are methods, and every process of a distributed run goes through the same
-loop; the lead process alone evaluates and writes.
+- ``.lock``, held (``flock``) by the process writing the run.
+
+``train`` is a ``Training``: its phases (open the folder, build, restore, write the start,
+evaluate before, the loop, finish) are methods, and every process of a distributed run goes
+through the same loop; the lead process alone evaluates and writes. Nothing is written
+before the configuration, the model, the data and the folder's own files are checked.
+
+A step the guard skips, or whose update made a weight non-finite, leaves the weights exactly
+as they were: where probing walked the weights (in-place evaluation), the run rewinds to its
+latest checkpoint and redoes the journal after it, the skipped step writing nothing.
 """
 
 from __future__ import annotations
@@ -25,22 +34,25 @@ import os
 import random
 import sys
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from zoptim.integrations.classifier import PromptClassifier
 from zoptim.integrations.models import DTYPES, load_model
 from zoptim.integrations.schemes import apply_scheme
 from zoptim.methods import model_arguments
-from zoptim.runs import config, journal
-from zoptim.runs.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, write_json
+from zoptim.noise import compiles as noise_compiles
+from zoptim.runs import config, folder as run_folder, journal
+from zoptim.runs.checkpoints import (CheckpointError, check_checkpoint, load_checkpoint,
+                                     load_weights, save_checkpoint, write_json)
 from zoptim.runs.config import TrainConfig
+from zoptim.runs.folder import FolderError, Lock, checkpoints, latest_named
 from zoptim.runs.guard import LossGuard
 from zoptim.tasks import Prompt, Splits, load_task
+from zoptim.tasks.data import SPLITS
 from zoptim.tasks.images import is_image_task
 
 
@@ -50,6 +62,13 @@ class RunError(RuntimeError):
 
 class Diverged(RunError):
     pass
+
+
+class Interrupted(RunError):
+    """The run was interrupted (Ctrl-C); the message says where it stands."""
+
+
+NON_FINITE = "the update made weights non-finite"
 
 
 def _parallel(cfg: TrainConfig):
@@ -83,6 +102,10 @@ def _prompt_classifier(cfg: TrainConfig, splits: Splits) -> PromptClassifier:
         raise RunError(f"the task has {len(splits.labels)} labels {splits.labels} but "
                        f"{len(t.label_words)} label words are given (task.label_words)")
     model, tokenizer, decoder = load_model(cfg.model.name, cfg.model.dtype)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and cfg.model.max_length > limit:
+        raise RunError(f"model.max_length={cfg.model.max_length} exceeds what {cfg.model.name} "
+                       f"takes ({limit} positions); choose at most {limit}")
     prompt = Prompt(t.template, tuple(t.label_words))
     clf = PromptClassifier(model, tokenizer, prompt, decoder, cfg.model.max_length)
     torch.manual_seed(cfg.seed)  # adapters are initialized from the run's seed
@@ -145,11 +168,32 @@ def _truncate_jsonl(path: Path, below_step: int) -> None:
         try:
             if json.loads(line).get("step", 0) < below_step:
                 kept.append(line)
-        except ValueError:
+        except (ValueError, AttributeError):
             break  # a torn line: the crash happened there
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
+
+
+def check_data(folder: Path, splits: Splits) -> None:
+    """Refuse a run whose data reads back differently from what ``split.json`` recorded (a
+    reordered or edited file would give another test set, overlapping the training set)."""
+    path = folder / "split.json"
+    if not path.exists():
+        raise RunError(f"{path} is missing: the run's data cannot be checked")
+    try:
+        recorded = json.loads(path.read_text()).get("sha256")
+    except (ValueError, AttributeError) as err:
+        raise RunError(f"{path} is damaged ({err})") from err
+    if recorded is None:
+        return  # written before data was fingerprinted
+    now = splits.record["sha256"]
+    changed = [k for k in ("pool", "labels", *SPLITS) if recorded.get(k) != now[k]]
+    if changed:
+        raise RunError(f"the task's data differs from the data this run was trained on "
+                       f"({', '.join(changed)} changed: SHA-256 {now[changed[0]][:12]} against "
+                       f"{recorded.get(changed[0], '?')[:12]} recorded in {path}); restore the "
+                       "original data (task.path) or start a new run")
 
 
 def roll_forward(run: Run, entries: list[journal.Entry], guard: LossGuard) -> None:
@@ -193,6 +237,11 @@ class _Outputs:
             self.journal.sync()
 
 
+def finite(params: dict[str, torch.Tensor]) -> bool:
+    """Whether every weight is finite (one reduction per tensor, one sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all())
+
+
 class Training:
     """``zoptim train``, phase by phase; ``run()`` goes through them."""
 
@@ -206,26 +255,40 @@ class Training:
         self.summary: dict = {}
         self.run_: Run | None = None
         self.dev: float | None = None
+        self.keep_journal = 0  # bytes of the journal that stay (the rest is redone)
 
     def run(self) -> dict:
-        had_run = self.open_folder()
-        self.build()
-        self.restore(had_run)
-        self.evaluate_before()
-        self.loop()
-        return self.finish()
+        try:
+            had_run = self.open_folder()
+            self.build()
+            with self._lock(had_run):
+                self.restore(had_run)
+                self.write_start(had_run)
+                self.evaluate_before()
+                self.loop()
+                return self.finish()
+        except KeyboardInterrupt:
+            raise Interrupted(self._where()) from None
+
+    def _where(self) -> str:
+        if self.run_ is None or not (self.folder / "config.json").exists():
+            return "interrupted before training started; nothing was written"
+        return (f"interrupted at step {self.run_.opt.steps} of {self.cfg.steps}; every finished "
+                f"step is in {self.folder / 'journal.jsonl'}: continue with "
+                f"zoptim train --out {self.folder} --resume")
 
     # -- phases -------------------------------------------------------------------------------
     def open_folder(self) -> bool:
-        """Refuse a folder that holds another run (or this one, without ``resume``)."""
-        had_run = (self.folder / "config.json").exists()
+        """Refuse a folder that holds another run, someone else's files, or this run without
+        ``resume``; check a resumed run's configuration. Writes nothing."""
+        try:
+            had_run = run_folder.check(self.folder, self.resume)
+        except FolderError as err:
+            raise RunError(str(err)) from None
         if self.par is not None:
             _barrier()  # every rank has looked at the folder before the lead writes to it
-        if had_run and not self.resume:
-            raise RunError(f"{self.folder} already holds a run; pass --resume to continue it or "
-                           "choose another --out")
-        if self.resume and had_run:
-            saved = config.build(json.loads((self.folder / "config.json").read_text()))
+        if had_run:
+            saved = _saved_config(self.folder)
             if saved.model_dump(exclude={"steps"}) != self.cfg.model_dump(exclude={"steps"}):
                 raise RunError(f"{self.folder} was started with a different configuration; "
                                "resume it with the same one (only steps may change)")
@@ -235,43 +298,93 @@ class Training:
         self.run_ = build(self.cfg)
         if self.par is not None:
             self.par.attach(self.run_.opt)
-        if self.lead:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_json(self.folder / "config.json", json.loads(self.cfg.model_dump_json()))
-            write_json(self.folder / "split.json", self.run_.splits.record)
+
+    @contextmanager
+    def _lock(self, had_run: bool):
+        """Hold the folder's lock (the lead), then look again: another process may have
+        started a run there since ``open_folder`` looked."""
+        if not self.lead:
+            yield
+            return
+        lock = Lock(self.folder)
+        try:
+            lock.acquire()
+        except FolderError as err:
+            raise RunError(str(err)) from None
+        try:
+            if run_folder.check(self.folder, self.resume) != had_run:
+                raise RunError(f"another process started a run in {self.folder} meanwhile; "
+                               "choose another --out")
+            yield
+        finally:
+            lock.release()
 
     def restore(self, had_run: bool) -> None:
-        """Load the latest checkpoint and redo the journalled steps after it."""
+        """Resume: check the data, load the latest good checkpoint (or an earlier one, or the
+        starting weights) and redo the journalled steps after it. Writes nothing."""
         run = self.run_
-        checkpoint = latest_checkpoint(self.folder) if self.resume else None
-        if checkpoint is not None:
-            saved = _load(run, checkpoint)
-            self.guard.history = saved["guard_history"]
-            self.guard.first = saved.get("guard_first")
+        run.opt.guard = self.guard.decide
+        if not (self.resume and had_run):
+            return
+        check_data(self.folder, run.splits)
+        start = self._load_latest_good()
+        found = journal.scan(self.folder / "journal.jsonl")
+        replayable = getattr(run.opt, "replayable", True)
+        later, self.keep_journal = found.from_step(run.opt.steps) if replayable else \
+            ([], found.end_before(run.opt.steps))
+        roll_forward(run, later, self.guard)
+        if run.opt.steps > self.cfg.steps:
+            raise RunError(f"the run is at step {run.opt.steps}; steps={self.cfg.steps} would go "
+                           f"back: give --steps {run.opt.steps} or more")
+        if (problem := found.problem()) is not None:
+            self.log(f"warning: {self.folder / 'journal.jsonl'}: {problem}; the run goes on from "
+                     f"step {run.opt.steps}, but cannot be replayed from its start any more "
+                     f"(zoptim verify {self.folder} says what remains)")
         summary_path = self.folder / "summary.json"
-        if self.resume and summary_path.exists():
+        if summary_path.exists():
             self.summary = json.loads(summary_path.read_text())
         self.dev = self.summary.get("last_dev_acc")
-        later = [e for e in self._journalled() if e.step >= run.opt.steps]
-        if self.resume and had_run:
-            roll_forward(run, later, self.guard)
-            self.log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): "
-                     f"{checkpoint.name if checkpoint else 'no checkpoint'} + {len(later)} "
-                     "journalled steps")
-        run.opt.guard = self.guard.decide
+        self.log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): {start} + "
+                 f"{len(later)} journalled steps")
 
-    def _journalled(self) -> list[journal.Entry]:
-        """The journal's good entries (a first-order run's are run again, not replayed: a
-        step cannot be redone from its losses)."""
-        if not self.resume or not getattr(self.run_.opt, "replayable", True):
-            return []
-        path = self.folder / "journal.jsonl"
-        if self.par is None:
-            return journal.truncate_to_good(path)
-        if self.lead:  # the lead cuts a torn tail, then every rank reads the same entries
-            journal.truncate_to_good(path)
-        _barrier()
-        return journal.read(path)[0]
+    def _load_latest_good(self) -> str:
+        """Load the newest checkpoint that is whole (``latest.json``'s first); where none is,
+        keep the starting weights. Returns what was loaded."""
+        try:
+            named = latest_named(self.folder)
+        except FolderError as err:
+            self.log(f"warning: {err}")
+            named = None
+        candidates = ([named] if named else []) + [c for c in checkpoints(self.folder)
+                                                   if c != named]
+        for candidate in candidates:
+            try:
+                saved = load_checkpoint(self.run_.params, self.run_.opt, candidate)
+            except CheckpointError as err:
+                self.log(f"warning: {err}; trying an earlier checkpoint")
+                self.run_ = build(self.cfg)  # a half-loaded checkpoint leaves nothing behind
+                if self.par is not None:
+                    self.par.attach(self.run_.opt)
+                self.run_.opt.guard = self.guard.decide
+                continue
+            self.guard.history = saved["guard_history"]
+            self.guard.first = saved.get("guard_first")
+            return candidate.name
+        return "the starting weights"
+
+    def write_start(self, had_run: bool) -> None:
+        """The lead writes the run's record: the configuration (a resumed run's only when its
+        steps grow), the split, the starting checkpoint; the journal and the metrics are cut
+        back to the steps kept."""
+        if not self.lead:
+            return
+        if not had_run or _saved_config(self.folder).steps != self.cfg.steps:
+            write_json(self.folder / "config.json", json.loads(self.cfg.model_dump_json()))
+        if not had_run:
+            write_json(self.folder / "split.json", self.run_.splits.record)
+            save_checkpoint(self.run_.params, self.run_.opt, self.folder, self.guard.record())
+        journal.cut(self.folder / "journal.jsonl", self.keep_journal)
+        _truncate_jsonl(self.folder / "metrics.jsonl", self.run_.opt.steps)
 
     def evaluate_before(self) -> None:
         run = self.run_
@@ -282,9 +395,6 @@ class Training:
             write_json(self.folder / "summary.json", self.summary)
             self.log(f"before: dev {dev0:.4f}  test {test0:.4f}  ({len(run.params)} tensors, "
                      f"{sum(p.numel() for p in run.params.values()):,} trainable parameters)")
-        if self.lead:  # steps after the checkpoint and the journal are redone
-            journal.truncate_to_good(self.folder / "journal.jsonl", keep_below=run.opt.steps)
-            _truncate_jsonl(self.folder / "metrics.jsonl", run.opt.steps)
 
     def loop(self) -> None:
         cfg, opt = self.cfg, self.run_.opt
@@ -292,6 +402,9 @@ class Training:
         with ExitStack() as stack:
             out = _Outputs(self.folder if self.lead else None, cfg.journal_fsync_every, stack)
             bar = stack.enter_context(self._bar())
+            if opt.steps < cfg.steps and noise_compiles():
+                self.log("the first step compiles the noise kernel (up to a minute on a fresh "
+                         "machine; cached afterwards)")
             while opt.steps < cfg.steps:
                 self.step(out, bar)
 
@@ -305,18 +418,26 @@ class Training:
 
     def step(self, out: _Outputs, bar) -> None:
         """One training step, its records, evaluation, checkpoint and divergence check."""
-        run, cfg, opt = self.run_, self.cfg, self.run_.opt
-        examples = batch(run, opt.steps)
+        cfg, opt = self.cfg, self.run_.opt
+        examples = batch(self.run_, opt.steps)
         if self.par is not None:
             examples = self.par.shard(examples)
         # Batched queries call the closure with the number of slices to stack.
-        loss = opt.step(lambda slices=None: run.clf.loss(examples, slices))
+        loss = opt.step(lambda slices=None: self.run_.clf.loss(examples, slices))
         step, skipped = opt.steps, opt.last_skip
-        self.guard.observe(opt.last_values, skipped)
+        broken = not finite(self.run_.params)
+        if broken and skipped is None:
+            skipped = NON_FINITE
         self.failures = self.failures + 1 if skipped else 0
         record = self._record(step - 1, loss, skipped)
-        out.step(journal.Entry(step - 1, opt.step_seed(step - 1), opt.last_values,
-                               [g["lr"] for g in opt.param_groups], opt.queries, skipped), record)
+        entry = journal.Entry(step - 1, opt.step_seed(step - 1), opt.last_values,
+                              [g["lr"] for g in opt.param_groups], opt.queries, skipped)
+        out.step(entry, record)
+        if skipped is not None and (broken or getattr(opt.evaluator, "walks", False)):
+            self.rewind(entry)
+        else:
+            self.guard.observe(opt.last_values, skipped)
+        opt = self.run_.opt
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", dev="-" if self.dev is None else f"{self.dev:.3f}",
                             queries=opt.queries, qps=f"{record['queries_per_s']:.1f}")
@@ -329,7 +450,25 @@ class Training:
             raise Diverged(f"stopped after {self.failures} skipped steps in a row (last: "
                            f"{skipped}); the last good weights are saved in "
                            f"{self.folder / f'checkpoint-{step}'}; lower the learning rate or "
-                           "eps and resume")
+                           "eps and start again")
+
+    def rewind(self, entry: journal.Entry) -> None:
+        """Put weights and state exactly where the journal says a skipped step leaves them:
+        the latest checkpoint, then the journalled steps after it (the skipped one writing
+        nothing). Needs the journal, which only a single process keeps whole."""
+        run = self.run_
+        if self.par is not None or not getattr(run.opt, "replayable", True):
+            if entry.skipped == NON_FINITE:
+                raise RunError(f"step {entry.step}: {NON_FINITE} (lower the learning rate or "
+                               "eps); nothing of it was saved")
+            return
+        saved = _load(run, latest_named(self.folder))
+        self.guard.history = saved["guard_history"]
+        self.guard.first = saved.get("guard_first")
+        later, _ = journal.scan(self.folder / "journal.jsonl").from_step(run.opt.steps)
+        if not later or later[-1].step != entry.step:
+            raise RunError(f"cannot rewind step {entry.step}: the journal does not reach it")
+        roll_forward(run, later, self.guard)
 
     def _record(self, step: int, loss: float, skipped: str | None) -> dict:
         """The step's metrics line (the lead evaluates dev accuracy on schedule)."""
@@ -379,24 +518,39 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     return Training(cfg, out, resume=resume, progress=progress, log=log).run()
 
 
-def _load(run: Run, checkpoint: Path) -> dict:
+def _load(run: Run, checkpoint: Path | None) -> dict:
+    if checkpoint is None:
+        raise RunError("the run has no checkpoint")
     try:
         return load_checkpoint(run.params, run.opt, checkpoint)
-    except ValueError as err:
-        raise RunError(str(err)) from err
+    except CheckpointError as err:
+        raise RunError(f"{err}; zoptim train --resume rolls the run forward from an earlier "
+                       "checkpoint or its starting weights") from err
 
 
 def _saved_config(folder: Path) -> TrainConfig:
-    if not (folder / "config.json").exists():
+    if not (folder / "config.json").is_file():
         raise RunError(f"{folder} holds no run (no config.json)")
-    return config.build(json.loads((folder / "config.json").read_text()))
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunError(f"{folder / 'config.json'} is damaged ({err})") from err
+    return config.build(data)
+
+
+def _latest(folder: Path) -> Path | None:
+    try:
+        return latest_named(folder)
+    except FolderError as err:
+        raise RunError(str(err)) from None
 
 
 def open_run(folder: str | Path) -> tuple[Run, Path]:
-    """The run of a folder at its latest checkpoint."""
+    """The run of a folder at its latest checkpoint, its data checked to be the run's."""
     folder = Path(folder)
     run = build(_saved_config(folder))
-    checkpoint = latest_checkpoint(folder)
+    check_data(folder, run.splits)
+    checkpoint = _latest(folder)
     if checkpoint is None:
         raise RunError(f"{folder} has no checkpoint yet")
     _load(run, checkpoint)
@@ -408,30 +562,78 @@ def evaluate(folder: str | Path, split: str = "test") -> float:
     return run.clf.accuracy(getattr(run.splits, split), run.cfg.eval_batch_size)
 
 
-def replay(folder: str | Path) -> tuple[Run, int]:
-    """Rebuild a run from its starting weights and redo every journalled step without running
-    the model. Returns the run and the number of steps replayed."""
+@dataclass
+class Audit:
+    """What ``audit`` found: the steps replayed from the journal, the checkpoint the replay
+    was compared with (and whether the weights were equal), problems, and how ``--resume``
+    would recover."""
+    steps: int = 0
+    queries: int = 0
+    compared: str | None = None
+    equal: bool | None = None
+    problems: list[str] = field(default_factory=list)
+    recovery: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.equal is True
+
+
+def _good_checkpoints(folder: Path, audit: Audit) -> dict[int, Path]:
+    """The folder's whole checkpoints by step; the damaged ones go into ``audit``."""
+    good = {}
+    try:
+        named = latest_named(folder)
+        if named is not None and not named.is_dir():
+            audit.problems.append(f"latest.json names {named.name}, which is missing")
+    except FolderError as err:
+        audit.problems.append(str(err))
+    for checkpoint in checkpoints(folder):
+        try:
+            good[int(check_checkpoint(checkpoint)["step"])] = checkpoint
+        except CheckpointError as err:
+            audit.problems.append(str(err))
+    return good
+
+
+def audit(folder: str | Path) -> Audit:
+    """Check a run folder: its data against ``split.json``, its journal line by line, its
+    checkpoints file by file, and the journal replayed from the starting weights (the model
+    not run) against the newest whole checkpoint it reaches, bit for bit."""
     folder = Path(folder)
     cfg = _saved_config(folder)
     run = build(cfg)
+    result = Audit()
+    try:
+        check_data(folder, run.splits)
+    except RunError as err:
+        result.problems.append(str(err))
+    found = journal.scan(folder / "journal.jsonl")
+    if not (folder / "journal.jsonl").exists():
+        result.problems.append("journal.jsonl is missing")
+    elif (problem := found.problem()) is not None:
+        result.problems.append(f"journal.jsonl: {problem}")
+    good = _good_checkpoints(folder, result)
     if not getattr(run.opt, "replayable", True):
-        raise RunError(f"{folder} was trained with the first-order method {cfg.method.name!r}, "
-                       "whose steps cannot be redone from their loss values")
-    entries, _ = journal.read(folder / "journal.jsonl")
-    roll_forward(run, entries, LossGuard(cfg.guard.spike, cfg.guard.window))
-    return run, len(entries)
+        result.problems.append(f"the first-order method {cfg.method.name!r} cannot be replayed "
+                               "from its loss values")
+        return result
+    entries = found.prefix()
+    target = max((s for s in good if s <= len(entries)), default=None)
+    guard = LossGuard(cfg.guard.spike, cfg.guard.window)
+    roll_forward(run, entries[:target or 0], guard)
+    if target is not None:
+        saved = load_weights(good[target])
+        result.compared = good[target].name
+        result.equal = all(torch.equal(saved[n], p.detach()) for n, p in run.params.items())
+        if not result.equal:
+            result.problems.append(f"the journal replayed to step {target} does not give the "
+                                   f"weights of {good[target].name}")
+    roll_forward(run, entries[target or 0:], guard)
+    result.steps, result.queries = len(entries), run.opt.queries
+    start = f"{good[max(good)].name}" if good else "the starting weights"
+    resumed_at = max(max(good, default=0), len(entries))
+    result.recovery = (f"--resume continues from {start} and the journal, at step {resumed_at}"
+                       if cfg.steps > resumed_at or not good else "the run is complete")
+    return result
 
-
-def verify_replay(folder: str | Path):
-    """Replay a run's journal; compare with its latest checkpoint when that checkpoint is at
-    the journal's last step. Returns (steps, queries, checkpoint name or None, equal or None)."""
-    run, steps = replay(folder)
-    checkpoint = latest_checkpoint(Path(folder))
-    if checkpoint is None:
-        return steps, run.opt.queries, None, None
-    at = json.loads((checkpoint / "progress.json").read_text())["step"]
-    if at != run.opt.steps:
-        return steps, run.opt.queries, None, None
-    saved = load_file(str(checkpoint / "trainable.safetensors"))
-    same = all(torch.equal(saved[n], p.detach()) for n, p in run.params.items())
-    return steps, run.opt.queries, checkpoint.name, same

@@ -7,6 +7,7 @@ disjoint train / dev / test subsets with a recorded seed, as MeZO's k-shot exper
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -269,6 +270,31 @@ def _kshot_pick(pool: list, labels: list[str], order: list[int], dev: int, test:
     return picked
 
 
+SPLITS = ("train", "dev", "test")
+
+
+def _identity(item) -> bytes:
+    """What identifies an example (its text or image, and its label) or a label name."""
+    if isinstance(item, str):
+        return item.encode()
+    content = getattr(item, "text", None)
+    if content is None:  # an image: its pixels, or the file it is read from
+        content = item.image if isinstance(item.image, str) else item.image.numpy().tobytes()
+    return repr(item.label).encode() + b"\t" + (content.encode() if isinstance(content, str)
+                                                 else content)
+
+
+def digest(items: list) -> str:
+    """SHA-256 of a list of examples (or label names), in order: a run records it for its
+    pool and each split, and refuses to go on when the data it reads back differs."""
+    h = hashlib.sha256()
+    for item in items:
+        key = _identity(item)
+        h.update(len(key).to_bytes(8, "little"))
+        h.update(key)
+    return h.hexdigest()
+
+
 def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: int,
           shots: int | None = None) -> Splits:
     """Disjoint random train / dev / test subsets of the given sizes, drawn with ``seed``. With
@@ -288,7 +314,9 @@ def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: 
     cut = [order[:n], order[n:n + dev], order[n + dev:n + dev + test]]
     parts = [[pool[i] for i in idx] for idx in cut]
     record = {"seed": seed, "pool": len(pool), "sizes": [n, dev, test], "shots": shots,
-              "indices": {"train": cut[0], "dev": cut[1], "test": cut[2]}}
+              "indices": {"train": cut[0], "dev": cut[1], "test": cut[2]},
+              "sha256": {"pool": digest(pool), "labels": digest(labels),
+                         **{name: digest(part) for name, part in zip(SPLITS, parts)}}}
     return Splits(labels, *parts, record=record)
 
 

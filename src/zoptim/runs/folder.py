@@ -1,0 +1,117 @@
+"""A run folder, checked before anything is written to it and locked while a process writes.
+
+``open_for_writing`` is the one way a run gets a folder to write in: it refuses a path that
+is a file, a folder of someone else's files (a run would overwrite its ``journal.jsonl`` or
+delete its ``checkpoint-*`` folders), a run without ``--resume`` and a run another process is
+writing. The lock is the operating system's (``flock``): a process that crashes or is killed
+releases it, so a stale lock never needs cleaning up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+# Everything a run writes; a folder holding anything else is not a run folder.
+RUN_FILES = {"config.json", "split.json", "metrics.jsonl", "journal.jsonl", "summary.json",
+             "latest.json", ".lock"}
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_TEMPORARY = re.compile(r"(\.checkpoint-\d+\.tmp|.+\.tmp)")
+
+
+class FolderError(ValueError):
+    """A run folder that cannot be used as asked; the message says why and what to do."""
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The names in ``folder`` that a run does not write."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in RUN_FILES and not CHECKPOINT.fullmatch(p.name)
+                  and not _TEMPORARY.fullmatch(p.name))
+
+
+def check(folder: Path, resume: bool) -> bool:
+    """Whether ``folder`` holds a run, once it is checked that a run may be written there:
+    a new run needs a missing or empty folder; ``resume`` continues a run (or starts one in
+    a missing or empty folder)."""
+    if folder.exists() and not folder.is_dir():
+        raise FolderError(f"{folder} is a file, not a run folder; choose another --out")
+    if not folder.exists():
+        return False
+    has_run = (folder / "config.json").is_file()
+    if not has_run:
+        foreign = foreign_files(folder)
+        if foreign:
+            raise FolderError(f"{folder} is not empty and holds no zoptim run (it has "
+                              f"{', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); "
+                              "choose another --out, nothing was changed")
+    elif not resume:
+        raise FolderError(f"{folder} already holds a run; pass --resume to continue it or "
+                          "choose another --out")
+    return has_run
+
+
+class Lock:
+    """An exclusive, non-blocking ``flock`` on ``folder/.lock`` for as long as a run writes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderError(f"{self.folder} is being written by process {holder}; wait for it "
+                              "to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def checkpoint_named(folder: Path, name: object) -> Path:
+    """The checkpoint folder ``name`` (as ``latest.json`` gives it), refused unless it is a
+    ``checkpoint-<step>`` folder directly inside ``folder``."""
+    if not isinstance(name, str) or not CHECKPOINT.fullmatch(name):
+        raise FolderError(f"{folder / 'latest.json'} names {name!r}, not a checkpoint of "
+                          "this folder")
+    return folder / name
+
+
+def latest_named(folder: Path) -> Path | None:
+    """The checkpoint ``latest.json`` names (checked to be this folder's), or None."""
+    pointer = folder / "latest.json"
+    if not pointer.exists():
+        return None
+    try:
+        name = json.loads(pointer.read_text()).get("checkpoint")
+    except (ValueError, AttributeError, UnicodeDecodeError) as err:
+        raise FolderError(f"{pointer} is damaged ({err})") from err
+    return checkpoint_named(folder, name)
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The folder's checkpoint folders, newest step first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*")
+             if p.is_dir() and (m := CHECKPOINT.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
