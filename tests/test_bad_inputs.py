@@ -34,6 +34,10 @@ def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def data(tmp, name):
+    return ["task.name=\"file\"", f"task.path={json.dumps(str(tmp / name))}"]
+
+
 def files(tmp_path):
     (tmp_path / "bad.toml").write_text("steps = = 3")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
@@ -42,6 +46,17 @@ def files(tmp_path):
     (tmp_path / "data.xlsx").write_text("not really")
     (tmp_path / "mr_bad.txt").write_text("1\tnot-a-number\tsentence\n")
     (tmp_path / "mr_cols.txt").write_text("just one column\n")
+    (tmp_path / "empty.csv").write_text("text,label\ngood film,1\n  ,0\n")
+    (tmp_path / "null.jsonl").write_text('{"text": "a", "label": 1}\n{"text": null, "label": 0}\n')
+    (tmp_path / "nolabel.jsonl").write_text('{"text": "a", "label": 1}\n\n{"text": "b"}\n')
+    (tmp_path / "listrow.jsonl").write_text('{"text": "a", "label": 1}\n["b", 0]\n')
+    (tmp_path / "latin1.csv").write_bytes("text,label\nfine,1\ncaf\xe9,0\n".encode("latin-1"))
+    (tmp_path / "short.csv").write_text("text,label\nfine,1\nno label here\n")
+    (tmp_path / "out_file").write_text("a file, not a folder")
+    hf = tmp_path / "hf_output"
+    (hf / "checkpoint-500").mkdir(parents=True)
+    (hf / "checkpoint-500" / "model.safetensors").write_text("weights")
+    (hf / "journal.jsonl").write_text("someone else's journal\n")
 
 
 CASES = [
@@ -84,6 +99,25 @@ CASES = [
     ("resume with another configuration", lambda run, tmp: train_args(run, "seed=5", extra=["--resume"]), "different configuration"),
     ("eval of a folder without a run", lambda run, tmp: ["eval", str(tmp)], "holds no run"),
     ("replay of a folder without a run", lambda run, tmp: ["replay", str(tmp)], "holds no run"),
+    ("verify of a folder without a run", lambda run, tmp: ["verify", str(tmp)], "holds no run"),
+    # run folders
+    ("--out holding someone else's files", lambda run, tmp: train_args(tmp / "hf_output"), "holds no zoptim run"),
+    ("--out holding someone else's files, resumed", lambda run, tmp: train_args(tmp / "hf_output", extra=["--resume"]), "holds no zoptim run"),
+    ("--out that is a file", lambda run, tmp: train_args(tmp / "out_file"), "is a file"),
+    ("resume with fewer steps than done", lambda run, tmp: train_args(run, "steps=1", extra=["--resume"]), "give --steps 2 or more"),
+    # settings
+    ("text for the learning rate", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=\"fast\""), "lr='fast' is invalid"),
+    ("infinite learning rate", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=inf"), "lr=inf is invalid"),
+    ("infinite eps", lambda run, tmp: train_args(tmp / "o", "method.settings.eps=inf"), "eps=inf is invalid"),
+    ("true as a count of directions", lambda run, tmp: train_args(tmp / "o", "method.settings.directions=true"), "directions=True is invalid"),
+    ("max_length beyond the model", lambda run, tmp: train_args(tmp / "o", "model.max_length=100000"), "model.max_length=100000 exceeds"),
+    # data files: the file and the row are named
+    ("empty text cell", lambda run, tmp: train_args(tmp / "o", *data(tmp, "empty.csv")), "empty.csv:3: 'text' is empty"),
+    ("null text", lambda run, tmp: train_args(tmp / "o", *data(tmp, "null.jsonl")), "null.jsonl:2: 'text' is None, not text"),
+    ("a later row without the label", lambda run, tmp: train_args(tmp / "o", *data(tmp, "nolabel.jsonl")), "nolabel.jsonl:3: no column 'label'"),
+    ("a row that is a list", lambda run, tmp: train_args(tmp / "o", *data(tmp, "listrow.jsonl")), "listrow.jsonl:2: a row must be an object"),
+    ("bytes that are not UTF-8", lambda run, tmp: train_args(tmp / "o", *data(tmp, "latin1.csv")), "latin1.csv:3: not UTF-8 text"),
+    ("a row with a missing cell", lambda run, tmp: train_args(tmp / "o", *data(tmp, "short.csv")), "short.csv:3: 2 cells expected"),
 ]
 
 
@@ -91,11 +125,12 @@ CASES = [
 def test_bad_input_is_refused_clearly_and_harms_nothing(name, build, message, existing, tmp_path,
                                                         capsys):
     files(tmp_path)
-    before = snapshot(existing)
+    before, scratch = snapshot(existing), snapshot(tmp_path)
     code = main(build(existing, tmp_path))
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
     assert len(err.strip().splitlines()) == 1  # one message, no traceback
     assert snapshot(existing) == before
+    assert snapshot(tmp_path) == scratch  # the user's files byte for byte, nothing added
     assert not (tmp_path / "o").exists()

@@ -15,22 +15,11 @@ import os
 import re
 from pathlib import Path
 
-# Everything a run writes; a folder holding anything else is not a run folder.
-RUN_FILES = {"config.json", "split.json", "metrics.jsonl", "journal.jsonl", "summary.json",
-             "latest.json", ".lock"}
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-_TEMPORARY = re.compile(r"(\.checkpoint-\d+\.tmp|.+\.tmp)")
 
 
 class FolderError(ValueError):
     """A run folder that cannot be used as asked; the message says why and what to do."""
-
-
-def foreign_files(folder: Path) -> list[str]:
-    """The names in ``folder`` that a run does not write."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name not in RUN_FILES and not CHECKPOINT.fullmatch(p.name)
-                  and not _TEMPORARY.fullmatch(p.name))
 
 
 def check(folder: Path, resume: bool) -> bool:
@@ -43,7 +32,8 @@ def check(folder: Path, resume: bool) -> bool:
         return False
     has_run = (folder / "config.json").is_file()
     if not has_run:
-        foreign = foreign_files(folder)
+        # A run writes config.json first: without it, anything but the lock is not a run's.
+        foreign = sorted(p.name for p in folder.iterdir() if p.name != ".lock")
         if foreign:
             raise FolderError(f"{folder} is not empty and holds no zoptim run (it has "
                               f"{', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); "

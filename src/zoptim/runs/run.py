@@ -429,15 +429,15 @@ class Training:
         if broken and skipped is None:
             skipped = NON_FINITE
         self.failures = self.failures + 1 if skipped else 0
-        record = self._record(step - 1, loss, skipped)
         entry = journal.Entry(step - 1, opt.step_seed(step - 1), opt.last_values,
                               [g["lr"] for g in opt.param_groups], opt.queries, skipped)
-        out.step(entry, record)
         if skipped is not None and (broken or getattr(opt.evaluator, "walks", False)):
             self.rewind(entry)
         else:
             self.guard.observe(opt.last_values, skipped)
         opt = self.run_.opt
+        record = self._record(step - 1, loss, skipped)
+        out.step(entry, record)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", dev="-" if self.dev is None else f"{self.dev:.3f}",
                             queries=opt.queries, qps=f"{record['queries_per_s']:.1f}")
@@ -454,8 +454,8 @@ class Training:
 
     def rewind(self, entry: journal.Entry) -> None:
         """Put weights and state exactly where the journal says a skipped step leaves them:
-        the latest checkpoint, then the journalled steps after it (the skipped one writing
-        nothing). Needs the journal, which only a single process keeps whole."""
+        the latest checkpoint, then the journalled steps after it and ``entry`` (the skipped
+        step, writing nothing). Needs the journal, which only a single process keeps whole."""
         run = self.run_
         if self.par is not None or not getattr(run.opt, "replayable", True):
             if entry.skipped == NON_FINITE:
@@ -466,9 +466,9 @@ class Training:
         self.guard.history = saved["guard_history"]
         self.guard.first = saved.get("guard_first")
         later, _ = journal.scan(self.folder / "journal.jsonl").from_step(run.opt.steps)
-        if not later or later[-1].step != entry.step:
+        if run.opt.steps + len(later) != entry.step:
             raise RunError(f"cannot rewind step {entry.step}: the journal does not reach it")
-        roll_forward(run, later, self.guard)
+        roll_forward(run, [*later, entry], self.guard)
 
     def _record(self, step: int, loss: float, skipped: str | None) -> dict:
         """The step's metrics line (the lead evaluates dev accuracy on schedule)."""

@@ -9,13 +9,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import random
-import subprocess
-import sys
 import tarfile
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,30 +39,42 @@ class Splits:
 
 
 MR_FILE = "movieReviewSnippets_GroundTruth.txt"
-MR_SOURCE = "vaderSentiment==3.3.2"
+# The vaderSentiment 3.3.2 source distribution on PyPI, pinned by its SHA-256: the archive is
+# read, never built or installed, so none of its code runs.
+MR_SOURCE = ("https://files.pythonhosted.org/packages/77/8c/4a48c10a50f750ae565e341e697d74a38"
+             "075a3e43ff0df6f1ab72e186902/vaderSentiment-3.3.2.tar.gz")
+MR_SOURCE_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ZOPTIM_CACHE", Path.home() / ".cache" / "zoptim"))
 
 
-def fetch_mr(dest: Path) -> Path:
+def fetch_mr(dest: Path, source: str = MR_SOURCE, sha256: str = MR_SOURCE_SHA256) -> Path:
     """Obtain the movie-review snippets from the vaderSentiment 3.3.2 source distribution
-    (``additional_resources/hutto_ICWSM_2014.tar.gz``), through pip, into ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", ":all:", MR_SOURCE, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("vaderSentiment-*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            raise DataError(f"could not download {MR_SOURCE} to obtain the mr data "
-                            f"({done.stderr.strip()[-300:]}); give the file with --task.path")
-        with tarfile.open(sdists[0]) as outer:
-            inner_name = next(n for n in outer.getnames() if n.endswith("hutto_ICWSM_2014.tar.gz"))
+    (``additional_resources/hutto_ICWSM_2014.tar.gz`` inside it) into ``dest``: the archive
+    is downloaded, checked against its pinned SHA-256 and read; nothing in it is run."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(source, timeout=120) as response:
+            archive = response.read()
+    except OSError as err:
+        raise DataError(f"could not download {source} to obtain the mr data ({err}); give the "
+                        "file with --task-path") from err
+    if hashlib.sha256(archive).hexdigest() != sha256:
+        raise DataError(f"{source}: the download's SHA-256 differs from the pinned one; "
+                        "nothing was kept (give the file with --task-path)")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as outer:
+            inner_name = next(n for n in outer.getnames()
+                              if n.endswith("hutto_ICWSM_2014.tar.gz"))
             with tarfile.open(fileobj=outer.extractfile(inner_name)) as inner:
                 member = next(m for m in inner.getmembers() if m.name.endswith(MR_FILE))
                 data = inner.extractfile(member).read()
+    except (StopIteration, tarfile.TarError) as err:
+        raise DataError(f"{source}: {MR_FILE} not found in the archive") from err
+    dest.mkdir(parents=True, exist_ok=True)
     target = dest / MR_FILE
     tmp_target = target.with_suffix(".part")
     tmp_target.write_bytes(data)
@@ -175,36 +186,53 @@ def _data_path(path: str | None) -> Path:
     return p
 
 
-def _read_saved_dataset(p: Path) -> list:
-    """The rows of a dataset saved with ``datasets.Dataset.save_to_disk`` in folder ``p``."""
+def _read_saved_dataset(p: Path) -> Iterator[tuple[int, object]]:
+    """The rows of a dataset saved with ``datasets.Dataset.save_to_disk`` in folder ``p``,
+    numbered from 1."""
     try:
         from datasets import load_from_disk
     except ImportError as err:
         raise DataError("a saved dataset needs the datasets package") from err
-    return list(load_from_disk(str(p)))
+    yield from enumerate(load_from_disk(str(p)), 1)
 
 
-def _read_json_lines(p: Path) -> list:
-    """The rows of a JSON lines file, blank lines skipped."""
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{p}:{n}: not valid JSON ({err.msg})") from err
-    return rows
+def _lines(p: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a UTF-8 text file (a byte-order mark dropped, line ends kept), numbered
+    from 1; decoded line by line, so an undecodable byte is reported on its line."""
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{p}:{n}: not UTF-8 text ({err.reason}); save the file as "
+                                "UTF-8") from None
 
 
-def _read_delimited(p: Path) -> list:
-    """The rows of a CSV or TSV file with a header row, as dicts."""
-    with open(p, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ","))
+def _read_json_lines(p: Path) -> Iterator[tuple[int, object]]:
+    """The rows of a JSON lines file with their line numbers, blank lines skipped."""
+    for n, line in _lines(p):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{p}:{n}: not valid JSON ({err.msg})") from err
 
 
-def _read_rows(p: Path) -> list:
-    """The rows of a user's data file or saved dataset, read according to its format."""
+def _read_delimited(p: Path) -> Iterator[tuple[int, object]]:
+    """The rows of a CSV or TSV file with a header row, as dicts, with their line numbers; a
+    row with more or fewer cells than the header is refused."""
+    numbered = _lines(p)
+    reader = csv.DictReader((line for _, line in numbered),
+                            delimiter="\t" if p.suffix == ".tsv" else ",")
+    for row in reader:
+        if None in row or None in row.values():
+            raise DataError(f"{p}:{reader.line_num}: {len(reader.fieldnames)} cells expected "
+                            "(as in the header row)")
+        yield reader.line_num, row
+
+
+def _read_rows(p: Path) -> Iterator[tuple[int, object]]:
+    """The numbered rows of a user's data file or saved dataset, read by its format."""
     if p.is_dir():
         return _read_saved_dataset(p)
     if p.suffix in (".jsonl", ".json"):
@@ -214,24 +242,37 @@ def _read_rows(p: Path) -> list:
     raise DataError(f"{p}: unknown data format; use .csv, .tsv, .jsonl or a saved dataset")
 
 
-def _check_rows(p: Path, rows: list, text_column: str, label_column: str) -> None:
-    """Fail unless ``rows`` is non-empty and has the text and label columns."""
+def _example(where: str, row: object, text_column: str, label_column: str) -> tuple[str, str]:
+    """(text, label) of one row, or a ``DataError`` that names the row and what is wrong."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object with {text_column!r} and "
+                        f"{label_column!r}, not {type(row).__name__}")
     for col in (text_column, label_column):
-        if rows and col not in rows[0]:
-            raise DataError(f"{p}: no column {col!r} (columns: {', '.join(rows[0])})")
-    if not rows:
-        raise DataError(f"{p}: no rows")
+        if col not in row:
+            raise DataError(f"{where}: no column {col!r} (columns: "
+                            f"{', '.join(map(str, row)) or 'none'})")
+    text, label = row[text_column], row[label_column]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: {text_column!r} is {text!r}, not text")
+    if not text.strip():
+        raise DataError(f"{where}: {text_column!r} is empty")
+    if label is None or isinstance(label, (dict, list)) or not str(label).strip():
+        raise DataError(f"{where}: {label_column!r} is {label!r}, not a label")
+    return text, str(label)
 
 
 def load_file(path: str | None, text_column: str = "text", label_column: str = "label",
               labels: list[str] | None = None):
-    """A user's own data: CSV (header row), JSON lines, or a dataset saved with
+    """A user's own data: CSV or TSV (header row), JSON lines, or a dataset saved with
     ``datasets.Dataset.save_to_disk``. Labels are the label column's values (as strings),
-    sorted, unless ``labels`` gives their order."""
+    sorted, unless ``labels`` gives their order. Every row is checked: an error names the
+    file, the row and what is wrong with it."""
     p = _data_path(path)
-    rows = _read_rows(p)
-    _check_rows(p, rows, text_column, label_column)
-    return _index_labels([(r[text_column], r[label_column]) for r in rows], labels)
+    pairs = [_example(f"{p}:{n}", row, text_column, label_column)
+             for n, row in _read_rows(p)]
+    if not pairs:
+        raise DataError(f"{p}: no rows")
+    return _index_labels(pairs, labels)
 
 
 LOADERS = {"mr": load_mr, "sst2": load_sst2, "20ng": load_20ng}
