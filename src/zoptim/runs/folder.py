@@ -50,8 +50,10 @@ class Lock:
     def __init__(self, folder: Path):
         self.folder = folder
         self._fd: int | None = None
+        self._made = False  # the folder was made for the lock: gone again if nothing came
 
     def acquire(self) -> None:
+        self._made = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -66,10 +68,14 @@ class Lock:
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        if self._made and [p.name for p in self.folder.iterdir()] == [".lock"]:
+            (self.folder / ".lock").unlink()  # a run that wrote nothing leaves nothing
+            self.folder.rmdir()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
     def __enter__(self):
         self.acquire()

@@ -322,12 +322,12 @@ class Training:
     def restore(self, had_run: bool) -> None:
         """Resume: check the data, load the latest good checkpoint (or an earlier one, or the
         starting weights) and redo the journalled steps after it. Writes nothing."""
-        run = self.run_
-        run.opt.guard = self.guard.decide
+        self.run_.opt.guard = self.guard.decide
         if not (self.resume and had_run):
             return
-        check_data(self.folder, run.splits)
+        check_data(self.folder, self.run_.splits)
         start = self._load_latest_good()
+        run = self.run_  # rebuilt where a damaged checkpoint was half loaded
         found = journal.scan(self.folder / "journal.jsonl")
         replayable = getattr(run.opt, "replayable", True)
         later, self.keep_journal = found.from_step(run.opt.steps) if replayable else \
@@ -634,6 +634,6 @@ def audit(folder: str | Path) -> Audit:
     start = f"{good[max(good)].name}" if good else "the starting weights"
     resumed_at = max(max(good, default=0), len(entries))
     result.recovery = (f"--resume continues from {start} and the journal, at step {resumed_at}"
-                       if cfg.steps > resumed_at or not good else "the run is complete")
+                       f"{' (all the configured steps)' if resumed_at >= cfg.steps else ''}")
     return result
 
