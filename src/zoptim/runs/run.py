@@ -376,6 +376,8 @@ class Training:
         """The lead writes the run's record: the configuration (a resumed run's only when its
         steps grow), the split, the starting checkpoint; the journal and the metrics are cut
         back to the steps kept."""
+        if self.par is not None:
+            _barrier()  # every rank has read the journal before the lead cuts it
         if not self.lead:
             return
         if not had_run or _saved_config(self.folder).steps != self.cfg.steps:
