@@ -291,8 +291,7 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
             raise ValueError("a zeroth-order optimizer needs a closure that returns the loss")
         if self._open is not None and closure is not None:
             raise RuntimeError("a step was asked for and not told: finish it with tell()")
-        recorded_skip = replay is not None and skip is not _GUARD and skip is not None
-        plan, undo, evaluator = self._begin(replay is not None, recorded_skip)
+        plan, undo, evaluator = self._begin(replay, skip)
         probe = Probe(self, plan, evaluator, closure, replay)
         try:
             loss, dirs, left = self.estimator(probe, self.step_seed(self.steps))
@@ -317,14 +316,17 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
                              "it was recorded with another method or configuration")
         return loss
 
-    def _begin(self, replaying: bool, skipped: bool = False) -> tuple[StepPlan, Undo, Evaluator]:
-        """The step's plan, its undo record and its evaluator, prepared (for a recorded step
-        that was skipped, one that leaves the parameters as they are)."""
+    def _begin(self, replay: list[float] | None, skip) -> tuple[StepPlan, Undo, Evaluator]:
+        """The step's plan, its undo record and its evaluator, prepared: the live one, one
+        that replays recorded values, or for a recorded step that was skipped, one that leaves
+        the parameters as they are."""
         if self._open is not None:  # told: the step ask opened, prepared then
             return self._open.plan, self._open.undo, self._open.evaluator
         plan, undo = self.plan(), Undo()
-        evaluator = self.evaluator.skipping() if skipped else \
-            self.evaluator.replaying() if replaying else self.evaluator
+        evaluator = self.evaluator
+        if replay is not None:
+            recorded_skip = skip is not _GUARD and skip is not None
+            evaluator = evaluator.skipping() if recorded_skip else evaluator.replaying()
         evaluator.begin(plan, self.steps, self.seed, undo)
         return plan, undo, evaluator
 

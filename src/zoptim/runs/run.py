@@ -426,18 +426,8 @@ class Training:
             examples = self.par.shard(examples)
         # Batched queries call the closure with the number of slices to stack.
         loss = opt.step(lambda slices=None: self.run_.clf.loss(examples, slices))
-        step, skipped = opt.steps, opt.last_skip
-        broken = not finite(self.run_.params)
-        if broken and skipped is None:
-            skipped = NON_FINITE
-        self.failures = self.failures + 1 if skipped else 0
-        entry = journal.Entry(step - 1, opt.step_seed(step - 1), opt.last_values,
-                              [g["lr"] for g in opt.param_groups], opt.queries, skipped)
-        if skipped is not None and (broken or getattr(opt.evaluator, "walks", False)):
-            self.rewind(entry)
-        else:
-            self.guard.observe(opt.last_values, skipped)
-        opt = self.run_.opt
+        entry = self._settle()
+        step, skipped = entry.step + 1, entry.skipped
         record = self._record(step - 1, loss, skipped)
         out.step(entry, record)
         if bar is not None:
@@ -453,6 +443,23 @@ class Training:
                            f"{skipped}); the last good weights are saved in "
                            f"{self.folder / f'checkpoint-{step}'}; lower the learning rate or "
                            "eps and start again")
+
+    def _settle(self) -> journal.Entry:
+        """The journal entry of the step just taken. A step the guard skipped, or whose
+        update made a weight non-finite, is made to leave the weights exactly as they were."""
+        opt = self.run_.opt
+        step, skipped = opt.steps - 1, opt.last_skip
+        broken = not finite(self.run_.params)
+        if broken and skipped is None:
+            skipped = NON_FINITE
+        self.failures = self.failures + 1 if skipped else 0
+        entry = journal.Entry(step, opt.step_seed(step), opt.last_values,
+                              [g["lr"] for g in opt.param_groups], opt.queries, skipped)
+        if skipped is not None and (broken or getattr(opt.evaluator, "walks", False)):
+            self.rewind(entry)
+        else:
+            self.guard.observe(opt.last_values, skipped)
+        return entry
 
     def rewind(self, entry: journal.Entry) -> None:
         """Put weights and state exactly where the journal says a skipped step leaves them:
@@ -598,6 +605,24 @@ def _good_checkpoints(folder: Path, audit: Audit) -> dict[int, Path]:
     return good
 
 
+def _replay_and_compare(run: Run, entries: list[journal.Entry], good: dict[int, Path],
+                        result: Audit) -> None:
+    """Replay ``entries`` from the starting weights, comparing the weights with the newest
+    whole checkpoint the journal reaches, bit for bit."""
+    target = max((s for s in good if s <= len(entries)), default=None)
+    guard = LossGuard(run.cfg.guard.spike, run.cfg.guard.window)
+    roll_forward(run, entries[:target or 0], guard)
+    if target is not None:
+        saved = load_weights(good[target])
+        result.compared = good[target].name
+        result.equal = all(torch.equal(saved[n], p.detach()) for n, p in run.params.items())
+        if not result.equal:
+            result.problems.append(f"the journal replayed to step {target} does not give the "
+                                   f"weights of {good[target].name}")
+    roll_forward(run, entries[target or 0:], guard)
+    result.steps, result.queries = len(entries), run.opt.queries
+
+
 def audit(folder: str | Path) -> Audit:
     """Check a run folder: its data against ``split.json``, its journal line by line, its
     checkpoints file by file, and the journal replayed from the starting weights (the model
@@ -621,18 +646,7 @@ def audit(folder: str | Path) -> Audit:
                                "from its loss values")
         return result
     entries = found.prefix()
-    target = max((s for s in good if s <= len(entries)), default=None)
-    guard = LossGuard(cfg.guard.spike, cfg.guard.window)
-    roll_forward(run, entries[:target or 0], guard)
-    if target is not None:
-        saved = load_weights(good[target])
-        result.compared = good[target].name
-        result.equal = all(torch.equal(saved[n], p.detach()) for n, p in run.params.items())
-        if not result.equal:
-            result.problems.append(f"the journal replayed to step {target} does not give the "
-                                   f"weights of {good[target].name}")
-    roll_forward(run, entries[target or 0:], guard)
-    result.steps, result.queries = len(entries), run.opt.queries
+    _replay_and_compare(run, entries, good, result)
     start = f"{good[max(good)].name}" if good else "the starting weights"
     resumed_at = max(max(good, default=0), len(entries))
     result.recovery = (f"--resume continues from {start} and the journal, at step {resumed_at}"
