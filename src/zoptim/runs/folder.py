@@ -1,9 +1,9 @@
 """A run folder, checked before anything is written to it and locked while a process writes.
 
-``open_for_writing`` is the one way a run gets a folder to write in: it refuses a path that
-is a file, a folder of someone else's files (a run would overwrite its ``journal.jsonl`` or
-delete its ``checkpoint-*`` folders), a run without ``--resume`` and a run another process is
-writing. The lock is the operating system's (``flock``): a process that crashes or is killed
+``check`` is the one test a run's folder passes before anything is written: it refuses a
+path that is a file, a folder of someone else's files (a run would overwrite its
+``journal.jsonl`` or delete its ``checkpoint-*`` folders) and a run without ``--resume``.
+``Lock`` refuses a folder another process is writing. The lock is the operating system's (``flock``): a process that crashes or is killed
 releases it, so a stale lock never needs cleaning up.
 """
 
