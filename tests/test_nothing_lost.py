@@ -189,9 +189,11 @@ def test_a_run_whose_data_changed_is_refused(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_ctrl_c_says_where_the_run_stands_and_resume_finishes_it(whole, tmp_path):
+def test_ctrl_c_says_where_the_run_stands_and_resume_finishes_it(tmp_path):
+    """A run far longer than the test waits is interrupted after three steps; resumed to two
+    steps past where it stood, it ends where an uninterrupted run of as many steps does."""
     out = tmp_path / "run"
-    line = [sys.executable, "-m", "zoptim.cli", *args(out, "steps=6", "save_every=2")]
+    line = [sys.executable, "-m", "zoptim.cli", *args(out, "steps=100000", "save_every=2")]
     proc = subprocess.Popen(line, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     path, deadline = out / "journal.jsonl", time.time() + 240
     while (not path.exists() or path.read_text().count("\n") < 3) and time.time() < deadline:
@@ -202,8 +204,12 @@ def test_ctrl_c_says_where_the_run_stands_and_resume_finishes_it(whole, tmp_path
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("zoptim train: interrupted at step") and last.endswith("--resume")
-    assert main(args(out, "steps=6", "save_every=2", extra=["--resume"])) == 0
-    assert same(weights(out, 6), weights(whole, 6))
+    stood = int(last.split("interrupted at step ")[1].split()[0])
+    assert stood >= 3
+    end = f"steps={stood + 2}"
+    assert main(args(out, end, "save_every=2", extra=["--resume"])) == 0
+    assert main(args(tmp_path / "whole", end, "save_every=2")) == 0
+    assert same(weights(out, stood + 2), weights(tmp_path / "whole", stood + 2))
 
 
 def sdist(member: bytes) -> bytes:

@@ -175,8 +175,8 @@ def _record_divergence(cell: Path, reason: str) -> None:
     path = cell / "summary.json"
     summary = json.loads(path.read_text())
     size = run.cfg.eval_batch_size
-    summary["after"] = {"dev_acc": run.clf.accuracy(run.splits.dev, size),
-                        "test_acc": run.clf.accuracy(run.splits.test, size),
+    summary["after"] = {"dev_acc": run.clf.score(run.splits.dev, size),
+                        "test_acc": run.clf.score(run.splits.test, size),
                         "steps": run.opt.steps, "queries": run.opt.queries,
                         "skipped_steps": run.opt.skipped, "diverged": reason}
     write_json(path, summary)

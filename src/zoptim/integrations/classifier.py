@@ -40,6 +40,11 @@ class CosineHead(torch.nn.Module):
 
 
 class PromptClassifier(torch.nn.Module):
+    """Classification by label words (decoders) or a cosine head (encoders); ``score`` is
+    accuracy."""
+
+    metric = "accuracy"
+
     def __init__(self, backbone, tokenizer, prompt: Prompt, decoder: bool,
                  max_length: int = 128, scale: float = 20.0):
         super().__init__()
@@ -94,7 +99,8 @@ class PromptClassifier(torch.nn.Module):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def accuracy(self, examples: list[Example], batch_size: int = 64) -> float:
+    def score(self, examples: list[Example], batch_size: int = 64) -> float:
+        """Accuracy."""
         if not examples:
             return float("nan")
         correct = 0

@@ -134,8 +134,10 @@ def replace_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear:
 
 
 class ImageClassifier(torch.nn.Module):
-    """A vision backbone with a task head; ``loss`` and ``accuracy`` on ``ImageExample``s,
-    the same interface as the prompt classifier of language models."""
+    """A vision backbone with a task head; ``loss`` and ``score`` (accuracy) on
+    ``ImageExample``s, the same interface as the prompt classifier of language models."""
+
+    metric = "accuracy"
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, image_size: int,
                  mean, std):
@@ -172,7 +174,8 @@ class ImageClassifier(torch.nn.Module):
         return cross_entropy(self(examples, slices or 1), labels, slices)
 
     @torch.no_grad()
-    def accuracy(self, examples, batch_size: int = 64) -> float:
+    def score(self, examples, batch_size: int = 64) -> float:
+        """Accuracy."""
         if not examples:
             return float("nan")
         correct = 0

@@ -30,6 +30,13 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     name: str = "mr"
     path: str | None = None
+    # What the model learns (``tasks.kinds``): label words or a head (classification), an
+    # option's log-likelihood (multiple_choice), completions (generation: SFT, scored by
+    # ``metric`` on greedy decodings of at most ``max_new_tokens`` tokens).
+    kind: Literal["classification", "multiple_choice", "generation"] = "classification"
+    metric: Literal["f1", "exact_match"] = "f1"
+    max_new_tokens: int = Field(32, ge=1)
+    length_normalized: bool = False  # multiple choice: the mean log-likelihood of a token
     text_column: str = "text"
     label_column: str = "label"
     labels: list[str] | None = None
@@ -85,8 +92,10 @@ class TrainConfig(_Strict):
 
         images = is_image_task(self.task.name)
         if self.model.name is None:
-            self.model.name = "efficientnet-lite0" if images else "minilm-l6"
+            self.model.name = "efficientnet-lite0" if images else \
+                "minilm-l6" if self.task.kind == "classification" else "smollm2-135m"
         _check_model_kind(self.task.name, self.model.name, images)
+        _check_kind(self.task)
         if not images:
             _check_label_words(self.task)
         return self
@@ -102,6 +111,19 @@ def _check_model_kind(task_name: str, model_name: str, images: bool) -> None:
     if not images and is_vision_model(model_name):
         raise ValueError(f"model {model_name!r} is an image model; task.name must be "
                          f"an image task, not {task_name!r}")
+
+
+def _check_kind(task: TaskConfig) -> None:
+    """Fail unless a task of another kind than classification is a user's file without
+    label-based settings."""
+    if task.kind == "classification":
+        return
+    if task.name != "file":
+        raise ValueError(f"task.kind={task.kind!r} reads a user's file: task.name must be "
+                         f"'file' (with task.path), not {task.name!r}")
+    if task.shots is not None:
+        raise ValueError(f"task.shots draws examples per label; a {task.kind} task has no "
+                         "labels: give task.train instead")
 
 
 def _check_label_words(task: TaskConfig) -> None:

@@ -7,13 +7,15 @@ A run folder holds:
 
 - ``config.json`` (the validated configuration) and ``split.json`` (how the data was split,
   with the SHA-256 of the pool and of each split: a run whose data changed is refused),
-- ``metrics.jsonl`` (one line a step; dev accuracy every ``eval_every`` steps),
+- ``metrics.jsonl`` (one line a step; the dev score every ``eval_every`` steps),
 - ``journal.jsonl`` (every value each step's objective returned, checksummed: enough to
   replay the run from its starting weights, bit for bit on the CPU; see ``journal``),
 - ``checkpoint-<step>/`` (trainable weights and optimizer state, see ``checkpoints``;
   ``checkpoint-0`` holds the starting weights until the first save) and ``latest.json``
   naming the newest complete one,
-- ``summary.json`` (accuracy before and after, queries, wall time).
+- ``summary.json`` (the score before and after, queries, wall time). Scores are the task's
+  ``metric`` (accuracy; exact match or F1 for generation), kept as ``dev_acc`` and
+  ``test_acc`` whatever the metric, and named in ``summary.json``.
 
 - ``.lock``, held (``flock``) by the process writing the run.
 
@@ -91,9 +93,36 @@ def _parallel(cfg: TrainConfig):
 class Run:
     cfg: TrainConfig
     splits: Splits
-    clf: torch.nn.Module  # a PromptClassifier or an ImageClassifier: loss(), accuracy()
+    clf: torch.nn.Module  # the objective (see ``objective``): loss(), score(), metric
     params: dict[str, torch.nn.Parameter]
     opt: torch.optim.Optimizer
+
+
+def _language_model(cfg: TrainConfig):
+    """``(model, tokenizer, is_decoder)``, checked to take ``model.max_length`` tokens."""
+    model, tokenizer, decoder = load_model(cfg.model.name, cfg.model.dtype)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and cfg.model.max_length > limit:
+        raise RunError(f"model.max_length={cfg.model.max_length} exceeds what {cfg.model.name} "
+                       f"takes ({limit} positions); choose at most {limit}")
+    return model, tokenizer, decoder
+
+
+def _decoder_objective(cfg: TrainConfig, splits: Splits):
+    """The objective of a multiple-choice or generation task, on a decoder."""
+    from zoptim.integrations.choices import ChoiceObjective
+    from zoptim.integrations.completions import CompletionObjective
+
+    t = cfg.task
+    model, tokenizer, decoder = _language_model(cfg)
+    if not decoder:
+        raise RunError(f"task.kind={t.kind!r} needs a decoder (a causal language model); "
+                       f"{cfg.model.name} is an encoder")
+    torch.manual_seed(cfg.seed)  # adapters are initialized from the run's seed
+    if t.kind == "multiple_choice":
+        return ChoiceObjective(model, tokenizer, cfg.model.max_length, t.length_normalized)
+    return CompletionObjective(model, tokenizer, cfg.model.max_length, t.metric,
+                               t.max_new_tokens)
 
 
 def _prompt_classifier(cfg: TrainConfig, splits: Splits) -> PromptClassifier:
@@ -101,11 +130,7 @@ def _prompt_classifier(cfg: TrainConfig, splits: Splits) -> PromptClassifier:
     if len(splits.labels) != len(t.label_words):
         raise RunError(f"the task has {len(splits.labels)} labels {splits.labels} but "
                        f"{len(t.label_words)} label words are given (task.label_words)")
-    model, tokenizer, decoder = load_model(cfg.model.name, cfg.model.dtype)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and cfg.model.max_length > limit:
-        raise RunError(f"model.max_length={cfg.model.max_length} exceeds what {cfg.model.name} "
-                       f"takes ({limit} positions); choose at most {limit}")
+    model, tokenizer, decoder = _language_model(cfg)
     prompt = Prompt(t.template, tuple(t.label_words))
     clf = PromptClassifier(model, tokenizer, prompt, decoder, cfg.model.max_length)
     torch.manual_seed(cfg.seed)  # adapters are initialized from the run's seed
@@ -135,8 +160,9 @@ def build(cfg: TrainConfig) -> Run:
     t = cfg.task
     splits = load_task(t.name, t.path, train=t.train, dev=t.dev, test=t.test, seed=t.seed,
                        shots=t.shots, text_column=t.text_column, label_column=t.label_column,
-                       labels=t.labels)
-    make = _image_classifier if is_image_task(t.name) else _prompt_classifier
+                       labels=t.labels, kind=t.kind)
+    make = _image_classifier if is_image_task(t.name) else \
+        _prompt_classifier if t.kind == "classification" else _decoder_objective
     try:
         clf = make(cfg, splits)
         apply_scheme(clf, cfg.model.scheme, lora_r=cfg.model.lora_r,
@@ -391,9 +417,10 @@ class Training:
     def evaluate_before(self) -> None:
         run = self.run_
         if self.lead and "before" not in self.summary:
-            dev0 = run.clf.accuracy(run.splits.dev, self.cfg.eval_batch_size)
-            test0 = run.clf.accuracy(run.splits.test, self.cfg.eval_batch_size)
-            self.summary = {"before": {"dev_acc": dev0, "test_acc": test0}}
+            dev0 = run.clf.score(run.splits.dev, self.cfg.eval_batch_size)
+            test0 = run.clf.score(run.splits.test, self.cfg.eval_batch_size)
+            self.summary = {"metric": run.clf.metric, "before": {"dev_acc": dev0,
+                                                                 "test_acc": test0}}
             write_json(self.folder / "summary.json", self.summary)
             self.log(f"before: dev {dev0:.4f}  test {test0:.4f}  ({len(run.params)} tensors, "
                      f"{sum(p.numel() for p in run.params.values()):,} trainable parameters)")
@@ -491,7 +518,7 @@ class Training:
             self.log(f"step {step} skipped: {skipped} ({self.failures} in a row)")
         done = step + 1
         if self.lead and (done % cfg.eval_every == 0 or done == cfg.steps):
-            self.dev = record["dev_acc"] = self.run_.clf.accuracy(self.run_.splits.dev,
+            self.dev = record["dev_acc"] = self.run_.clf.score(self.run_.splits.dev,
                                                                   cfg.eval_batch_size)
         return record
 
@@ -506,7 +533,7 @@ class Training:
         run, opt = self.run_, self.run_.opt
         if not self.lead:
             return {"rank": self.par.rank, "steps": opt.steps, "queries": opt.queries}
-        test = run.clf.accuracy(run.splits.test, self.cfg.eval_batch_size)
+        test = run.clf.score(run.splits.test, self.cfg.eval_batch_size)
         self.summary["after"] = {"dev_acc": self.dev, "test_acc": test, "steps": opt.steps,
                                  "queries": opt.queries, "skipped_steps": opt.skipped}
         self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - self.start
@@ -568,7 +595,7 @@ def open_run(folder: str | Path) -> tuple[Run, Path]:
 
 def evaluate(folder: str | Path, split: str = "test") -> float:
     run, _ = open_run(folder)
-    return run.clf.accuracy(getattr(run.splits, split), run.cfg.eval_batch_size)
+    return run.clf.score(getattr(run.splits, split), run.cfg.eval_batch_size)
 
 
 @dataclass

@@ -7,6 +7,7 @@ disjoint train / dev / test subsets with a recorded seed, as MeZO's k-shot exper
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -176,7 +177,7 @@ def _index_labels(pairs, labels: list[str] | None = None):
     return pool, names
 
 
-def _data_path(path: str | None) -> Path:
+def data_path(path: str | None) -> Path:
     """The user's data file or folder ``path`` names, checked to exist."""
     if not path:
         raise DataError("task 'file' needs a path: --task.path data.csv")
@@ -231,7 +232,7 @@ def _read_delimited(p: Path) -> Iterator[tuple[int, object]]:
         yield reader.line_num, row
 
 
-def _read_rows(p: Path) -> Iterator[tuple[int, object]]:
+def read_rows(p: Path) -> Iterator[tuple[int, object]]:
     """The numbered rows of a user's data file or saved dataset, read by its format."""
     if p.is_dir():
         return _read_saved_dataset(p)
@@ -267,9 +268,9 @@ def load_file(path: str | None, text_column: str = "text", label_column: str = "
     ``datasets.Dataset.save_to_disk``. Labels are the label column's values (as strings),
     sorted, unless ``labels`` gives their order. Every row is checked: an error names the
     file, the row and what is wrong with it."""
-    p = _data_path(path)
+    p = data_path(path)
     pairs = [_example(f"{p}:{n}", row, text_column, label_column)
-             for n, row in _read_rows(p)]
+             for n, row in read_rows(p)]
     if not pairs:
         raise DataError(f"{p}: no rows")
     return _index_labels(pairs, labels)
@@ -315,14 +316,15 @@ SPLITS = ("train", "dev", "test")
 
 
 def _identity(item) -> bytes:
-    """What identifies an example (its text or image, and its label) or a label name."""
+    """What identifies an example (every field: its text or image, its label or answers) or
+    a label name."""
     if isinstance(item, str):
         return item.encode()
-    content = getattr(item, "text", None)
-    if content is None:  # an image: its pixels, or the file it is read from
-        content = item.image if isinstance(item.image, str) else item.image.numpy().tobytes()
-    return repr(item.label).encode() + b"\t" + (content.encode() if isinstance(content, str)
-                                                 else content)
+    image = getattr(item, "image", None)
+    if image is not None:  # its pixels, or the file it is read from
+        content = image.encode() if isinstance(image, str) else image.numpy().tobytes()
+        return repr(item.label).encode() + b"\t" + content
+    return json.dumps(dataclasses.asdict(item), ensure_ascii=False).encode()
 
 
 def digest(items: list) -> str:
@@ -363,12 +365,17 @@ def split(pool: list, labels: list[str], train: int, dev: int, test: int, seed: 
 
 def load_task(name: str, path: str | None = None, *, train: int, dev: int, test: int,
               seed: int, shots: int | None = None, text_column: str = "text",
-              label_column: str = "label", labels: list[str] | None = None) -> Splits:
+              label_column: str = "label", labels: list[str] | None = None,
+              kind: str = "classification") -> Splits:
     """A task's splits: text tasks (``mr``, ``sst2``, ``20ng``, ``file``) give ``Example``s,
-    image tasks (``tasks.images``) give ``ImageExample``s."""
+    image tasks (``tasks.images``) give ``ImageExample``s; a ``file`` of another ``kind``
+    gives that kind's examples (``tasks.kinds``)."""
     from zoptim.tasks.images import IMAGE_LOADERS
+    from zoptim.tasks.kinds import load_kind_file
 
-    if name == "file":
+    if name == "file" and kind != "classification":
+        pool, names = load_kind_file(kind, path)
+    elif name == "file":
         pool, names = load_file(path, text_column, label_column, labels)
     elif name in LOADERS:
         pool, names = LOADERS[name](path)

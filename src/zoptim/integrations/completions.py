@@ -1,0 +1,97 @@
+"""Generation with a decoder: supervised fine-tuning on completions, evaluated by what the
+model generates.
+
+The loss is teacher-forced: the negative log-likelihood of the completion's tokens (and the
+end-of-sequence token after them) given the prompt, the prompt's own tokens not scored; the
+mean over each example's tokens, then over examples, so a long answer counts as much as a
+short one. Chat examples are rendered with the tokenizer's chat template. Evaluation decodes
+greedily with the KV cache (batches of similar prompt length, padded on the left), stops at
+the end-of-sequence token or, for plain prompts, at the end of the line, and scores exact
+match or token F1 against the example's answers (``tasks.metrics``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoptim.integrations.sequences import Sequences, split_space
+from zoptim.tasks.kinds import Completion
+from zoptim.tasks.metrics import METRICS, best_score
+
+STOP = "\n"  # where a plain prompt's answer ends, as MeZO cuts SQuAD and DROP answers
+
+
+class CompletionObjective(torch.nn.Module):
+    decoder = True
+
+    def __init__(self, backbone, tokenizer, max_length: int = 128, metric: str = "f1",
+                 max_new_tokens: int = 32):
+        super().__init__()
+        if metric not in METRICS:
+            raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+        self.backbone, self.tokenizer, self.metric = backbone, tokenizer, metric
+        self.sequences = Sequences(tokenizer, max_length)
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def context_ids(self, e: Completion) -> list[int]:
+        """The prompt's tokens (a chat prompt rendered with the template, ready for the
+        assistant's turn)."""
+        if not e.chat:
+            return self.sequences.context_ids(split_space(e.prompt, e.completion)[0])
+        messages = [{"role": r, "content": c} for r, c in e.prompt]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def answer_ids(self, e: Completion) -> list[int]:
+        """The completion's tokens and the end-of-sequence token."""
+        text = e.completion if e.chat else split_space(e.prompt, e.completion)[1]
+        return self.sequences.continuation_ids(text) + [self.tokenizer.eos_token_id]
+
+    def loss(self, examples: list[Completion], slices: int | None = None) -> torch.Tensor:
+        """Mean per-token negative log-likelihood of the completions; given ``slices``, one
+        mean per slice of the stacked batch."""
+        rows = self.sequences.rows([(self.context_ids(e), self.answer_ids(e)) for e in examples],
+                                   self._device())
+        total, count = Sequences.log_likelihoods(self.backbone, rows, slices or 1)
+        losses = (-total / count.clamp_min(1)).reshape(slices or 1, len(examples)).mean(1)
+        return losses if slices is not None else losses[0]
+
+    @torch.no_grad()
+    def generate(self, examples: list[Completion], batch_size: int = 16) -> list[str]:
+        """Greedy completions of the examples' prompts, in their order."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        prompts = [self.context_ids(e)[-self.max_length:] for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+        out: list[str] = [""] * len(examples)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            new = self.backbone.generate(input_ids=ids.to(self._device()),
+                                         attention_mask=mask.to(self._device()),
+                                         generation_config=config)[:, width:]
+            for row, i in enumerate(chunk):
+                text = tok.decode(new[row], skip_special_tokens=True)
+                out[i] = (text if examples[i].chat else text.split(STOP)[0]).strip()
+        return out
+
+    @torch.no_grad()
+    def score(self, examples: list[Completion], batch_size: int = 16) -> float:
+        """The mean ``metric`` (exact match or F1) of greedy completions against the answers."""
+        if not examples:
+            return float("nan")
+        predictions = self.generate(examples, batch_size)
+        return sum(best_score(self.metric, p, e.answers)
+                   for p, e in zip(predictions, examples)) / len(examples)

@@ -1,0 +1,250 @@
+"""Task kinds on a decoder: multiple choice and generation (SFT), their losses against hand
+computations, greedy decoding, exact match and F1, users' files, and whole runs."""
+
+import json
+
+import pytest
+import torch
+
+from zoptim.cli import main
+from zoptim.integrations.choices import ChoiceObjective
+from zoptim.integrations.completions import CompletionObjective
+from zoptim.runs import config
+from zoptim.runs.run import audit, build
+from zoptim.tasks.data import DataError
+from zoptim.tasks.kinds import Choice, Completion, load_kind_file
+from zoptim.tasks.metrics import best_score, exact_match, normalize_answer, token_f1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A folder holding a tiny random Llama with SmolLM2's tokenizer (and chat template)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from zoptim.integrations.models import _smollm2
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    source, extra = _smollm2()
+    tok = AutoTokenizer.from_pretrained(source, **extra)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny).eval(), AutoTokenizer.from_pretrained(tiny)
+
+
+def nll_alone(model, context_ids, answer_ids):
+    """The hand computation: one unpadded row, every position's logits, the answer's tokens'
+    negative log-likelihoods."""
+    ids = torch.tensor([context_ids + answer_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    n = len(context_ids)
+    return -sum(float(logp[n - 1 + k, t]) for k, t in enumerate(answer_ids))
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+def test_squad_normalization_exact_match_and_f1():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert exact_match("an apple.", "Apple") == 1.0
+    assert exact_match("apples", "apple") == 0.0
+    # 2 shared words of 3 predicted and 4 expected: P = 2/3, R = 1/2, F1 = 4/7
+    assert token_f1("red big house", "the big red old barn") == pytest.approx(4 / 7)
+    assert token_f1("a", "the") == 1.0  # both empty after normalization
+    assert token_f1("", "Paris") == 0.0
+    assert best_score("f1", "Paris", ["London", "paris."]) == 1.0
+
+
+# -- users' files ---------------------------------------------------------------------------
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_files_of_each_kind_are_read_and_every_bad_row_is_named(tmp_path):
+    pool, labels = load_kind_file("generation", str(write_jsonl(tmp_path / "g.jsonl", [
+        {"prompt": "Q: 2+2?\nA:", "completion": " 4", "answers": ["4", "four"]},
+        {"messages": [{"role": "user", "content": "Capital of France?"},
+                      {"role": "assistant", "content": "Paris"}]}])))
+    assert labels == [] and pool[0] == Completion("Q: 2+2?\nA:", " 4", ("4", "four"))
+    assert pool[1].chat and pool[1].answers == ("Paris",)
+    pool, _ = load_kind_file("multiple_choice", str(write_jsonl(tmp_path / "m.jsonl", [
+        {"context": "The sky is", "options": ["blue", "green", "loud"], "answer": "blue"}])))
+    assert pool == [Choice("The sky is", ("blue", "green", "loud"), 0)]
+    bad = {
+        "generation": [({"prompt": "Q?"}, "'completion'"),
+                       ({"prompt": "Q?", "completion": "x", "answer": " "}, "'answer'"),
+                       ({"messages": [{"role": "robot", "content": "hi"},
+                                      {"role": "assistant", "content": "x"}]}, "role"),
+                       ({"messages": [{"role": "user", "content": "hi"},
+                                      {"role": "user", "content": "x"}]}, "assistant"),
+                       ("[1, 2]", "object")],
+        "multiple_choice": [({"context": "c", "options": ["a"], "answer": 0}, "at least two"),
+                            ({"context": "c", "options": ["a", "b"], "answer": 2}, "'answer'"),
+                            ({"context": "c", "options": ["a", "b"], "answer": True},
+                             "'answer'")]}
+    for kind, cases in bad.items():
+        for row, culprit in cases:
+            path = write_jsonl(tmp_path / "bad.jsonl", [row])
+            with pytest.raises(DataError, match=f"bad.jsonl:1: .*{culprit}"):
+                load_kind_file(kind, str(path))
+
+
+# -- objectives against hand computations ----------------------------------------------------
+
+def test_the_generation_loss_is_the_answer_tokens_nll_alone(model_tok):
+    model, tok = model_tok
+    obj = CompletionObjective(model, tok, max_length=64)
+    examples = [Completion("Q: the capital of France?\nA:", " Paris", ("Paris",)),
+                Completion("Say hi.", " Hello there, friend", ("Hello",)),
+                Completion((("user", "Name a colour."),), "Blue", ("Blue",))]
+    hand = [nll_alone(model, obj.context_ids(e), obj.answer_ids(e)) / len(obj.answer_ids(e))
+            for e in examples]
+    assert obj.answer_ids(examples[0])[-1] == tok.eos_token_id
+    assert tok.decode(obj.context_ids(examples[2])).endswith("assistant\n")
+    with torch.no_grad():
+        assert float(obj.loss(examples)) == pytest.approx(sum(hand) / 3, rel=1e-4)
+        stacked = obj.loss(examples, slices=3)
+    assert stacked.shape == (3,) and torch.allclose(stacked, stacked[0].expand(3))
+    assert float(stacked[0]) == pytest.approx(sum(hand) / 3, rel=1e-4)
+
+
+def test_multiple_choice_scores_are_summed_log_probabilities(model_tok):
+    model, tok = model_tok
+    obj = ChoiceObjective(model, tok, max_length=64)
+    examples = [Choice("The cat sat on the", ("mat", "moon", "idea"), 0),
+                Choice("Water is", ("wet", "a dry powder"), 1)]  # different option counts
+    with torch.no_grad():
+        scores = obj.option_scores(examples)[0]
+    for i, e in enumerate(examples):
+        for j, option in enumerate(e.options):
+            ctx = tok(e.context).input_ids
+            cont = tok(" " + option, add_special_tokens=False).input_ids
+            assert float(scores[i, j]) == pytest.approx(-nll_alone(model, ctx, cont), rel=1e-4)
+    assert scores[1, 2] == float("-inf")
+    hand = -torch.log_softmax(scores[0], -1)[0] - torch.log_softmax(scores[1, :2], -1)[1]
+    with torch.no_grad():
+        assert float(obj.loss(examples)) == pytest.approx(float(hand) / 2, rel=1e-4)
+    assert obj.score(examples) == sum(int(scores[i].argmax() == e.label)
+                                      for i, e in enumerate(examples)) / 2
+
+
+def test_greedy_decoding_in_batches_with_the_cache_equals_a_plain_loop(model_tok):
+    model, tok = model_tok
+    obj = CompletionObjective(model, tok, max_length=64, max_new_tokens=6)
+    examples = [Completion("Once upon a time", " x", ("x",)),
+                Completion("A much longer prompt, so the batch is padded on the left:", " y",
+                           ("y",))]
+    batched = obj.generate(examples, batch_size=2)
+    for e, text in zip(examples, batched):
+        ids = obj.context_ids(e)
+        new = []
+        with torch.no_grad():
+            for _ in range(6):  # no cache, no padding: the whole row every token
+                nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+        assert text == tok.decode(new, skip_special_tokens=True).split("\n")[0].strip()
+
+
+# -- whole runs -------------------------------------------------------------------------------
+
+def run_settings(tiny, path, kind, *extra):
+    return ["--set", f"model.name={json.dumps(str(tiny))}", "--set", f"task.kind=\"{kind}\"",
+            "--set", "task.name=\"file\"", "--set", f"task.path={json.dumps(str(path))}",
+            "--set", "task.train=8", "--set", "task.dev=4", "--set", "task.test=4",
+            "--set", "batch_size=4", "--set", "eval_batch_size=4", "--set", "model.max_length=48",
+            "--set", "eval_every=100", *[a for s in extra for a in ("--set", s)]]
+
+
+QA = [{"prompt": f"Q: what is {a} plus {b}?\nA:", "completion": f" {a + b}"}
+      for a in range(4) for b in range(4)]
+MC = [{"context": f"{a} plus {b} is", "options": [str(a + b), str(a + b + 1), "no"],
+       "answer": 0} for a in range(4) for b in range(4)]
+
+
+@pytest.mark.parametrize("kind, rows", [("generation", QA), ("multiple_choice", MC)])
+def test_a_run_of_each_kind_resumes_and_replays_bit_for_bit(tiny, tmp_path, kind, rows):
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    settings = run_settings(tiny, data, kind, "task.max_new_tokens=4", "save_every=2",
+                            "method.name=\"zo-muon\"",
+                            "method.settings={lr = 1e-3, eps = 1e-3, rank = 4}")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress", *settings, "--set", "steps=2"]) == 0
+    assert main(["train", "--out", str(out), "--no-progress", "--resume", *settings,
+                 "--set", "steps=4"]) == 0
+    found = audit(out)
+    assert (found.steps, found.compared, found.equal, found.problems) == \
+        (4, "checkpoint-4", True, [])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == ("f1" if kind == "generation" else "accuracy")
+    assert 0 <= summary["after"]["test_acc"] <= 1
+
+
+def build_run(tiny, data, kind, *sets):
+    return build(config.load(None, [s for s in run_settings(tiny, data, kind, *sets)
+                                    if s != "--set"]))
+
+
+@pytest.mark.parametrize("kind, rows, method, settings", [
+    ("generation", QA, "mezo", "{lr = 1e-3, eps = 1e-3}"),
+    ("multiple_choice", MC, "zo-muon", "{lr = 2e-2, eps = 1e-3, rank = 4}")])
+def test_zeroth_order_steps_lower_the_training_loss_of_each_kind(tiny, tmp_path, kind, rows,
+                                                                   method, settings):
+    """60 steps on the 8 training examples of the tiny random decoder lower their loss by
+    more than 0.05 (about 0.5 and 0.45 measured)."""
+    run = build_run(tiny, write_jsonl(tmp_path / "data.jsonl", rows), kind,
+                    f"method.name=\"{method}\"", f"method.settings={settings}")
+    examples = run.splits.train
+    with torch.no_grad():
+        before = float(run.clf.loss(examples))
+    for _ in range(60):
+        run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+    with torch.no_grad():
+        assert float(run.clf.loss(examples)) < before - 0.05
+
+
+def test_batched_queries_give_the_in_place_values_for_each_kind(tiny, tmp_path):
+    for kind, rows in [("generation", QA), ("multiple_choice", MC)]:
+        data = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+        values = {}
+        for batched in (False, True):
+            run = build_run(tiny, data, kind, "method.name=\"zo-muon\"",
+                            f"method.settings={{lr = 1e-3, eps = 1e-3, rank = 4, "
+                            f"batched = {str(batched).lower()}}}")
+            assert type(run.opt.evaluator).__name__ == ("BatchedQueries" if batched
+                                                         else "InPlace")
+            examples = run.splits.train[:4]
+            run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+            values[batched] = run.opt.last_values
+        assert values[True] == pytest.approx(values[False], rel=1e-4), kind
+
+
+def test_decoder_kinds_refuse_an_encoder_and_label_settings(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", QA)
+    base = ["train", "--out", str(tmp_path / "run"), "--no-progress",
+            "--set", "task.kind=\"generation\"", "--set", f"task.path={json.dumps(str(data))}"]
+    assert main(base + ["--set", "task.name=\"file\"", "--set", "model.name=\"minilm-l6\"",
+                        "--set", "task.train=4", "--set", "task.dev=2",
+                        "--set", "task.test=2"]) == 2
+    assert "needs a decoder" in capsys.readouterr().err
+    assert main(base + ["--set", "task.name=\"mr\""]) == 2
+    assert "task.name must be 'file'" in capsys.readouterr().err
+    assert main(base + ["--set", "task.name=\"file\"", "--set", "task.shots=4"]) == 2
+    assert "task.shots" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
