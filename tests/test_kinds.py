@@ -11,7 +11,7 @@ from zoptim.integrations.choices import ChoiceObjective
 from zoptim.integrations.completions import CompletionObjective
 from zoptim.runs import config
 from zoptim.runs.run import audit, build
-from zoptim.tasks.data import DataError
+from zoptim.tasks.data import DataError, Example
 from zoptim.tasks.kinds import Choice, Completion, load_kind_file
 from zoptim.tasks.metrics import best_score, exact_match, normalize_answer, token_f1
 
@@ -248,3 +248,116 @@ def test_decoder_kinds_refuse_an_encoder_and_label_settings(tmp_path, capsys):
     assert main(base + ["--set", "task.name=\"file\"", "--set", "task.shots=4"]) == 2
     assert "task.shots" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# -- the task suite ----------------------------------------------------------------------------
+
+HUB_ROWS = {
+    "sst2": ({"sentence": "a gripping film ", "label": 1, "idx": 0}, Example,
+             "a gripping film", 1),
+    "rte": ({"premise": "A cat sleeps.", "hypothesis": "An animal sleeps.", "label": 0,
+             "idx": 0}, Example, "Does this mean that \"An animal sleeps.\" is true?", 0),
+    "cb": ({"premise": "It rained.", "hypothesis": "It was dry.", "label": 1, "idx": 0},
+           Example, "Can we infer that \"It was dry.\"? Yes, No, or Maybe?", 1),
+    "boolq": ({"question": "is water wet", "passage": "Water is a liquid.", "label": 1,
+               "idx": 0}, Example, "Water is a liquid. is water wet?", 1),
+    "wic": ({"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.",
+             "start1": 10, "start2": 4, "end1": 14, "end2": 8, "label": 0, "idx": 0},
+            Example, "Does the word \"bank\" have the same meaning", 0),
+    "wsc": ({"text": "Mark told Pete he was late.", "span1_index": 0, "span2_index": 3,
+             "span1_text": "Mark", "span2_text": "He", "label": 1, "idx": 0},
+            Example, "does the pronoun \"he\" refer to Mark? Yes or No?", 1),
+    "multirc": ({"paragraph": "Tom has two dogs.", "question": "How many dogs?",
+                 "answer": "Two", "idx": {"paragraph": 0, "question": 0, "answer": 0},
+                 "label": 1}, Example, "I found this answer \"Two\". Is that correct?", 1),
+    "copa": ({"premise": "The man broke his toe.", "choice1": "He dropped a hammer.",
+              "choice2": "He ate lunch.", "question": "cause", "label": 0, "idx": 0},
+             Choice, ("The man broke his toe because", ("he dropped a hammer.",
+                                                        "he ate lunch.")), 0),
+    "record": ({"passage": "Ann met Bob.\n@highlight\nThey talked", "query":
+                "@placeholder smiled.", "entities": ["Ann", "Bob", "Ann"],
+                "entity_spans": {}, "answers": ["Bob"], "idx": {}},
+               Choice, ("Ann met Bob.\n- They talked\n", ("Ann smiled.", "Bob smiled.")), 1),
+    "winogrande": ({"sentence": "The cup fell off the table because _ was round.",
+                    "option1": "the cup", "option2": "the table", "answer": "1"},
+                   Choice, ("The cup fell off the table because", ("the cup was round.",
+                                                                   "the table was round.")),
+                   0),
+    "squad": ({"id": "1", "title": "Paris", "context": "Paris is in France.",
+               "question": "Where is Paris?", "answers": {"text": ["France", "in France"],
+                                                          "answer_start": [12, 9]}},
+              Completion, "Question: Where is Paris?\nAnswer:", ("France", "in France")),
+    "drop": ({"section_id": "s", "query_id": "q", "passage": "Two goals, then one.",
+              "question": "How many goals?", "answers_spans": {"spans": ["3"],
+                                                               "types": ["number"]}},
+             Completion, "Question: How many goals?\nAnswer:", ("3",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_ROWS))
+def test_each_suite_task_reads_a_file_in_its_hub_layout(tmp_path, name):
+    from zoptim.tasks.suite import SUITE, load_suite_task
+
+    row, kind, expected, label = HUB_ROWS[name]
+    pool, names = load_suite_task(name, str(write_jsonl(tmp_path / f"{name}.jsonl", [row])))
+    e = pool[0]
+    assert isinstance(e, kind) and names == list(SUITE[name].label_words)
+    if kind is Example:
+        assert expected in e.text and e.label == label
+    elif kind is Choice:
+        assert (e.context, e.options, e.label) == (expected[0], expected[1], label)
+    else:
+        assert e.prompt.endswith(expected) and e.answers == label
+        assert e.completion == " " + label[0]
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"unrelated": 1}])
+    with pytest.raises(DataError, match=f"broken.jsonl:1: not a {name} row"):
+        load_suite_task(name, str(broken))
+
+
+def test_a_suite_task_offline_names_task_path(monkeypatch):
+    """Without the network (``datasets`` failing to reach the hub), or without ``datasets``
+    at all, the error says to give the rows with task.path."""
+    import sys
+    import types
+
+    from zoptim.tasks.suite import load_suite_task
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataError, match="could not load super_glue .*task.path"):
+        load_suite_task("copa", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="pip install datasets .*task.path"):
+        load_suite_task("copa", None)
+
+
+def test_suite_tasks_set_their_kind_and_label_words():
+    rte = config.load(None, ["task.name=\"rte\""]).task
+    assert (rte.kind, rte.label_words, rte.template) == \
+        ("classification", ["Yes", "No"], "{text} {label}")
+    sst2 = config.load(None, ["task.name=\"sst2\"", "task.label_words=[\"bad\", \"good\"]"])
+    assert (sst2.task.label_words, sst2.task.template) == (["bad", "good"],
+                                                           "{text} It was {label}.")
+    copa = config.load(None, ["task.name=\"copa\""])
+    assert copa.task.kind == "multiple_choice" and copa.model.name == "smollm2-135m"
+    with pytest.raises(Exception, match="is a generation task"):
+        config.load(None, ["task.name=\"squad\"", "task.kind=\"multiple_choice\""])
+
+
+@pytest.mark.parametrize("name", ["rte", "copa", "squad"])
+def test_a_suite_task_runs_from_its_file(tiny, tmp_path, name):
+    row = HUB_ROWS[name][0]
+    rows = [dict(row, label=i % 2) if "label" in row else row for i in range(12)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "run"
+    line = ["train", "--out", str(out), "--no-progress"]
+    for s in [f"model.name={json.dumps(str(tiny))}", f"task.name=\"{name}\"",
+              f"task.path={json.dumps(str(data))}", "task.train=6", "task.dev=3", "task.test=3",
+              "batch_size=3", "eval_batch_size=3", "model.max_length=64", "steps=2",
+              "task.max_new_tokens=3", "method.name=\"mezo\"",
+              "method.settings={lr = 1e-4, eps = 1e-3}"]:
+        line += ["--set", s]
+    assert main(line) == 0
+    assert audit(out).ok

@@ -91,6 +91,7 @@ class TrainConfig(_Strict):
         from zoptim.tasks.images import is_image_task
 
         images = is_image_task(self.task.name)
+        _suite_defaults(self.task)
         if self.model.name is None:
             self.model.name = "efficientnet-lite0" if images else \
                 "minilm-l6" if self.task.kind == "classification" else "smollm2-135m"
@@ -113,14 +114,35 @@ def _check_model_kind(task_name: str, model_name: str, images: bool) -> None:
                          f"an image task, not {task_name!r}")
 
 
+def _suite_defaults(task: TaskConfig) -> None:
+    """A suite task (``tasks.suite``) sets its kind, and a classification task its label words
+    and a template that leaves its prompt as it is, unless they are given."""
+    from zoptim.tasks.suite import SUITE
+
+    suite = SUITE.get(task.name)
+    if suite is None:
+        return
+    given = task.model_fields_set
+    if "kind" in given and task.kind != suite.kind:
+        raise ValueError(f"task {task.name!r} is a {suite.kind} task; task.kind={task.kind!r} "
+                         "does not apply to it")
+    task.kind = suite.kind
+    if suite.label_words and "label_words" not in given:
+        task.label_words = list(suite.label_words)
+    if suite.label_words and "template" not in given:
+        task.template = suite.template
+
+
 def _check_kind(task: TaskConfig) -> None:
-    """Fail unless a task of another kind than classification is a user's file without
-    label-based settings."""
+    """Fail unless a task of another kind than classification is a suite task of that kind
+    or a user's file, without label-based settings."""
+    from zoptim.tasks.suite import SUITE
+
     if task.kind == "classification":
         return
-    if task.name != "file":
+    if task.name != "file" and task.name not in SUITE:
         raise ValueError(f"task.kind={task.kind!r} reads a user's file: task.name must be "
-                         f"'file' (with task.path), not {task.name!r}")
+                         f"'file' (with task.path) or a task of that kind, not {task.name!r}")
     if task.shots is not None:
         raise ValueError(f"task.shots draws examples per label; a {task.kind} task has no "
                          "labels: give task.train instead")
@@ -217,7 +239,7 @@ def _check_task(task: TaskConfig) -> None:
         Prompt(task.template, tuple(task.label_words))
     except ValueError as err:
         raise ConfigError(f"task.template / task.label_words: {err}") from err
-    downloads = ("sst2", "cifar10", "cifar100")  # their path is a hub id or download folder
+    downloads = ("cifar10", "cifar100")  # their path is a download folder
     if task.path and task.name not in downloads and not Path(task.path).exists():
         raise ConfigError(f"task.path: {task.path} does not exist")
 

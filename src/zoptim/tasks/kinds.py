@@ -54,15 +54,18 @@ def _object(where: str, row: object, keys: str) -> dict:
     return row
 
 
-def choice(where: str, row: object) -> Choice:
-    """The ``Choice`` of one row, or a ``DataError`` that names the row."""
-    row = _object(where, row, "'context', 'options' and 'answer'")
-    context = _text(where, row, "context")
-    options = row.get("options")
+def _options(where: str, options: object) -> list[str]:
     if not isinstance(options, list) or len(options) < 2 or \
             not all(isinstance(o, str) and o.strip() for o in options):
         raise DataError(f"{where}: 'options' must be a list of at least two non-empty texts, "
                         f"not {options!r}")
+    return options
+
+
+def choice(where: str, row: object) -> Choice:
+    """The ``Choice`` of one row, or a ``DataError`` that names the row."""
+    row = _object(where, row, "'context', 'options' and 'answer'")
+    context, options = _text(where, row, "context"), _options(where, row.get("options"))
     answer = row.get("answer")
     if isinstance(answer, str) and answer in options:
         answer = options.index(answer)
