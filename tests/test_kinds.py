@@ -150,7 +150,7 @@ def test_greedy_decoding_in_batches_with_the_cache_equals_a_plain_loop(model_tok
                 Completion("A much longer prompt, so the batch is padded on the left:", " y",
                            ("y",))]
     batched = obj.generate(examples, batch_size=2)
-    for e, text in zip(examples, batched):
+    for e, (text, _) in zip(examples, batched):
         ids = obj.context_ids(e)
         new = []
         with torch.no_grad():
@@ -361,3 +361,29 @@ def test_a_suite_task_runs_from_its_file(tiny, tmp_path, name):
         line += ["--set", s]
     assert main(line) == 0
     assert audit(out).ok
+
+
+def test_a_metric_objective_is_one_minus_the_metric_of_generations(tiny, tmp_path):
+    """objective = "f1": the loss is 1 - F1 of greedy generations, an unended one scoring 0;
+    the run evaluates it in place, and resumes and replays bit for bit."""
+    data = write_jsonl(tmp_path / "data.jsonl", QA)
+    run = build_run(tiny, data, "generation", "task.objective=\"f1\"", "task.max_new_tokens=3",
+                    "method.name=\"zo-muon\"", "method.settings={lr = 1e-3, eps = 1e-3, rank = 4}")
+    assert type(run.opt.evaluator).__name__ == "InPlace"
+    examples = run.splits.train[:4]
+    generated = run.clf.generate(examples)
+    expected = 1 - sum(best_score("f1", text, e.answers) if ended else 0.0
+                       for (text, ended), e in zip(generated, examples)) / 4
+    assert float(run.clf.loss(examples)) == pytest.approx(expected)
+    run.opt.step(lambda: run.clf.loss(examples))
+    assert all(0 <= v <= 1 for v in run.opt.last_values)
+    out = tmp_path / "run"
+    line = ["train", "--out", str(out), "--no-progress",
+            *run_settings(tiny, data, "generation", "task.objective=\"f1\"",
+                          "task.max_new_tokens=3", "save_every=1", "method.name=\"mezo\"",
+                          "method.settings={lr = 1e-3, eps = 1e-3}")]
+    assert main(line + ["--set", "steps=1"]) == 0
+    assert main(line + ["--resume", "--set", "steps=2"]) == 0
+    assert audit(out).ok
+    with pytest.raises(Exception, match="metric of generations"):
+        config.load(None, ["task.name=\"copa\"", "task.objective=\"f1\""])

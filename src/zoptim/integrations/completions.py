@@ -8,6 +8,11 @@ short one. Chat examples are rendered with the tokenizer's chat template. Evalua
 greedily with the KV cache (batches of similar prompt length, padded on the left), stops at
 the end-of-sequence token or, for plain prompts, at the end of the line, and scores exact
 match or token F1 against the example's answers (``tasks.metrics``).
+
+With ``objective`` a metric (``"f1"`` or ``"exact_match"``, MeZO's ``--non_diff``), the loss is
+``1 - metric`` of greedy generations instead: what zeroth-order methods can optimize and
+backpropagation cannot. A generation that runs to ``max_new_tokens`` without ending scores 0.
+Such a loss is evaluated in place (one query a forward pass of decoding; no batched queries).
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ class CompletionObjective(torch.nn.Module):
     decoder = True
 
     def __init__(self, backbone, tokenizer, max_length: int = 128, metric: str = "f1",
-                 max_new_tokens: int = 32):
+                 max_new_tokens: int = 32, objective: str = "loss"):
         super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+        for name, value, allowed in (("metric", metric, list(METRICS)),
+                                     ("objective", objective, ["loss", *METRICS])):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
         self.backbone, self.tokenizer, self.metric = backbone, tokenizer, metric
+        self.objective = objective
         self.sequences = Sequences(tokenizer, max_length)
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
 
@@ -53,7 +61,14 @@ class CompletionObjective(torch.nn.Module):
 
     def loss(self, examples: list[Completion], slices: int | None = None) -> torch.Tensor:
         """Mean per-token negative log-likelihood of the completions; given ``slices``, one
-        mean per slice of the stacked batch."""
+        mean per slice of the stacked batch. With a metric as the objective, ``1 - metric``
+        of the greedy generations."""
+        if self.objective != "loss":
+            if slices is not None:
+                raise ValueError("a metric objective is evaluated in place, not in batched "
+                                 "queries")
+            return torch.tensor(1.0 - self._scores(examples, len(examples), self.objective,
+                                                   unended=0.0))
         rows = self.sequences.rows([(self.context_ids(e), self.answer_ids(e)) for e in examples],
                                    self._device())
         total, count = Sequences.log_likelihoods(self.backbone, rows, slices or 1)
@@ -61,8 +76,10 @@ class CompletionObjective(torch.nn.Module):
         return losses if slices is not None else losses[0]
 
     @torch.no_grad()
-    def generate(self, examples: list[Completion], batch_size: int = 16) -> list[str]:
-        """Greedy completions of the examples' prompts, in their order."""
+    def generate(self, examples: list[Completion],
+                 batch_size: int = 16) -> list[tuple[str, bool]]:
+        """Greedy completions of the examples' prompts, in their order, each with whether it
+        ended (the end-of-sequence token, or a plain prompt's end of line) before the limit."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
@@ -70,7 +87,7 @@ class CompletionObjective(torch.nn.Module):
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         prompts = [self.context_ids(e)[-self.max_length:] for e in examples]
         order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
-        out: list[str] = [""] * len(examples)
+        out: list[tuple[str, bool]] = [("", False)] * len(examples)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             width = max(len(prompts[i]) for i in chunk)
@@ -84,14 +101,25 @@ class CompletionObjective(torch.nn.Module):
                                          generation_config=config)[:, width:]
             for row, i in enumerate(chunk):
                 text = tok.decode(new[row], skip_special_tokens=True)
-                out[i] = (text if examples[i].chat else text.split(STOP)[0]).strip()
+                ended = bool((new[row] == tok.eos_token_id).any())
+                if not examples[i].chat:
+                    ended = ended or STOP in text
+                    text = text.split(STOP)[0]
+                out[i] = (text.strip(), ended)
         return out
+
+    def _scores(self, examples: list[Completion], batch_size: int, metric: str, *,
+                unended: float | None = None) -> float:
+        """The mean ``metric`` of greedy completions against the answers; a completion that
+        did not end before the limit scores ``unended`` where it is given."""
+        generated = self.generate(examples, batch_size)
+        return sum(unended if unended is not None and not ended
+                   else best_score(metric, text, e.answers)
+                   for (text, ended), e in zip(generated, examples)) / len(examples)
 
     @torch.no_grad()
     def score(self, examples: list[Completion], batch_size: int = 16) -> float:
         """The mean ``metric`` (exact match or F1) of greedy completions against the answers."""
         if not examples:
             return float("nan")
-        predictions = self.generate(examples, batch_size)
-        return sum(best_score(self.metric, p, e.answers)
-                   for p, e in zip(predictions, examples)) / len(examples)
+        return self._scores(examples, batch_size, self.metric)

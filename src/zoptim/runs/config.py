@@ -35,6 +35,9 @@ class TaskConfig(_Strict):
     # ``metric`` on greedy decodings of at most ``max_new_tokens`` tokens).
     kind: Literal["classification", "multiple_choice", "generation"] = "classification"
     metric: Literal["f1", "exact_match"] = "f1"
+    # generation: what the steps lower: the completions' loss, or 1 - metric of greedy
+    # generations (a metric as the objective, MeZO's non-differentiable objectives)
+    objective: Literal["loss", "f1", "exact_match"] = "loss"
     max_new_tokens: int = Field(32, ge=1)
     length_normalized: bool = False  # multiple choice: the mean log-likelihood of a token
     text_column: str = "text"
@@ -138,6 +141,9 @@ def _check_kind(task: TaskConfig) -> None:
     or a user's file, without label-based settings."""
     from zoptim.tasks.suite import SUITE
 
+    if task.objective != "loss" and task.kind != "generation":
+        raise ValueError(f"task.objective={task.objective!r} is a metric of generations; a "
+                         f"{task.kind} task trains on its loss")
     if task.kind == "classification":
         return
     if task.name != "file" and task.name not in SUITE:

@@ -122,7 +122,7 @@ def _decoder_objective(cfg: TrainConfig, splits: Splits):
     if t.kind == "multiple_choice":
         return ChoiceObjective(model, tokenizer, cfg.model.max_length, t.length_normalized)
     return CompletionObjective(model, tokenizer, cfg.model.max_length, t.metric,
-                               t.max_new_tokens)
+                               t.max_new_tokens, t.objective)
 
 
 def _prompt_classifier(cfg: TrainConfig, splits: Splits) -> PromptClassifier:
@@ -173,8 +173,9 @@ def build(cfg: TrainConfig) -> Run:
     _check_rank(cfg, params)
     # The method and its settings were checked when the configuration was built.
     cls = config.method_class(cfg.method.name)
+    # A metric of generations is evaluated in place: its closure takes no stacked batch.
     opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings,
-              **model_arguments(cls, clf))
+              **model_arguments(cls, clf, stacked_closure=cfg.task.objective == "loss"))
     return Run(cfg, splits, clf, params, opt)
 
 
