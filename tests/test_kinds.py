@@ -387,3 +387,45 @@ def test_a_metric_objective_is_one_minus_the_metric_of_generations(tiny, tmp_pat
     assert audit(out).ok
     with pytest.raises(Exception, match="metric of generations"):
         config.load(None, ["task.name=\"copa\"", "task.objective=\"f1\""])
+
+
+def test_demonstrations_put_solved_training_examples_before_every_prompt():
+    from zoptim.tasks import Prompt, Splits
+    from zoptim.tasks.demonstrations import with_demonstrations
+
+    def splits(train, dev):
+        return Splits([], train, dev, [], record={"seed": 1})
+
+    cls = with_demonstrations(splits([Example("Fun.", 1), Example("Dull.", 0)],
+                                     [Example("Okay.", 1)]), 2, 0,
+                              Prompt("{text} It was {label}.", ("terrible", "great")))
+    solved = {"Fun.": "Fun. It was great.", "Dull.": "Dull. It was terrible."}
+    order = [["Fun.", "Dull."][i] for i in cls.record["demonstrations"]]
+    assert cls.dev[0].text == f"{solved[order[0]]}\n\n{solved[order[1]]}\n\nOkay."
+    mc = with_demonstrations(splits([Choice("Sky is", ("blue", "red"), 0)],
+                                    [Choice("Grass is", ("green", "pink"), 0)]), 1, 0, None)
+    assert mc.dev[0].context == "Sky is blue\n\nGrass is"
+    chat = Completion((("user", "2+2?"),), "4", ("4",))
+    gen = with_demonstrations(splits([Completion("1+1=", " 2", ("2",))],
+                                     [Completion("3+3=", " 6", ("6",)), chat]), 1, 0, None)
+    assert gen.dev[0].prompt == "1+1= 2\n\n3+3="
+    assert gen.dev[1].prompt == (("user", "1+1="), ("assistant", "2"), ("user", "2+2?"))
+    with pytest.raises(ValueError, match="3 demonstrations"):
+        with_demonstrations(splits([Example("a", 0)], []), 3, 0, None)
+
+
+def test_a_run_with_demonstrations_and_their_refusal_for_an_encoder(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "rows.jsonl",
+                       [dict(HUB_ROWS["rte"][0], label=i % 2) for i in range(12)])
+    line = ["train", "--no-progress", "--set", f"task.path={json.dumps(str(data))}",
+            "--set", "task.name=\"rte\"", "--set", "task.train=6", "--set", "task.dev=3",
+            "--set", "task.test=3", "--set", "task.demonstrations=2", "--set", "steps=1",
+            "--set", "model.max_length=128", "--set", "batch_size=2",
+            "--set", "method.name=\"mezo\"", "--set", "method.settings={lr = 1e-4, eps = 1e-3}"]
+    out = tmp_path / "run"
+    assert main(line + ["--out", str(out), "--set", f"model.name={json.dumps(str(tiny))}"]) == 0
+    recorded = json.loads((out / "split.json").read_text())["demonstrations"]
+    assert len(recorded) == 2 and audit(out).ok
+    assert main(line + ["--out", str(tmp_path / "enc"), "--set", "model.name=\"minilm-l6\""]) == 2
+    assert "not a decoder" in capsys.readouterr().err
+    assert not (tmp_path / "enc").exists()

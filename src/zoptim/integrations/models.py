@@ -40,30 +40,36 @@ def _smollm2():
 NAMED_MODELS = {"minilm-l6": (_minilm, False), "smollm2-135m": (_smollm2, True)}
 
 
+def is_decoder(name: str) -> bool:
+    """Whether model ``name`` (named, a local folder or a hub id) is a causal language model,
+    read from its configuration alone."""
+    from transformers import AutoConfig
+
+    if name in NAMED_MODELS:
+        return NAMED_MODELS[name][1]
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as err:
+        raise ModelError(f"cannot load model {name!r}: not a named model "
+                         f"({', '.join(NAMED_MODELS)}), a local folder or a reachable hub id "
+                         f"({type(err).__name__})") from err
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or \
+        bool(getattr(config, "is_decoder", False))
+
+
 def load_model(name: str, dtype: str = "float32"):
     """``(model, tokenizer, is_decoder)`` for a named model, a hub id or a local folder.
     Decoders load as ``AutoModelForCausalLM``, encoders as ``AutoModel``; eval mode (no
     dropout), as zeroth-order probing wants a deterministic objective."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # zoptim's own progress is the one to read
 
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if name in NAMED_MODELS:
-        locate, decoder = NAMED_MODELS[name]
-        source, extra = locate()
-    else:
-        source, extra = name, {}
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except Exception as err:
-            raise ModelError(f"cannot load model {name!r}: not a named model "
-                             f"({', '.join(NAMED_MODELS)}), a local folder or a reachable hub id "
-                             f"({type(err).__name__})") from err
-        decoder = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or \
-            bool(getattr(config, "is_decoder", False))
+    decoder = is_decoder(name)
+    source, extra = NAMED_MODELS[name][0]() if name in NAMED_MODELS else (name, {})
     cls = AutoModelForCausalLM if decoder else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)

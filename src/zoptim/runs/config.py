@@ -38,6 +38,7 @@ class TaskConfig(_Strict):
     # generation: what the steps lower: the completions' loss, or 1 - metric of greedy
     # generations (a metric as the objective, MeZO's non-differentiable objectives)
     objective: Literal["loss", "f1", "exact_match"] = "loss"
+    demonstrations: int = Field(0, ge=0)  # in-context examples before every prompt (decoders)
     max_new_tokens: int = Field(32, ge=1)
     length_normalized: bool = False  # multiple choice: the mean log-likelihood of a token
     text_column: str = "text"

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from zoptim.integrations.classifier import PromptClassifier
-from zoptim.integrations.models import DTYPES, load_model
+from zoptim.integrations.models import DTYPES, is_decoder, load_model
 from zoptim.integrations.schemes import apply_scheme
 from zoptim.methods import model_arguments
 from zoptim.noise import compiles as noise_compiles
@@ -55,6 +55,7 @@ from zoptim.runs.folder import FolderError, Lock, checkpoints, latest_named
 from zoptim.runs.guard import LossGuard
 from zoptim.tasks import Prompt, Splits, load_task
 from zoptim.tasks.data import SPLITS
+from zoptim.tasks.demonstrations import with_demonstrations
 from zoptim.tasks.images import is_image_task
 
 
@@ -154,6 +155,19 @@ def _check_rank(cfg: TrainConfig, params: dict) -> None:
                        f"scheme (the largest has {max(rows)} rows); choose at most {max(rows)}")
 
 
+def _demonstrations(cfg: TrainConfig, splits: Splits, images: bool) -> Splits:
+    """``splits`` with the task's in-context demonstrations before every prompt."""
+    t = cfg.task
+    if images or (t.kind == "classification" and not is_decoder(cfg.model.name)):
+        raise RunError(f"task.demonstrations puts examples before a decoder's prompt; "
+                       f"{cfg.model.name} is not a decoder")
+    prompt = Prompt(t.template, tuple(t.label_words)) if t.kind == "classification" else None
+    try:
+        return with_demonstrations(splits, t.demonstrations, t.seed, prompt)
+    except ValueError as err:
+        raise RunError(f"task.demonstrations: {err}") from None
+
+
 def build(cfg: TrainConfig) -> Run:
     """Everything a run needs, at its starting weights (adapters and new heads are initialized
     from ``cfg.seed``)."""
@@ -161,8 +175,11 @@ def build(cfg: TrainConfig) -> Run:
     splits = load_task(t.name, t.path, train=t.train, dev=t.dev, test=t.test, seed=t.seed,
                        shots=t.shots, text_column=t.text_column, label_column=t.label_column,
                        labels=t.labels, kind=t.kind)
-    make = _image_classifier if is_image_task(t.name) else \
+    images = is_image_task(t.name)
+    make = _image_classifier if images else \
         _prompt_classifier if t.kind == "classification" else _decoder_objective
+    if t.demonstrations:
+        splits = _demonstrations(cfg, splits, images)
     try:
         clf = make(cfg, splits)
         apply_scheme(clf, cfg.model.scheme, lora_r=cfg.model.lora_r,
