@@ -17,28 +17,6 @@ from zoptim.tasks.metrics import best_score, exact_match, normalize_answer, toke
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A folder holding a tiny random Llama with SmolLM2's tokenizer (and chat template)."""
-    pytest.importorskip("gguf")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from zoptim.integrations.models import _smollm2
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    source, extra = _smollm2()
-    tok = AutoTokenizer.from_pretrained(source, **extra)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def model_tok(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -76,15 +76,17 @@ class CompletionObjective(torch.nn.Module):
         return losses if slices is not None else losses[0]
 
     @torch.no_grad()
-    def generate(self, examples: list[Completion],
-                 batch_size: int = 16) -> list[tuple[str, bool]]:
+    def generate(self, examples: list[Completion], batch_size: int = 16, *,
+                 use_cache: bool = True) -> list[tuple[str, bool]]:
         """Greedy completions of the examples' prompts, in their order, each with whether it
-        ended (the end-of-sequence token, or a plain prompt's end of line) before the limit."""
+        ended (the end-of-sequence token, or a plain prompt's end of line) before the limit.
+        ``use_cache=False`` recomputes every position at every token (what the cache saves)."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  use_cache=use_cache)
         prompts = [self.context_ids(e)[-self.max_length:] for e in examples]
         order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
         out: list[tuple[str, bool]] = [("", False)] * len(examples)

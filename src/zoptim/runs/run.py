@@ -94,7 +94,7 @@ def _parallel(cfg: TrainConfig):
 class Run:
     cfg: TrainConfig
     splits: Splits
-    clf: torch.nn.Module  # the objective (see ``objective``): loss(), score(), metric
+    clf: torch.nn.Module  # the objective: loss(examples, slices), score(examples), metric
     params: dict[str, torch.nn.Parameter]
     opt: torch.optim.Optimizer
 
