@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.integrations.sequences import Sequences, split_space
+from zoptim.integrations.sequences import Sequences, left_padded, split_space
 from zoptim.tasks.kinds import Completion
 from zoptim.tasks.metrics import METRICS, best_score
 
@@ -92,15 +92,10 @@ class CompletionObjective(torch.nn.Module):
         out: list[tuple[str, bool]] = [("", False)] * len(examples)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(chunk):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
+            ids, mask = left_padded([prompts[i] for i in chunk], tok.pad_token_id)
             new = self.backbone.generate(input_ids=ids.to(self._device()),
                                          attention_mask=mask.to(self._device()),
-                                         generation_config=config)[:, width:]
+                                         generation_config=config)[:, ids.shape[1]:]
             for row, i in enumerate(chunk):
                 text = tok.decode(new[row], skip_special_tokens=True)
                 ended = bool((new[row] == tok.eos_token_id).any())

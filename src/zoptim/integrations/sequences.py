@@ -43,6 +43,18 @@ def takes_positions(model) -> bool:
     return "position_ids" in inspect.signature(base.forward).parameters
 
 
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as ``(ids, attention mask)`` of shape ``(len(rows), longest)``, padded on
+    the left, so every row's last token is at the last position."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
 class Sequences:
     """Tokenizes (context, continuation) pairs for a decoder and scores them."""
 
@@ -76,16 +88,12 @@ class Sequences:
         """The batch of token pairs (context ids, continuation ids), on ``device``."""
         fitted = [self.fit(c, t) for c, t in pairs]
         scored_len = [min(len(t), len(row) - 1) for (_, t), row in zip(pairs, fitted)]
-        width, keep = max(map(len, fitted)), max(scored_len)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(fitted), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(fitted), width), dtype=torch.long)
+        ids, mask = left_padded(fitted, self.tokenizer.pad_token_id)
+        keep = max(scored_len)
         scored = torch.zeros((len(fitted), keep), dtype=torch.bool)
-        for i, (row, n) in enumerate(zip(fitted, scored_len)):
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+        for i, n in enumerate(scored_len):
             scored[i, keep - n:] = True
-        return Rows(ids.to(device), mask.to(device), ids[:, width - keep:].to(device),
+        return Rows(ids.to(device), mask.to(device), ids[:, ids.shape[1] - keep:].to(device),
                     scored.to(device))
 
     @staticmethod
