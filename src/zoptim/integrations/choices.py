@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoptim.integrations.classifier import accuracy
 from zoptim.integrations.sequences import Sequences, split_space
 from zoptim.tasks.kinds import Choice
 
@@ -64,11 +65,4 @@ class ChoiceObjective(torch.nn.Module):
     @torch.no_grad()
     def score(self, examples: list[Choice], batch_size: int = 64) -> float:
         """Accuracy: the share of examples whose correct option scores highest."""
-        if not examples:
-            return float("nan")
-        correct = 0
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            pred = self.option_scores(chunk)[0].argmax(-1).cpu()
-            correct += int((pred == torch.tensor([e.label for e in chunk])).sum())
-        return correct / len(examples)
+        return accuracy(lambda chunk: self.option_scores(chunk)[0], examples, batch_size)

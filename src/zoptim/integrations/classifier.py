@@ -26,6 +26,19 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     return per_slice(losses, slices)
 
 
+def accuracy(logits_of, examples: list, batch_size: int) -> float:
+    """The share of ``examples`` whose label has the highest of the logits ``logits_of(chunk)``
+    gives each example of a chunk (``batch_size`` at a time); NaN for none."""
+    if not examples:
+        return float("nan")
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        pred = logits_of(chunk).argmax(-1).cpu()
+        correct += int((pred == torch.tensor([e.label for e in chunk])).sum())
+    return correct / len(examples)
+
+
 class CosineHead(torch.nn.Module):
     """``scale * cos(x, w_k)`` for each label row ``w_k``: a leaf module, so batched queries
     can run it once per slice with its perturbed rows."""
@@ -101,13 +114,6 @@ class PromptClassifier(torch.nn.Module):
     @torch.no_grad()
     def score(self, examples: list[Example], batch_size: int = 64) -> float:
         """Accuracy."""
-        if not examples:
-            return float("nan")
-        correct = 0
         # Batches of similar length waste little work on padding; the order changes no result.
         examples = sorted(examples, key=lambda e: len(e.text))
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            pred = self([e.text for e in chunk]).argmax(-1).cpu()
-            correct += int((pred == torch.tensor([e.label for e in chunk])).sum())
-        return correct / len(examples)
+        return accuracy(lambda chunk: self([e.text for e in chunk]), examples, batch_size)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from zoptim.evaluators.batched import stack
-from zoptim.integrations.classifier import cross_entropy
+from zoptim.integrations.classifier import accuracy, cross_entropy
 from zoptim.integrations.models import ModelError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -176,14 +176,7 @@ class ImageClassifier(torch.nn.Module):
     @torch.no_grad()
     def score(self, examples, batch_size: int = 64) -> float:
         """Accuracy."""
-        if not examples:
-            return float("nan")
-        correct = 0
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            pred = self(chunk).argmax(-1).cpu()
-            correct += int((pred == torch.tensor([e.label for e in chunk])).sum())
-        return correct / len(examples)
+        return accuracy(self, examples, batch_size)
 
 
 def image_classifier(name: str, classes: int, *, weights: str | None = None,
