@@ -28,6 +28,12 @@ keys of a train config), the seeds, the baseline's label, and the methods::
     model = { scheme = "head" }   # optional: any run setting, merged into [base]
     grid = { lr = [3e-3, 1e-2, 3e-2] }   # optional: tuned on the first seed
 
+A method with ``steps = 0`` makes no update: it is an evaluation row, the starting model's
+scores (zero-shot; with ``task = { demonstrations = 16 }``, in-context learning), and takes
+neither a grid nor a name. Every row reports the memory of one of its steps (parameters,
+optimizer state, the step's transient peak; one forward for an evaluation row) beside its
+accuracy, measured once on the first seed's settings.
+
 A method with a ``grid`` is tuned: every point (the product of the listed values, added to its
 settings) runs on the first seed, the point with the best final dev accuracy is kept, and the
 other seeds run it; the first seed's result is the kept point's run. Every method must get a
@@ -63,6 +69,11 @@ class Method:
     extra: dict  # per-method run settings (steps, eval_every, ...)
     grid: list[dict]  # the settings each tuning cell adds; [{}] when not tuned
 
+    @property
+    def evaluation(self) -> bool:
+        """A row that makes no update (``steps = 0``): zero-shot or in-context learning."""
+        return self.extra.get("steps") == 0
+
 
 def _grid_points(grid: dict, label: str) -> list[dict]:
     if not grid:
@@ -82,6 +93,14 @@ def _method(m: dict) -> Method:
     """One ``[[methods]]`` entry as a ``Method``, its grid expanded to points."""
     label = m.get("label", m.get("name"))
     extra = {k: v for k, v in m.items() if k not in ("label", "name", "settings", "grid")}
+    if extra.get("steps") == 0:
+        if label is None or m.get("grid"):
+            raise BenchError(f"method {label!r}: a row of steps = 0 makes no update; give it a "
+                             "label and no grid")
+        # the optimizer is built but never steps; MeZO's has no state to hold
+        return Method(label, m.get("name", "mezo"), m.get("settings", {}), extra, [{}])
+    if "name" not in m:
+        raise BenchError(f"method {label!r}: give its name (a method of zoptim train)")
     return Method(label, m["name"], m.get("settings", {}), extra,
                   _grid_points(m.get("grid") or {}, label))
 
@@ -91,7 +110,7 @@ def _check_methods(methods: list[Method]) -> None:
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise BenchError(f"method labels must be unique: {labels}")
-    sizes = {m.label: len(m.grid) for m in methods}
+    sizes = {m.label: len(m.grid) for m in methods if not m.evaluation}
     if len(set(sizes.values())) > 1:
         raise BenchError(f"every method must get the same tuning budget, but the grids have "
                          f"{sizes} points; give each method a grid of the same size")
@@ -128,10 +147,11 @@ def _config(spec: dict, method: Method, point: dict, seed: int):
 def _layout(spec: dict) -> tuple[list[Method], list[int], str]:
     """The methods, the seeds and the baseline's label, checked."""
     methods, seeds = _methods(spec), spec.get("seeds") or [0]
-    baseline = spec.get("baseline", methods[0].label)
-    if baseline not in [m.label for m in methods]:
-        raise BenchError(f"baseline {baseline!r} is not one of the method labels "
-                         f"{[m.label for m in methods]}")
+    trained = [m.label for m in methods if not m.evaluation]
+    baseline = spec.get("baseline", trained[0] if trained else None)
+    if baseline not in trained:
+        raise BenchError(f"baseline {baseline!r} is not one of the labels of the methods that "
+                         f"train {trained}")
     return methods, seeds, baseline
 
 
@@ -213,6 +233,10 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
             _run_cell(_config(spec, m, chosen, seed), cell, log, f"{m.label} seed {seed}")
             cells[m.label][seed] = cell
     results, curves = collect(cells, baseline)
+    for m in methods:
+        results["methods"][m.label]["memory"] = _memory(
+            _config(spec, m, m.grid[0] if m.evaluation else _chosen(m, tuning), seeds[0]),
+            folder / m.label / "memory.json", not m.evaluation)
     for label, entry in results["methods"].items():
         entry["settings"] = settings[label]
         if label in tuning:
@@ -225,24 +249,54 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     return results
 
 
+def _chosen(m: Method, tuning: dict) -> dict:
+    """The grid point a method runs with: the tuned one, or its only point."""
+    if m.label not in tuning:
+        return m.grid[0]
+    return next(p for p in m.grid if point_name(p) == tuning[m.label]["chosen"])
+
+
+def _memory(cfg, path: Path, update: bool) -> dict:
+    """The memory of one step of ``cfg``'s run (``bench.memory.of_run``) on its first training
+    batch, measured on fresh starting weights and kept in ``path``: a finished benchmark does
+    not measure again."""
+    if path.exists():
+        return json.loads(path.read_text())
+    from zoptim.bench import memory
+    from zoptim.runs.run import batch, build
+
+    run = build(cfg)
+    row = memory.of_run(run, batch(run, 0), update)
+    write_json(path, row)
+    return row
+
+
+def _evaluation_row(finals: dict) -> bool:
+    """Whether a method's cells made no update (``steps = 0``)."""
+    return all(s["after"]["steps"] == 0 for s in finals.values())
+
+
 def _load_cells(cells: dict[str, dict[int, Path]]) -> tuple[dict, dict]:
-    """The curves (``metrics.jsonl``) and summaries (``summary.json``) of every cell, by label
-    and seed."""
-    curves = {label: {seed: load_curve(cell / "metrics.jsonl") for seed, cell in by_seed.items()}
-              for label, by_seed in cells.items()}
+    """The curves (``metrics.jsonl``; none for an evaluation row) and summaries
+    (``summary.json``) of every cell, by label and seed."""
     finals = {label: {seed: json.loads((cell / "summary.json").read_text())
                       for seed, cell in by_seed.items()} for label, by_seed in cells.items()}
+    curves = {label: {seed: load_curve(cell / "metrics.jsonl") for seed, cell in by_seed.items()}
+              for label, by_seed in cells.items() if not _evaluation_row(finals[label])}
     return curves, finals
 
 
-def _method_figures(curves: dict, base_curves: dict, finals: dict) -> dict:
-    """One method's derived figures from its curves and summaries by seed, against the
-    baseline's curves."""
-    q_seed, q = to_target(curves, base_curves, "queries")
-    t_seed, t = to_target(curves, base_curves, "seconds")
+def _method_figures(curves: dict | None, base_curves: dict, finals: dict) -> dict:
+    """One method's derived figures from its curves (``None`` for an evaluation row) and
+    summaries by seed, against the baseline's curves."""
+    figures = {}
+    if curves is not None:  # a row that trains
+        q_seed, q = to_target(curves, base_curves, "queries")
+        t_seed, t = to_target(curves, base_curves, "seconds")
+        figures = {"queries_to_target": {"per_seed": q_seed, **q},
+                   "time_to_target": {"per_seed": t_seed, **t}}
     return {
-        "queries_to_target": {"per_seed": q_seed, **q},
-        "time_to_target": {"per_seed": t_seed, **t},
+        **figures,
         "final_dev": spread([s["after"]["dev_acc"] for s in finals.values()]),
         "final_test": spread([s["after"]["test_acc"] for s in finals.values()]),
         "zero_shot_dev": spread([s["before"]["dev_acc"] for s in finals.values()]),
@@ -256,7 +310,8 @@ def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dic
     curves, finals = _load_cells(cells)
     out = {"baseline": baseline, "methods": {}}
     for label in cells:
-        out["methods"][label] = _method_figures(curves[label], curves[baseline], finals[label])
+        out["methods"][label] = _method_figures(curves.get(label), curves[baseline],
+                                                finals[label])
     return out, curves
 
 
@@ -291,16 +346,24 @@ def _report_header(results: dict) -> list[str]:
             "Median [min, max] over seeds. The target of a "
             f"seed is {base}'s final dev accuracy on it; a ratio is the queries (or seconds) a "
             f"method needed to first reach it over {base}'s.\n",
+            "Memory is one step's: parameters, optimizer state and the step's transient peak "
+            "(for a row that makes no update, one forward without gradients).\n",
             "| method | queries to target / " + base + " | time to target / " + base +
-            " | final dev | final test | queries |",
-            "| --- | --- | --- | --- | --- | --- |"]
+            " | final dev | final test | queries | memory (MiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
 
 
 def _report_rows(results: dict) -> list[str]:
     """One table row a method."""
-    return [f"| {label} | {_fmt(m['queries_to_target'], 2)} | "
-            f"{_fmt(m['time_to_target'], 2)} | {_fmt(m['final_dev'])} | "
-            f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} |"
+    def to_target(m: dict, key: str) -> str:
+        return _fmt(m[key], 2) if key in m else "no update"
+
+    def memory(m: dict) -> str:
+        return f"{m['memory']['total'] / (1 << 20):.0f}" if "memory" in m else "-"
+
+    return [f"| {label} | {to_target(m, 'queries_to_target')} | "
+            f"{to_target(m, 'time_to_target')} | {_fmt(m['final_dev'])} | "
+            f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} | {memory(m)} |"
             for label, m in results["methods"].items()]
 
 

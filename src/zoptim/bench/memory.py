@@ -78,6 +78,24 @@ def inference(model, loss) -> dict:
     return {"params": _bytes(model.parameters()), "state": 0, "transient": peak}
 
 
+def of_run(run, examples: list, update: bool = True) -> dict:
+    """What a built run (``runs.run.build``) holds for one step on ``examples``: its objective's
+    parameters, the optimizer's persistent state and the step's transient peak (after one
+    warm-up step); without ``update``, one evaluation of the loss under ``no_grad`` (a row that
+    makes no update: zero-shot, in-context learning). The run's weights change."""
+    loss = lambda slices=None: run.clf.loss(examples, slices)  # noqa: E731
+    if update:
+        run.opt.step(loss)
+        row = {"state": _state_bytes(run.opt), "transient": transient_peak(
+            lambda: run.opt.step(loss))}
+    else:
+        with torch.no_grad():
+            row = {"state": 0, "transient": transient_peak(loss)}
+    row["params"] = _bytes(run.clf.parameters())
+    row["total"] = row["params"] + row["state"] + row["transient"]
+    return row
+
+
 def with_lora(model):
     import peft
 

@@ -2,6 +2,9 @@
 
 - Decoders score the label words: the logits of each word's first token after the prompt's
   context (``"<text> It was"`` -> ``" great"`` / ``" terrible"``), at the last position.
+- A decoder's linear probe (the ``head`` scheme) reads the same position through a head of
+  its own: one row per label word, initialized from the output layer's rows for those words,
+  so it starts at the zero-shot scores and trains apart from the frozen model.
 - Encoders get a task-aligned head: cosine similarity (times a fixed scale) between the
   mean-pooled text embedding and one row per label, each row initialized from the embedding
   of that label's text (``"It was great."``), so zero-shot accuracy is sensible from step 0.
@@ -73,10 +76,20 @@ class PromptClassifier(torch.nn.Module):
                 raise ValueError(f"label words {list(prompt.label_words)} share their first "
                                  "token; choose words that start differently")
             self.register_buffer("label_ids", torch.tensor(ids), persistent=False)
+            self.head = None  # a linear probe's head, from ``attach_label_head``
         else:
             with torch.no_grad():
                 anchors = self._embed([prompt.label_text(i) for i in range(len(prompt.label_words))])
             self.head = CosineHead(anchors, scale)
+
+    def attach_label_head(self) -> None:
+        """Give a decoder a head of its own for the label words (a linear probe): the output
+        layer's rows for the words' first tokens, copied, so its logits equal the label words'
+        until it is trained (and a tied input embedding stays untouched)."""
+        rows = self.backbone.get_output_embeddings().weight[self.label_ids].detach().clone()
+        self.head = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False,
+                                    dtype=rows.dtype, device=rows.device)
+        self.head.weight.data.copy_(rows)
 
     def _encode(self, texts: list[str]):
         device = next(self.backbone.parameters()).device
@@ -99,6 +112,9 @@ class PromptClassifier(torch.nn.Module):
         times (batched queries)."""
         if self.decoder:
             batch = self._stacked(self._encode([self.prompt.context(t) for t in texts]), slices)
+            if self.head is not None:  # the final hidden state (after the last norm) at the end
+                hidden = self.backbone.base_model(**batch).last_hidden_state[:, -1]
+                return self.head(hidden).float()
             logits = self.backbone(**batch, logits_to_keep=1).logits[:, -1]
             return logits[:, self.label_ids].float()
         return self.head(self._embed(texts, slices))

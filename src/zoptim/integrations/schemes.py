@@ -13,8 +13,9 @@ def apply_scheme(clf, scheme: str, *, lora_r: int = 8, lora_alpha: int = 16,
     """Wrap ``clf.backbone`` for ``scheme`` and return the trainable parameters.
 
     - ``full``: every parameter (and the encoder head).
-    - ``head``: the task head alone (an encoder's label rows, an image model's new classifier),
-      the backbone frozen: a linear probe.
+    - ``head``: the task head alone (an encoder's label rows, a decoder's label-word rows in a
+      head of their own, an image model's new classifier), the backbone frozen: a linear
+      probe (MeZO's table's LP row when trained first order).
     - ``lora``: LoRA adapters on every linear layer of the backbone, base frozen; the encoder
       head stays trainable.
     - ``prefix`` / ``prompt``: prefix tuning / prompt tuning of a decoder (peft), base frozen.
@@ -31,9 +32,12 @@ def apply_scheme(clf, scheme: str, *, lora_r: int = 8, lora_alpha: int = 16,
 
 def _train_head_only(clf) -> None:
     """Freeze everything but the task head of ``clf`` (a linear probe)."""
+    if hasattr(clf, "attach_label_head") and clf.decoder:
+        clf.attach_label_head()
     if getattr(clf, "head", None) is None:
-        raise ValueError("the head scheme needs a task head; a decoder scores label words "
-                         "with its own output layer, so use full, lora, prefix or prompt")
+        raise ValueError("the head scheme needs a task head: classification, or an image "
+                         "model; for multiple choice and generation use full, lora, prefix "
+                         "or prompt")
     clf.requires_grad_(False)
     clf.head.requires_grad_(True)
 

@@ -80,7 +80,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     method: MethodConfig = MethodConfig()
-    steps: int = Field(150, ge=1)
+    steps: int = Field(150, ge=0)  # 0: evaluate the starting model (zero-shot, ICL)
     batch_size: int = Field(16, ge=1)
     eval_every: int = Field(50, ge=1)
     eval_batch_size: int = Field(64, ge=1)

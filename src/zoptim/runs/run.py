@@ -551,7 +551,10 @@ class Training:
         run, opt = self.run_, self.run_.opt
         if not self.lead:
             return {"rank": self.par.rank, "steps": opt.steps, "queries": opt.queries}
-        test = run.clf.score(run.splits.test, self.cfg.eval_batch_size)
+        if opt.steps == 0:  # no update: the starting model's scores
+            self.dev = self.summary["before"]["dev_acc"]
+        test = run.clf.score(run.splits.test, self.cfg.eval_batch_size) if opt.steps else \
+            self.summary["before"]["test_acc"]
         self.summary["after"] = {"dev_acc": self.dev, "test_acc": test, "steps": opt.steps,
                                  "queries": opt.queries, "skipped_steps": opt.skipped}
         self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - self.start
