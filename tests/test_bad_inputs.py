@@ -62,7 +62,6 @@ def files(tmp_path):
 CASES = [
     # (name, arguments given the existing run folder and a scratch folder, expected message)
     ("unknown key", lambda run, tmp: train_args(tmp / "o", "stepz=3"), "stepz"),
-    ("zero steps", lambda run, tmp: train_args(tmp / "o", "steps=0"), "steps"),
     ("negative steps", lambda run, tmp: train_args(tmp / "o", "steps=-5"), "steps"),
     ("zero batch", lambda run, tmp: train_args(tmp / "o", "batch_size=0"), "batch_size"),
     ("text for a number", lambda run, tmp: train_args(tmp / "o", "batch_size=many"), "batch_size"),
