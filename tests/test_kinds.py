@@ -343,23 +343,36 @@ def test_a_suite_task_runs_from_its_file(tiny, tmp_path, name):
 
 def test_a_metric_objective_is_one_minus_the_metric_of_generations(tiny, tmp_path):
     """objective = "f1": the loss is 1 - F1 of greedy generations, an unended one scoring 0;
-    the run evaluates it in place, and resumes and replays bit for bit."""
+    batched queries decode all slices in one stacked batch, each slice's generations those of
+    its point evaluated in place; the run resumes and replays bit for bit."""
     data = write_jsonl(tmp_path / "data.jsonl", QA)
-    run = build_run(tiny, data, "generation", "task.objective=\"f1\"", "task.max_new_tokens=3",
-                    "method.name=\"zo-muon\"", "method.settings={lr = 1e-3, eps = 1e-3, rank = 4}")
-    assert type(run.opt.evaluator).__name__ == "InPlace"
-    examples = run.splits.train[:4]
-    generated = run.clf.generate(examples)
-    expected = 1 - sum(best_score("f1", text, e.answers) if ended else 0.0
-                       for (text, ended), e in zip(generated, examples)) / 4
-    assert float(run.clf.loss(examples)) == pytest.approx(expected)
-    run.opt.step(lambda: run.clf.loss(examples))
-    assert all(0 <= v <= 1 for v in run.opt.last_values)
+    texts = {}
+    for batched in (False, True):
+        # eps = 1 moves the tiny model's greedy tokens, so the slices generate different texts
+        run = build_run(tiny, data, "generation", "task.objective=\"f1\"",
+                        "task.max_new_tokens=4", "method.name=\"zo-muon\"",
+                        "method.settings={lr = 1e-3, eps = 1.0, rank = 4, directions = 3, "
+                        f"batched = {str(batched).lower()}}}")
+        assert type(run.opt.evaluator).__name__ == ("BatchedQueries" if batched else "InPlace")
+        examples = run.splits.train[:4]
+        generated = run.clf.generate(examples)
+        expected = 1 - sum(best_score("f1", text, e.answers) if ended else 0.0
+                           for (text, ended), e in zip(generated, examples)) / 4
+        assert float(run.clf.loss(examples)) == pytest.approx(expected)
+        texts[batched] = []
+
+        def record(slices=None):
+            texts[batched] += [t for t, _ in run.clf.generate(examples, slices=slices or 1)]
+            return run.clf.loss(examples, slices)
+
+        run.opt.step(record)
+        assert len(run.opt.last_values) == 4 and all(0 <= v <= 1 for v in run.opt.last_values)
+    assert texts[True] == texts[False] and len(set(texts[True])) > 4
     out = tmp_path / "run"
     line = ["train", "--out", str(out), "--no-progress",
             *run_settings(tiny, data, "generation", "task.objective=\"f1\"",
-                          "task.max_new_tokens=3", "save_every=1", "method.name=\"mezo\"",
-                          "method.settings={lr = 1e-3, eps = 1e-3}")]
+                          "task.max_new_tokens=3", "save_every=1", "method.name=\"zo-muon\"",
+                          "method.settings={lr = 1e-3, eps = 1e-3, rank = 4}")]
     assert main(line + ["--set", "steps=1"]) == 0
     assert main(line + ["--resume", "--set", "steps=2"]) == 0
     assert audit(out).ok

@@ -12,13 +12,15 @@ match or token F1 against the example's answers (``tasks.metrics``).
 With ``objective`` a metric (``"f1"`` or ``"exact_match"``, MeZO's ``--non_diff``), the loss is
 ``1 - metric`` of greedy generations instead: what zeroth-order methods can optimize and
 backpropagation cannot. A generation that runs to ``max_new_tokens`` without ending scores 0.
-Such a loss is evaluated in place (one query a forward pass of decoding; no batched queries).
+Under batched queries the prompts are stacked once per slice and decoded together, each
+slice's rows through its own perturbation, so a step's queries share every decoding pass.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zoptim.evaluators.batched import stack
 from zoptim.integrations.sequences import Sequences, left_padded, split_space
 from zoptim.tasks.kinds import Completion
 from zoptim.tasks.metrics import METRICS, best_score
@@ -64,11 +66,10 @@ class CompletionObjective(torch.nn.Module):
         mean per slice of the stacked batch. With a metric as the objective, ``1 - metric``
         of the greedy generations."""
         if self.objective != "loss":
-            if slices is not None:
-                raise ValueError("a metric objective is evaluated in place, not in batched "
-                                 "queries")
-            return torch.tensor(1.0 - self._scores(examples, len(examples), self.objective,
-                                                   unended=0.0))
+            scores = self._scores(examples, len(examples), self.objective, unended=0.0,
+                                  slices=slices or 1)
+            losses = 1.0 - torch.tensor(scores, dtype=torch.float64)
+            return losses if slices is not None else losses[0]
         rows = self.sequences.rows([(self.context_ids(e), self.answer_ids(e)) for e in examples],
                                    self._device())
         total, count = Sequences.log_likelihoods(self.backbone, rows, slices or 1)
@@ -77,10 +78,12 @@ class CompletionObjective(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, examples: list[Completion], batch_size: int = 16, *,
-                 use_cache: bool = True) -> list[tuple[str, bool]]:
+                 use_cache: bool = True, slices: int = 1) -> list[tuple[str, bool]]:
         """Greedy completions of the examples' prompts, in their order, each with whether it
         ended (the end-of-sequence token, or a plain prompt's end of line) before the limit.
-        ``use_cache=False`` recomputes every position at every token (what the cache saves)."""
+        ``use_cache=False`` recomputes every position at every token (what the cache saves).
+        With ``slices`` (batched queries) each batch is stacked that many times and decoded
+        once: the result holds every slice's completions, slice after slice."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
@@ -89,34 +92,37 @@ class CompletionObjective(torch.nn.Module):
                                   use_cache=use_cache)
         prompts = [self.context_ids(e)[-self.max_length:] for e in examples]
         order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
-        out: list[tuple[str, bool]] = [("", False)] * len(examples)
+        n = len(examples)
+        out: list[tuple[str, bool]] = [("", False)] * (n * slices)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             ids, mask = left_padded([prompts[i] for i in chunk], tok.pad_token_id)
-            new = self.backbone.generate(input_ids=ids.to(self._device()),
-                                         attention_mask=mask.to(self._device()),
+            new = self.backbone.generate(input_ids=stack(ids.to(self._device()), slices),
+                                         attention_mask=stack(mask.to(self._device()), slices),
                                          generation_config=config)[:, ids.shape[1]:]
-            for row, i in enumerate(chunk):
+            for row, (s, i) in enumerate((s, i) for s in range(slices) for i in chunk):
                 text = tok.decode(new[row], skip_special_tokens=True)
                 ended = bool((new[row] == tok.eos_token_id).any())
                 if not examples[i].chat:
                     ended = ended or STOP in text
                     text = text.split(STOP)[0]
-                out[i] = (text.strip(), ended)
+                out[s * n + i] = (text.strip(), ended)
         return out
 
     def _scores(self, examples: list[Completion], batch_size: int, metric: str, *,
-                unended: float | None = None) -> float:
-        """The mean ``metric`` of greedy completions against the answers; a completion that
-        did not end before the limit scores ``unended`` where it is given."""
-        generated = self.generate(examples, batch_size)
-        return sum(unended if unended is not None and not ended
-                   else best_score(metric, text, e.answers)
-                   for (text, ended), e in zip(generated, examples)) / len(examples)
+                unended: float | None = None, slices: int = 1) -> list[float]:
+        """The mean ``metric`` of greedy completions against the answers, one per slice; a
+        completion that did not end before the limit scores ``unended`` where it is given."""
+        generated = self.generate(examples, batch_size, slices=slices)
+        n = len(examples)
+        return [sum(unended if unended is not None and not ended
+                    else best_score(metric, text, e.answers)
+                    for (text, ended), e in zip(generated[s * n:(s + 1) * n], examples)) / n
+                for s in range(slices)]
 
     @torch.no_grad()
     def score(self, examples: list[Completion], batch_size: int = 16) -> float:
         """The mean ``metric`` (exact match or F1) of greedy completions against the answers."""
         if not examples:
             return float("nan")
-        return self._scores(examples, batch_size, self.metric)
+        return self._scores(examples, batch_size, self.metric)[0]

@@ -190,9 +190,8 @@ def build(cfg: TrainConfig) -> Run:
     _check_rank(cfg, params)
     # The method and its settings were checked when the configuration was built.
     cls = config.method_class(cfg.method.name)
-    # A metric of generations is evaluated in place: its closure takes no stacked batch.
     opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings,
-              **model_arguments(cls, clf, stacked_closure=cfg.task.objective == "loss"))
+              **model_arguments(cls, clf))
     return Run(cfg, splits, clf, params, opt)
 
 

