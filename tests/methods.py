@@ -21,6 +21,10 @@ METHODS = {
     "zo-muon": (zoptim.ZOMuon, dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2), 5),
     "zo-muon-svd": (zoptim.ZOMuon, dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2,
                                         ortho="svd"), 5),
+    "zo-muon-momentum": (zoptim.ZOMuon, dict(lr=3e-2, rank=8, resample_every=50,
+                                             vector_lr=1e-2, momentum=0.9), 5),
+    "zo-mopi": (zoptim.ZOMOPI, dict(lr=3e-2, rank=8, resample_every=50, vector_lr=1e-2), 5),
+    "fzoo": (zoptim.FZOO, dict(lr=1e-2), 9),
     "zo-rank-sgd": (zoptim.ZORankSGD, dict(lr=1e-2, candidates=4), 4),
     "zo-comparison": (zoptim.ZOComparison, dict(lr=1e-2, pairs=2), 4),
 }

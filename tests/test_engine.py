@@ -13,7 +13,7 @@ import zoptim
 from zoptim.evaluators import EngineError, choose
 from zoptim.parts.estimators import Central
 from zoptim.parts.spaces import LowRank, Projected
-from zoptim.parts.transforms import Adam, Momentum
+from zoptim.parts.transforms import Adam, Momentum, newton_schulz
 
 
 class Deep(torch.nn.Module):
@@ -175,6 +175,29 @@ def test_a_skipped_redraw_step_leaves_factors_and_momentum_as_they_were():
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)  # probes undone
     opt.step(closure)  # and the redraw happens on the next step
     assert opt.state[weight]["factor_epoch"] == 1
+
+
+def test_zo_muons_momentum_is_carried_into_the_new_subspace_when_p_is_redrawn():
+    model = Deep(1)
+    closure = closure_of(model)
+    opt = zoptim.ZOMuon(model.parameters(), lr=1e-3, rank=2, resample_every=2, momentum=0.9,
+                        seed=0)
+    weight = model.blocks[0][0].weight
+    for _ in range(2):
+        opt.step(closure)
+    old_p = opt.state[weight]["P"].clone()
+    old_m = opt.state[weight]["momentum_buffer"].clone()
+    assert float(old_m.norm()) > 0
+    before = weight.detach().clone()
+    opt.step(lambda: closure().detach() * 0 + 1.0)  # step 2 redraws P; a flat loss: G = 0
+    new_p = opt.state[weight]["P"]
+    assert not torch.equal(new_p, old_p)
+    carried = 0.9 * new_p.mT @ (old_p @ old_m)
+    torch.testing.assert_close(opt.state[weight]["momentum_buffer"], carried)
+    # and the step is the carried average, orthogonalized, in the new subspace
+    moved = weight.detach() - before
+    expected = -1e-3 * new_p @ newton_schulz(carried)
+    torch.testing.assert_close(moved, expected, atol=1e-6, rtol=1e-3)
 
 
 def test_adam_restarts_its_moments_when_the_factors_are_redrawn():

@@ -6,7 +6,7 @@ import torch
 import zoptim
 from zoptim.parts.estimators import Central
 from zoptim.noise import mix, noise
-from zoptim.parts.transforms import Adam, ClipNorm, Momentum
+from zoptim.parts.transforms import Adam, ClipNorm, Momentum, PartialOrthogonalize
 
 
 def convex(seed=0, n=30):
@@ -84,3 +84,48 @@ def test_per_group_settings_apply_to_their_group():
     torch.testing.assert_close(moved.abs(), moved.abs()[0].expand_as(moved), rtol=1e-3, atol=1e-7)
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-4})
     assert opt.param_groups[-1]["eps"] == 1e-3
+
+
+def _with_spectrum(values, r=6, n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+    return u @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ v.mT
+
+
+def test_partial_orthogonalization_keeps_k_directions_and_converges_to_the_svd_truncation():
+    m = _with_spectrum([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    u, _, vh = torch.linalg.svd(m)
+    truncation = u[:, :3] @ vh[:3]  # the top 3 directions, each at singular value 1
+    po = PartialOrthogonalize(3)
+    state = {}
+    out = po(m, state)  # the first step starts from the exact top-3 vectors
+    torch.testing.assert_close(out, truncation)
+    # from an arbitrary start, the warm-started sweeps converge to the same
+    g = torch.Generator().manual_seed(1)
+    state["power_v"] = torch.linalg.qr(torch.randn(10, 3, generator=g, dtype=torch.float64)).Q
+    first = po(m, state)
+    assert not torch.allclose(first, truncation, atol=1e-3)
+    singular = torch.linalg.svdvals(first)
+    assert int((singular > 1e-9).sum()) == 3  # exactly k nonzero, the rest dropped
+    for _ in range(60):
+        out = po(m, state)
+    torch.testing.assert_close(out, truncation, atol=1e-8, rtol=0)
+    # k beyond the matrix's rank is capped by it
+    assert torch.linalg.matrix_rank(PartialOrthogonalize(50)(m, {})) == 6
+
+
+def test_fzoos_step_ignores_the_losss_scale_and_offset():
+    steps = []
+    for scale, offset in ((1.0, 0.0), (1000.0, -7.0)):
+        x, _, f = convex()
+        opt = zoptim.FZOO([x], lr=1e-2, directions=4, seed=3)
+        for _ in range(5):
+            opt.step(lambda: scale * f() + offset)
+        steps.append(x.detach().clone())
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-3)  # float32 losses
+    # and with the spread of the perturbed losses zero it does not move
+    x = torch.nn.Parameter(torch.ones(5))
+    before = x.detach().clone()
+    zoptim.FZOO([x], lr=1.0, seed=0).step(lambda: torch.tensor(2.0))
+    torch.testing.assert_close(x.detach(), before, atol=1e-6, rtol=0)  # probes undone

@@ -10,8 +10,10 @@ from zoptim import _moved
 from zoptim.engine.optimizer import ZOOptimizer
 from zoptim.evaluators.batched import per_slice, stack
 from zoptim.methods import (
+    FZOO,
     LOZO,
     METHODS,
+    ZOMOPI,
     ZOSGD,
     Composed,
     ForwardGradient,

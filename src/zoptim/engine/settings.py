@@ -36,6 +36,7 @@ RULES = {
     "pairs": (lambda v: _integer(v, 1), "compare at least 1 pair"),
     "max_slices": (lambda v: v is None or _integer(v, 1), "must be at least 1"),
     "ns_steps": (lambda v: _integer(v, 1), "must be an integer >= 1"),
+    "k": (lambda v: _integer(v, 1), "keep at least 1 singular direction"),
     "ortho": (lambda v: v in ("newton_schulz", "svd"), "orthogonalization must be "
               "'newton_schulz' or 'svd'"),
     "momentum": (_fraction, "it must be in [0, 1)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from zoptim.methods.composed import Composed
 from zoptim.methods.dense import (
+    FZOO,
     HiZOO,
     ZOSGD,
     ForwardGradient,
@@ -16,7 +17,7 @@ from zoptim.methods.dense import (
     ZOSignSGD,
 )
 from zoptim.methods.ordinal import ZOComparison, ZORankSGD
-from zoptim.methods.subspace import LOZO, SubspaceMeZO, SubZero, ZOMuon
+from zoptim.methods.subspace import LOZO, ZOMOPI, SubspaceMeZO, SubZero, ZOMuon
 
 METHODS = {
     "mezo": MeZO,
@@ -31,6 +32,8 @@ METHODS = {
     "subzero": SubZero,
     "subspace-mezo": SubspaceMeZO,
     "zo-muon": ZOMuon,
+    "zo-mopi": ZOMOPI,
+    "fzoo": FZOO,
     "zo-rank-sgd": ZORankSGD,
     "zo-comparison": ZOComparison,
 }

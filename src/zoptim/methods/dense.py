@@ -1,5 +1,5 @@
 """MeZO and the methods that perturb whole tensors: momentum, sign, Adam, the conservative
-step, Sparse-MeZO, HiZOO and forward gradient. Defaults follow each method's paper or its
+step, Sparse-MeZO, HiZOO, FZOO and forward gradient. Defaults follow each method's paper or its
 authors' code; where they leave a choice open the docstring says what is chosen here."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from zoptim.engine import settings
 from zoptim.engine.optimizer import ZOOptimizer, split_matrices
-from zoptim.parts.estimators import JVP, Central, ThreePoint
+from zoptim.parts.estimators import JVP, Central, StdNormalized, ThreePoint
 from zoptim.parts.spaces import Dense, HessianScaled, Masked
 from zoptim.parts.transforms import Adam, Momentum, Sign
 
@@ -216,6 +216,35 @@ class HiZOO(ZOOptimizer):
 
     def space(self, group):
         return HessianScaled(group["smoothing"], group["noise"])
+
+
+@documented
+class FZOO(ZOOptimizer):
+    """FZOO (Dang et al., 2025, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large
+    Language Models towards Adam-Scale Speed", arXiv 2506.09034): ``directions`` one-sided
+    Rademacher queries against one baseline, the step divided by the spread of their losses
+    (``parts.estimators.StdNormalized``), ``directions + 1`` evaluations:
+
+    ``theta <- theta - lr * (mean_i (f(theta + eps u_i) - f(theta)) / std_i(f(theta + eps u_i)) * u_i + wd * theta)``
+
+    As in the authors' code the differences are not divided by ``eps``: the normalized
+    coefficients are unit-free, so the step's length is ``lr`` times a fixed scale of ``u``
+    whatever ``eps`` and the loss's scale (the paper's ``eta`` is this ``lr`` times ``eps``).
+
+    Args:
+        params: tensors or parameter groups.
+        directions: perturbed queries a step (the authors' ``N``), at least 2.
+        {common}
+    """
+
+    def __init__(self, params, lr: float = 1e-5, eps: float = 1e-3, directions: int = 8,
+                 weight_decay: float = 0.0, noise: str = "rademacher", seed: int | None = None,
+                 foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise),
+                         StdNormalized(directions), seed=seed, foreach=foreach)
+
+    def coefficients(self, group, dirs):
+        return [d.diff / len(dirs) for d in dirs]
 
 
 def add_split_group(opt: ZOOptimizer, param_group: dict, vector_settings) -> None:

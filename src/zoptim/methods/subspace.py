@@ -1,4 +1,4 @@
-"""The low-rank methods: LOZO, SubZero, subspace MeZO and the flagship, ZO-Muon. Matrices are
+"""The low-rank methods: LOZO, SubZero, subspace MeZO, the flagship ZO-Muon and ZO-MOPI. Matrices are
 perturbed in a low-rank space; vectors (biases, norms) take dense steps. Given the model,
 a step's evaluations run as one forward pass on a stacked batch (batched queries)."""
 
@@ -10,7 +10,7 @@ from zoptim.evaluators.batched import BatchedQueries
 from zoptim.methods.dense import COMMON_ARGS, add_split_group
 from zoptim.parts.estimators import Central, OneSided
 from zoptim.parts.spaces import Dense, LowRank, Projected, TwoSided
-from zoptim.parts.transforms import Momentum, Orthogonalize
+from zoptim.parts.transforms import Momentum, Orthogonalize, PartialOrthogonalize
 
 LOW_RANK_ARGS = COMMON_ARGS + """
         rank: the rank of a matrix's perturbation (capped by the matrix).
@@ -166,31 +166,86 @@ class ZOMuon(SubspaceMeZO):
     Chosen here against the authors' code: ``P`` is drawn once per step before the queries
     (their code redraws it per query on resampling steps and keeps the last one).
 
+    ``momentum > 0`` keeps what ZO-Muon drops from Muon (Jordan et al., 2024): an exponential
+    moving average of ``G`` in the subspace, ``M <- beta M + (1 - beta) G`` (``M = G`` at the
+    first step), orthogonalized in its place. When ``P`` is redrawn, ``M`` is carried into the
+    new subspace as ``P_new^T P_old M`` (the part of ``P_old M`` the new subspace can hold).
+
     Args:
         params: tensors or parameter groups.
         directions: random directions a step (``queries`` in zoptim 0.1 and in the paper),
             one evaluation each plus one baseline.
         ortho: ``"newton_schulz"`` (5 quintic steps, Muon's) or ``"svd"`` (exact).
         ns_steps: Newton-Schulz iterations.
+        momentum: the EMA weight of the subspace estimate before orthogonalization (0: none,
+            as in the paper).
         vector_lr: the vectors' dense MeZO learning rate (see :class:`SubspaceMeZO`).
         {common}
     """
 
-    own_settings = ("ortho", "ns_steps")
+    own_settings = ("ortho", "ns_steps", "momentum")
 
     @settings.renamed(queries="directions")
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 4, ortho: str = "newton_schulz",
-                 ns_steps: int = 5, **kw):
+                 ns_steps: int = 5, momentum: float = 0.0, **kw):
         super().__init__(params, lr=lr, eps=eps, rank=rank, resample_every=resample_every,
-                         directions=directions, ortho=ortho, ns_steps=ns_steps, **kw)
+                         directions=directions, ortho=ortho, ns_steps=ns_steps,
+                         momentum=momentum, **kw)
 
     @staticmethod
     def _estimator(directions):
         return OneSided(directions)
 
     def transforms(self, group):
-        return [Orthogonalize(group["ortho"], group["ns_steps"])] if group["matrix"] else []
+        if not group["matrix"]:
+            return []
+        beta = group["momentum"]
+        averaged = [Momentum(beta, dampening=beta)] if beta else []
+        return averaged + [Orthogonalize(group["ortho"], group["ns_steps"])]
+
+
+@documented
+class ZOMOPI(ZOMuon):
+    """ZO-MOPI (Chen & Ma, 2026, arXiv 2605.09034): ZO-Muon's subspace estimate with momentum
+    and *partial* orthogonalization. Per weight matrix, ``G = mean_i c_i Psi_i`` as ZO-Muon's
+    (one-sided against one baseline), ``M <- beta M + (1 - beta) G`` in the subspace
+    (``M = G`` at the first step), then ``O = U_k V_k^T`` from one warm-started power-iteration
+    sweep a step (``parts.transforms.PartialOrthogonalize``): the top ``k`` singular
+    directions of ``M`` at unit length, the rest dropped; ``W <- W - lr * (P O + wd W)``.
+
+    Chosen here against the authors' code: when ``P`` is redrawn, ``M`` is carried into the
+    new subspace as ``P_new^T P_old M``, as the paper describes (their code keeps ``M``'s
+    coordinates against the new ``P``, and its script sets ``beta = 0``); the power
+    iteration's vectors are kept across redraws (theirs restart from a random start) and the
+    first step starts from the exact top-``k`` vectors.
+
+    Args:
+        params: tensors or parameter groups.
+        k: singular directions kept (capped by the rank); ``rank // 2`` when ``None``, as in
+            the authors' scripts (32 of 64).
+        momentum: the EMA weight ``beta`` of the subspace estimate (0: none).
+        directions: random directions a step, one evaluation each plus one baseline.
+        vector_lr: the vectors' dense MeZO learning rate (see :class:`SubspaceMeZO`).
+        {common}
+    """
+
+    own_settings = ("ortho", "ns_steps", "momentum", "k")
+
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-3, rank: int = 64,
+                 resample_every: int = 100, directions: int = 4, momentum: float = 0.9,
+                 k: int | None = None, **kw):
+        k = max(1, rank // 2) if k is None else k
+        settings.check("k", k)
+        super().__init__(params, lr=lr, eps=eps, rank=rank, resample_every=resample_every,
+                         directions=directions, momentum=momentum, k=k, **kw)
+
+    def transforms(self, group):
+        if not group["matrix"]:
+            return []
+        beta = group["momentum"]
+        averaged = [Momentum(beta, dampening=beta)] if beta else []
+        return averaged + [PartialOrthogonalize(group["k"])]
 
 
 def _vector_lr(group: dict) -> dict:

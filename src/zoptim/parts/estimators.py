@@ -17,6 +17,7 @@ For every estimator here ``E[diff / eps * z] = grad f`` on a quadratic with ``E[
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,6 +90,31 @@ class OneSided:
 
 
 Forward = OneSided  # the 0.1 name
+
+
+class StdNormalized:
+    """FZOO's estimator (Dang et al., 2025, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning
+    Large Language Models towards Adam-Scale Speed", arXiv 2506.09034): one-sided differences
+    ``f(x + eps z_i) - f(x)`` against one baseline for ``directions`` directions, each divided
+    by the standard deviation of the ``directions`` perturbed losses (the population's, as the
+    authors' code computes it; the baseline not among them): a normalized step whose length
+    does not change when the loss is scaled. ``directions + 1`` evaluations. Where the
+    perturbed losses are all equal their spread says nothing, and every ``diff`` is 0 (the
+    authors' code divides by zero there)."""
+
+    forward_mode = False
+
+    def __init__(self, directions: int = 8):
+        self.directions = _count(directions)
+        if self.directions < 2:
+            raise ValueError(f"directions={directions!r} is invalid: a spread needs at least 2")
+
+    def __call__(self, probe: Probe, step_seed: int):
+        seeds = _seeds(step_seed, self.directions)
+        (base, *values), pending = probe.evaluate_points([None] + [(s, 1.0) for s in seeds])
+        spread = statistics.pstdev(values)
+        return base, [Direction(s, (v - base) / spread if spread > 0 else 0.0)
+                      for s, v in zip(seeds, values)], pending
 
 
 class Ranking:

@@ -180,6 +180,38 @@ class Orthogonalize(Transform):
         return out.view_as(G)
 
 
+class PartialOrthogonalize(Transform):
+    """Keep the top ``k`` singular directions of a matrix estimate, each at singular value 1,
+    and drop the rest: ``U_k V_k^T`` (ZO-MOPI's partial orthogonalization, Chen & Ma, 2026,
+    arXiv 2605.09034). One sweep of a streaming power iteration a step, warm-started from the
+    last step's right vectors: ``V <- qr(M^T M V)``, ``U = M V`` with unit columns. Where the
+    iteration has converged this is the polar factor of the rank-``k`` SVD truncation.
+
+    The first step (and a change of ``k``) starts from ``M``'s exact top-``k`` right singular
+    vectors, an SVD of the small estimate, so no random start is drawn. ``V`` lives on the
+    estimate's column side, which a redraw of ZO-Muon's ``P`` (the row side) leaves in
+    place: it is kept across redraws rather than restarted."""
+
+    def __init__(self, k: int):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k={k!r} is invalid: it must be an integer >= 1")
+        self.k = k
+
+    def stacked(self, G, state):
+        mats = G if G.dim() == 3 else G.reshape(G.shape[0], G.shape[1], -1)
+        mats = mats.to(torch.promote_types(mats.dtype, torch.float32))  # half: in float32
+        k = min(self.k, *mats.shape[-2:])
+        v = state.get("power_v")
+        if v is None or v.shape[-1] != k:
+            v = torch.linalg.svd(mats, full_matrices=False).Vh[:, :k].mT
+        else:
+            v = torch.linalg.qr(mats.mT @ (mats @ v)).Q
+        state.set("power_v", v.contiguous())
+        u = mats @ v
+        u = u / torch.linalg.vector_norm(u, dim=-2, keepdim=True).clamp_min(1e-12)
+        return (u @ v.mT).to(G.dtype).view_as(G)
+
+
 class ClipNorm(Transform):
     """Scale the estimate down to at most ``max_norm`` in Frobenius norm, per tensor."""
 
