@@ -202,7 +202,11 @@ class ZOMuon(SubspaceMeZO):
             return []
         beta = group["momentum"]
         averaged = [Momentum(beta, dampening=beta)] if beta else []
-        return averaged + [Orthogonalize(group["ortho"], group["ns_steps"])]
+        return averaged + [self._orthogonalize(group)]
+
+    @staticmethod
+    def _orthogonalize(group):
+        return Orthogonalize(group["ortho"], group["ns_steps"])
 
 
 @documented
@@ -235,17 +239,15 @@ class ZOMOPI(ZOMuon):
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 4, momentum: float = 0.9,
                  k: int | None = None, **kw):
+        settings.unknown(type(self), {key: 0 for key in kw if key in ("ortho", "ns_steps")}, ())
         k = max(1, rank // 2) if k is None else k
         settings.check("k", k)
         super().__init__(params, lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                          directions=directions, momentum=momentum, k=k, **kw)
 
-    def transforms(self, group):
-        if not group["matrix"]:
-            return []
-        beta = group["momentum"]
-        averaged = [Momentum(beta, dampening=beta)] if beta else []
-        return averaged + [PartialOrthogonalize(group["k"])]
+    @staticmethod
+    def _orthogonalize(group):
+        return PartialOrthogonalize(group["k"])
 
 
 def _vector_lr(group: dict) -> dict:
