@@ -25,6 +25,7 @@ METHODS = {
                                              vector_lr=1e-2, momentum=0.9), 5),
     "zo-mopi": (zoptim.ZOMOPI, dict(lr=3e-2, rank=8, resample_every=50, vector_lr=1e-2), 5),
     "fzoo": (zoptim.FZOO, dict(lr=1e-2), 9),
+    "es": (zoptim.ES, dict(lr=3e-2, eps=1e-2, members=10), 10),
     "zo-rank-sgd": (zoptim.ZORankSGD, dict(lr=1e-2, candidates=4), 4),
     "zo-comparison": (zoptim.ZOComparison, dict(lr=1e-2, pairs=2), 4),
 }

@@ -1,6 +1,9 @@
 """The parts compose: a method assembled by hand equals its named twin, transforms act as
-documented, HiZOO's Hessian estimate follows its formula, per-group settings apply."""
+documented (partial orthogonalization among them), HiZOO's Hessian estimate follows its
+formula, FZOO's and evolution strategies' normalized steps follow theirs, per-group settings
+apply."""
 
+import pytest
 import torch
 
 import zoptim
@@ -129,3 +132,39 @@ def test_fzoos_step_ignores_the_losss_scale_and_offset():
     before = x.detach().clone()
     zoptim.FZOO([x], lr=1.0, seed=0).step(lambda: torch.tensor(2.0))
     torch.testing.assert_close(x.detach(), before, atol=1e-6, rtol=0)  # probes undone
+
+
+@pytest.mark.parametrize("antithetic, rank_transform", [(False, False), (True, False),
+                                                        (False, True)])
+def test_an_es_step_is_the_normalized_average_of_its_members_directions(antithetic,
+                                                                         rank_transform):
+    x, _, _ = convex()
+    start = x.detach().clone()
+    lr, eps = 0.1, 0.01
+    opt = zoptim.ES([x], lr=lr, eps=eps, members=4, antithetic=antithetic,
+                    rank_transform=rank_transform, seed=2)
+    given = [3.0, -1.0, 0.5, 10.0]  # the members' values, whatever the objective
+    seen = []
+
+    def closure():
+        seen.append((x.detach() - start) / eps)  # the member's direction
+        return torch.tensor(given[len(seen) - 1])
+
+    opt.step(closure)
+    assert len(seen) == 4
+    if antithetic:
+        torch.testing.assert_close(seen[1], -seen[0], atol=1e-4, rtol=0)
+    values = torch.tensor(given)
+    if rank_transform:
+        values = values.argsort().argsort().float() / 3 - 0.5
+    scores = (values - values.mean()) / (values.std(unbiased=False) + 1e-8)
+    step = -lr * sum(s * z for s, z in zip(scores, seen)) / 4
+    torch.testing.assert_close(x.detach() - start, step, atol=1e-5, rtol=1e-4)
+
+
+def test_es_refuses_an_odd_population_of_mirrored_pairs():
+    x, _, _ = convex()
+    with pytest.raises(ValueError, match="antithetic pairs need an even"):
+        zoptim.ES([x], members=5, antithetic=True)
+    with pytest.raises(ValueError, match="members"):
+        zoptim.ES([x], members=1)

@@ -204,8 +204,10 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         return []
 
     def coefficients(self, group: dict, dirs) -> list[float]:
-        """Per-direction gradient coefficients of a group's tensors: ``diff / eps``, averaged."""
-        return [d.diff / group["eps"] / len(dirs) for d in dirs]
+        """Per-direction gradient coefficients of a group's tensors: ``diff / eps``, averaged
+        (``diff`` alone where the estimator's are normalized, so already free of ``eps``)."""
+        scale = 1.0 if getattr(self.estimator, "unit_free", False) else group["eps"]
+        return [d.diff / scale / len(dirs) for d in dirs]
 
     # -- engines ----------------------------------------------------------------------------
     def use(self, **engines) -> None:

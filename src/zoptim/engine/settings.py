@@ -33,6 +33,7 @@ RULES = {
     "resample_every": (lambda v: _integer(v, 1), "must be an integer >= 1"),
     "directions": (lambda v: _integer(v, 1), "it must be an integer >= 1"),
     "candidates": (lambda v: _integer(v, 2), "rank at least 2"),
+    "members": (lambda v: _integer(v, 2), "a population of at least 2"),
     "pairs": (lambda v: _integer(v, 1), "compare at least 1 pair"),
     "max_slices": (lambda v: v is None or _integer(v, 1), "must be at least 1"),
     "ns_steps": (lambda v: _integer(v, 1), "must be an integer >= 1"),

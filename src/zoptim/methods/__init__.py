@@ -16,6 +16,7 @@ from zoptim.methods.dense import (
     ZOSGDMomentum,
     ZOSignSGD,
 )
+from zoptim.methods.evolution import ES
 from zoptim.methods.ordinal import ZOComparison, ZORankSGD
 from zoptim.methods.subspace import LOZO, ZOMOPI, SubspaceMeZO, SubZero, ZOMuon
 
@@ -34,6 +35,7 @@ METHODS = {
     "zo-muon": ZOMuon,
     "zo-mopi": ZOMOPI,
     "fzoo": FZOO,
+    "es": ES,
     "zo-rank-sgd": ZORankSGD,
     "zo-comparison": ZOComparison,
 }

@@ -243,9 +243,6 @@ class FZOO(ZOOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise),
                          StdNormalized(directions), seed=seed, foreach=foreach)
 
-    def coefficients(self, group, dirs):
-        return [d.diff / len(dirs) for d in dirs]
-
 
 def add_split_group(opt: ZOOptimizer, param_group: dict, vector_settings) -> None:
     """Add a group as two: its matrices and its vectors (``vector_settings`` overrides)."""

@@ -12,7 +12,10 @@ a forward-mode derivative instead. It returns:
   ``diff / eps * z``, each parameter group dividing by its own eps),
 - the shifts still applied, which the update undoes (fused with it where it can).
 
-For every estimator here ``E[diff / eps * z] = grad f`` on a quadratic with ``E[z z^T] = I``.
+For the difference estimators here ``E[diff / eps * z] = grad f`` on a quadratic with
+``E[z z^T] = I``. The normalized ones (FZOO's ``StdNormalized``, evolution strategies'
+``Population``) declare ``unit_free``: their ``diff`` is a unit-free score the optimizer does
+not divide by ``eps``, and their step points along the gradient without estimating its size.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class StdNormalized:
     authors' code divides by zero there)."""
 
     forward_mode = False
+    unit_free = True  # the optimizer does not divide these diffs by eps
 
     def __init__(self, directions: int = 8):
         self.directions = _count(directions)
@@ -115,6 +119,63 @@ class StdNormalized:
         spread = statistics.pstdev(values)
         return base, [Direction(s, (v - base) / spread if spread > 0 else 0.0)
                       for s, v in zip(seeds, values)], pending
+
+
+class Population:
+    """Evolution strategies' estimator, as "Evolution Strategies at Scale: LLM Fine-Tuning
+    Beyond Reinforcement Learning" (Qiu et al., 2025, arXiv 2509.24372) runs it: ``members``
+    points ``x + eps z_n``, no baseline, and each member's value normalized across the
+    population, ``(f_n - mean f) / (std f + 1e-8)`` (the population's std), as its ``diff``.
+    The optimizer averages ``diff_n z_n`` over the members, with no division by ``eps``.
+
+    Options the paper leaves off: ``antithetic`` evaluates ``members / 2`` directions at
+    ``+z`` and ``-z`` (mirrored sampling, an even ``members``); ``rank_transform`` replaces the
+    values by their centred ranks in ``[-0.5, 0.5]`` before the normalization (Salimans et
+    al., 2017), which keeps one outlier from deciding the step. Values are losses: a reward is
+    maximized by running on ``-reward``."""
+
+    forward_mode = False
+    unit_free = True
+
+    def __init__(self, members: int = 30, antithetic: bool = False,
+                 rank_transform: bool = False):
+        settings.check("members", members)
+        if antithetic and members % 2:
+            raise ValueError(f"members={members} is invalid: antithetic pairs need an even "
+                             "population")
+        self.members, self.antithetic, self.rank_transform = members, antithetic, rank_transform
+
+    def __call__(self, probe: Probe, step_seed: int):
+        if self.antithetic:
+            seeds = _seeds(step_seed, self.members // 2)
+            points = [pt for s in seeds for pt in ((s, 1.0), (s, -1.0))]
+        else:
+            seeds = _seeds(step_seed, self.members)
+            points = [(s, 1.0) for s in seeds]
+        values, pending = probe.evaluate_points(points)
+        scores = normalized(centred_ranks(values) if self.rank_transform else values)
+        if self.antithetic:  # the pair's two members, on one direction: the mean over members
+            dirs = [Direction(s, (scores[2 * i] - scores[2 * i + 1]) / 2)
+                    for i, s in enumerate(seeds)]
+        else:
+            dirs = [Direction(s, z) for s, z in zip(seeds, scores)]
+        return sum(values) / len(values), dirs, pending
+
+
+def centred_ranks(values: list[float]) -> list[float]:
+    """Each value's rank (0: the lowest) scaled to ``[-0.5, 0.5]``; ties keep their order."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    ranks = [0.0] * len(values)
+    for place, k in enumerate(order):
+        ranks[k] = place / (len(values) - 1) - 0.5
+    return ranks
+
+
+def normalized(values: list[float]) -> list[float]:
+    """``(v - mean) / (std + 1e-8)`` with the population's std (the ES paper's z-score)."""
+    mean = sum(values) / len(values)
+    spread = statistics.pstdev(values)
+    return [(v - mean) / (spread + 1e-8) for v in values]
 
 
 class Ranking:
