@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.evaluators.batched import stack
-from zoptim.integrations.sequences import Sequences, left_padded, split_space
+from zoptim.integrations.decoding import greedy
+from zoptim.integrations.sequences import Sequences, split_space
 from zoptim.tasks.kinds import Completion
 from zoptim.tasks.metrics import METRICS, best_score
 
@@ -79,34 +79,18 @@ class CompletionObjective(torch.nn.Module):
     @torch.no_grad()
     def generate(self, examples: list[Completion], batch_size: int = 16, *,
                  use_cache: bool = True, slices: int = 1) -> list[tuple[str, bool]]:
-        """Greedy completions of the examples' prompts, in their order, each with whether it
-        ended (the end-of-sequence token, or a plain prompt's end of line) before the limit.
-        ``use_cache=False`` recomputes every position at every token (what the cache saves).
-        With ``slices`` (batched queries) each batch is stacked that many times and decoded
-        once: the result holds every slice's completions, slice after slice."""
-        from transformers import GenerationConfig
-
-        tok = self.tokenizer
-        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                  use_cache=use_cache)
+        """Greedy completions of the examples' prompts (``decoding.greedy``), each with
+        whether it ended (the end-of-sequence token, or a plain prompt's end of line) before
+        the limit; with ``slices``, every slice's completions, slice after slice."""
         prompts = [self.context_ids(e)[-self.max_length:] for e in examples]
-        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
-        n = len(examples)
-        out: list[tuple[str, bool]] = [("", False)] * (n * slices)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            ids, mask = left_padded([prompts[i] for i in chunk], tok.pad_token_id)
-            new = self.backbone.generate(input_ids=stack(ids.to(self._device()), slices),
-                                         attention_mask=stack(mask.to(self._device()), slices),
-                                         generation_config=config)[:, ids.shape[1]:]
-            for row, (s, i) in enumerate((s, i) for s in range(slices) for i in chunk):
-                text = tok.decode(new[row], skip_special_tokens=True)
-                ended = bool((new[row] == tok.eos_token_id).any())
-                if not examples[i].chat:
-                    ended = ended or STOP in text
-                    text = text.split(STOP)[0]
-                out[s * n + i] = (text.strip(), ended)
+        out = []
+        for k, (text, ended) in enumerate(greedy(self.backbone, self.tokenizer, prompts,
+                                                 self.max_new_tokens, batch_size,
+                                                 use_cache=use_cache, slices=slices)):
+            if not examples[k % len(examples)].chat:
+                ended = ended or STOP in text
+                text = text.split(STOP)[0]
+            out.append((text.strip(), ended))
         return out
 
     def _scores(self, examples: list[Completion], batch_size: int, metric: str, *,

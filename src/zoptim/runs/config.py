@@ -33,11 +33,15 @@ class TaskConfig(_Strict):
     # What the model learns (``tasks.kinds``): label words or a head (classification), an
     # option's log-likelihood (multiple_choice), completions (generation: SFT, scored by
     # ``metric`` on greedy decodings of at most ``max_new_tokens`` tokens).
-    kind: Literal["classification", "multiple_choice", "generation"] = "classification"
+    # reward: prompts and a reward of greedy completions (``tasks.rewards``), maximized.
+    kind: Literal["classification", "multiple_choice", "generation", "reward"] = \
+        "classification"
     metric: Literal["f1", "exact_match"] = "f1"
     # generation: what the steps lower: the completions' loss, or 1 - metric of greedy
     # generations (a metric as the objective, MeZO's non-differentiable objectives)
     objective: Literal["loss", "f1", "exact_match"] = "loss"
+    # reward tasks: a built-in reward ("countdown", "conciseness") or "module:function"
+    reward: str | None = None
     demonstrations: int = Field(0, ge=0)  # in-context examples before every prompt (decoders)
     max_new_tokens: int = Field(32, ge=1)
     length_normalized: bool = False  # multiple choice: the mean log-likelihood of a token
@@ -96,6 +100,7 @@ class TrainConfig(_Strict):
 
         images = is_image_task(self.task.name)
         _suite_defaults(self.task)
+        _reward_defaults(self.task)
         if self.model.name is None:
             self.model.name = "efficientnet-lite0" if images else \
                 "minilm-l6" if self.task.kind == "classification" else "smollm2-135m"
@@ -137,6 +142,32 @@ def _suite_defaults(task: TaskConfig) -> None:
         task.template = suite.template
 
 
+def _reward_defaults(task: TaskConfig) -> None:
+    """``task.name = "countdown"`` is a reward task with the Countdown reward unless another
+    reward is given."""
+    if task.name != "countdown":
+        return
+    if "kind" in task.model_fields_set and task.kind != "reward":
+        raise ValueError(f"task 'countdown' is a reward task; task.kind={task.kind!r} does not "
+                         "apply to it")
+    task.kind = "reward"
+    task.reward = task.reward or "countdown"
+
+
+def _check_reward(task: TaskConfig) -> None:
+    if task.kind != "reward":
+        if task.reward is not None:
+            raise ValueError(f"task.reward scores the completions of a reward task; this is a "
+                             f"{task.kind} task (set task.kind = \"reward\")")
+        return
+    if task.name not in ("file", "countdown"):
+        raise ValueError(f"a reward task reads prompts from task.name = 'file' (with "
+                         f"task.path) or generates them (countdown), not {task.name!r}")
+    if task.reward is None:
+        raise ValueError("a reward task needs task.reward: 'countdown', 'conciseness' or "
+                         "the user's 'module:function'")
+
+
 def _check_kind(task: TaskConfig) -> None:
     """Fail unless a task of another kind than classification is a suite task of that kind
     or a user's file, without label-based settings."""
@@ -145,9 +176,10 @@ def _check_kind(task: TaskConfig) -> None:
     if task.objective != "loss" and task.kind != "generation":
         raise ValueError(f"task.objective={task.objective!r} is a metric of generations; a "
                          f"{task.kind} task trains on its loss")
+    _check_reward(task)
     if task.kind == "classification":
         return
-    if task.name != "file" and task.name not in SUITE:
+    if task.name not in ("file", "countdown") and task.name not in SUITE:
         raise ValueError(f"task.kind={task.kind!r} reads a user's file: task.name must be "
                          f"'file' (with task.path) or a task of that kind, not {task.name!r}")
     if task.shots is not None:

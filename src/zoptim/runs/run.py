@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -110,7 +111,7 @@ def _language_model(cfg: TrainConfig):
 
 
 def _decoder_objective(cfg: TrainConfig, splits: Splits):
-    """The objective of a multiple-choice or generation task, on a decoder."""
+    """The objective of a multiple-choice, generation or reward task, on a decoder."""
     from zoptim.integrations.choices import ChoiceObjective
     from zoptim.integrations.completions import CompletionObjective
 
@@ -122,6 +123,15 @@ def _decoder_objective(cfg: TrainConfig, splits: Splits):
     torch.manual_seed(cfg.seed)  # adapters are initialized from the run's seed
     if t.kind == "multiple_choice":
         return ChoiceObjective(model, tokenizer, cfg.model.max_length, t.length_normalized)
+    if t.kind == "reward":
+        from zoptim.integrations.rewards import RewardObjective
+        from zoptim.tasks.rewards import RewardError, load_reward
+
+        try:
+            reward = load_reward(t.reward)
+        except RewardError as err:
+            raise RunError(str(err)) from None
+        return RewardObjective(model, tokenizer, reward, cfg.model.max_length, t.max_new_tokens)
     return CompletionObjective(model, tokenizer, cfg.model.max_length, t.metric,
                                t.max_new_tokens, t.objective)
 
@@ -475,8 +485,12 @@ class Training:
         record = self._record(step - 1, loss, skipped)
         out.step(entry, record)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", dev="-" if self.dev is None else f"{self.dev:.3f}",
-                            queries=opt.queries, qps=f"{record['queries_per_s']:.1f}")
+            shown = {"reward": f"{record['reward']:.3f}",
+                     "spread": f"{record['reward_spread']:.3f}",
+                     "gen/s": f"{record['generations_per_s']:.1f}"} if "reward" in record else \
+                {"loss": f"{loss:.4f}", "qps": f"{record['queries_per_s']:.1f}"}
+            bar.set_postfix(**shown, dev="-" if self.dev is None else f"{self.dev:.3f}",
+                            queries=opt.queries)
             bar.update(1)
         stop = self.failures >= cfg.guard.max_consecutive
         if step % cfg.save_every == 0 or step == cfg.steps or stop:
@@ -530,6 +544,10 @@ class Training:
         rate = (opt.queries - self.start_queries) / max(elapsed, 1e-9)
         record = {"step": step, "loss": loss, "queries": opt.queries,
                   "elapsed_s": round(elapsed, 3), "queries_per_s": round(rate, 3)}
+        if cfg.task.kind == "reward":  # what reward-only training is judged by
+            rewards = [-v for v in opt.last_values]
+            record.update(reward=-loss, reward_spread=statistics.pstdev(rewards),
+                          generations_per_s=round(rate * cfg.batch_size, 3))
         if skipped:
             record["skipped"] = skipped
             self.log(f"step {step} skipped: {skipped} ({self.failures} in a row)")

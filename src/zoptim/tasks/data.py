@@ -359,13 +359,18 @@ def load_task(name: str, path: str | None = None, *, train: int, dev: int, test:
     """A task's splits: text tasks (``mr``, ``20ng``, ``file``) give ``Example``s, the suite's
     (``tasks.suite``) examples of their kind,
     image tasks (``tasks.images``) give ``ImageExample``s; a ``file`` of another ``kind``
-    gives that kind's examples (``tasks.kinds``)."""
+    gives that kind's examples (``tasks.kinds``), ``countdown`` generated puzzles
+    (``tasks.rewards``)."""
     from zoptim.tasks.images import IMAGE_LOADERS
     from zoptim.tasks.kinds import load_kind_file
     from zoptim.tasks.suite import SUITE, load_suite_task
 
     if name == "file" and kind != "classification":
         pool, names = load_kind_file(kind, path)
+    elif name == "countdown":
+        from zoptim.tasks.rewards import countdown_pool
+
+        pool, names = countdown_pool(train + dev + test, seed), []
     elif name in SUITE:
         pool, names = load_suite_task(name, path)
     elif name == "file":
@@ -376,5 +381,5 @@ def load_task(name: str, path: str | None = None, *, train: int, dev: int, test:
         pool, names = IMAGE_LOADERS[name](path)
     else:
         raise DataError(f"unknown task {name!r}; choose one of "
-                        f"{', '.join([*LOADERS, *SUITE, 'file', *IMAGE_LOADERS])}")
+                        f"{', '.join([*LOADERS, *SUITE, 'countdown', 'file', *IMAGE_LOADERS])}")
     return split(pool, names, train, dev, test, seed, shots)

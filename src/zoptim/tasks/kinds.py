@@ -8,6 +8,8 @@
   assistant's answer (rendered with the tokenizer's chat template). The loss is on the
   completion's tokens only (SFT); evaluation decodes greedily and scores exact match or F1
   against ``"answers"`` (a list) or ``"answer"``, by default the completion itself.
+- ``reward``: one ``tasks.rewards.Prompted`` per row, ``{"prompt": ..., ...}``, the whole row
+  passed to the task's reward with each completion.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zoptim.tasks.data import DataError, data_path, read_rows
+from zoptim.tasks.rewards import prompted
 
 KINDS = ("classification", "multiple_choice", "generation")
 ROLES = ("system", "user", "assistant")
@@ -115,12 +118,12 @@ def completion(where: str, row: object) -> Completion:
     return Completion(prompt, answer, _answers(where, row, answer))
 
 
-READERS = {"multiple_choice": choice, "generation": completion}
+READERS = {"multiple_choice": choice, "generation": completion, "reward": prompted}
 
 
 def load_kind_file(kind: str, path: str | None) -> tuple[list, list[str]]:
-    """The pool of a user's file of ``kind`` (``multiple_choice`` or ``generation``), every
-    row checked, and its label names (none: the answers are in the examples)."""
+    """The pool of a user's file of ``kind`` (``multiple_choice``, ``generation`` or
+    ``reward``), every row checked, and its label names (none: the answers are in the examples)."""
     p = data_path(path)
     read = READERS[kind]
     pool = [read(f"{p}:{n}", row) for n, row in read_rows(p)]

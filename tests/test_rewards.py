@@ -1,0 +1,114 @@
+"""Reward tasks on a tiny random decoder: a reward of greedy completions that evolution
+strategies raise, the user's reward function and its failures, the built-in tasks."""
+
+import json
+
+import pytest
+
+from zoptim.cli import main
+from zoptim.runs import config
+from zoptim.runs.run import audit, build
+from zoptim.tasks.data import load_task
+
+# The tiny random decoder writes ':' over and over; this reward asks it not to.
+REWARD_MODULE = '''
+def colons(prompt, completion, example):
+    return -completion.count(":") / max(len(completion), 1)
+
+def raises(prompt, completion, example):
+    raise KeyError("score")
+
+def text(prompt, completion, example):
+    return "high"
+'''
+
+
+@pytest.fixture
+def reward_dir(tmp_path, monkeypatch):
+    """A working directory with the user's reward module and a prompts file."""
+    (tmp_path / "myreward.py").write_text(REWARD_MODULE)
+    prompts = [{"prompt": f"Q: what is {a} plus {b}?\nA:", "id": 4 * a + b}
+               for a in range(4) for b in range(4)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def settings(tiny, reward="myreward:colons", method="es",
+             method_settings="{lr = 0.1, eps = 0.1, members = 8}"):
+    pairs = [f"model.name={json.dumps(str(tiny))}", "task.kind=\"reward\"", "task.name=\"file\"",
+             "task.path=\"prompts.jsonl\"", f"task.reward=\"{reward}\"", "task.train=8",
+             "task.dev=4", "task.test=4", "batch_size=8", "eval_batch_size=8",
+             "task.max_new_tokens=4", "model.max_length=48", f"method.name=\"{method}\"",
+             f"method.settings={method_settings}"]
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def test_es_raises_a_reward_of_greedy_completions_and_resumes_bit_for_bit(tiny, reward_dir):
+    """20 steps of 8 members on 8 prompts lift the reward from -1 (every character a colon) to
+    above -0.5 (0.0 measured)."""
+    out = reward_dir / "run"
+    line = ["train", "--out", str(out), "--no-progress", *settings(tiny), "--set", "eval_every=5",
+            "--set", "save_every=5"]
+    assert main(line + ["--set", "steps=10"]) == 0
+    assert main(line + ["--resume", "--set", "steps=20"]) == 0
+    found = audit(out)
+    assert (found.steps, found.equal, found.problems) == (20, True, [])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "reward"
+    train_run = build(config.load(None, [a for a in settings(tiny) if a != "--set"]))
+    before = train_run.clf.score(train_run.splits.train, 8)
+    assert before == -1.0
+    records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 20 and records[-1]["reward"] > -0.5
+    assert {"reward_spread", "generations_per_s"} <= set(records[0])
+    assert max(r["reward_spread"] for r in records) > 0
+
+
+def test_batched_queries_give_the_in_place_rewards(tiny, reward_dir):
+    values = {}
+    for batched in ("false", "true"):
+        cfg = config.load(None, [a for a in settings(
+            tiny, method="zo-muon",
+            method_settings=f"{{lr = 1e-2, eps = 1.0, rank = 4, batched = {batched}}}")
+            if a != "--set"])
+        run = build(cfg)
+        examples = run.splits.train
+        run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+        values[batched] = run.opt.last_values
+    assert values["true"] == values["false"] and len(set(values["true"])) > 1
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("myreward:raises", "the reward raised KeyError"),
+    ("myreward:text", "returned 'high', not a finite number"),
+    ("myreward:missing", "has no function 'missing'"),
+    ("nomodule:fn", "cannot import 'nomodule'"),
+    ("colons", "name a built-in reward")])
+def test_a_reward_that_fails_stops_the_run_with_its_reason(tiny, reward_dir, capsys, reward,
+                                                           message):
+    out = reward_dir / "run"
+    code = main(["train", "--out", str(out), "--no-progress", *settings(tiny, reward),
+                 "--set", "steps=2"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_reward_task_settings_are_checked():
+    countdown = config.load(None, ["task.name=\"countdown\""]).task
+    assert (countdown.kind, countdown.reward) == ("reward", "countdown")
+    with pytest.raises(Exception, match="task.reward scores the completions"):
+        config.load(None, ["task.reward=\"conciseness\""])
+    with pytest.raises(Exception, match="needs task.reward"):
+        config.load(None, ["task.kind=\"reward\"", "task.name=\"file\""])
+    with pytest.raises(Exception, match="is a reward task"):
+        config.load(None, ["task.name=\"countdown\"", "task.kind=\"generation\""])
+
+
+def test_countdown_splits_are_generated_from_the_task_seed():
+    a = load_task("countdown", train=20, dev=5, test=5, seed=7, kind="reward")
+    b = load_task("countdown", train=20, dev=5, test=5, seed=7, kind="reward")
+    assert a.train == b.train and len(a.dev) == 5 and a.labels == []
+    row = a.train[0].row
+    assert sorted(row) == ["numbers", "solution", "target"]
+    assert a.train[0].prompt.endswith("<think>")
