@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from zoptim.tasks.data import orange_corpora, read_orange_tab
+from zoptim.tasks.data import DataError, orange_corpora, read_orange_tab
 
 # The corpus's class codes and the topic names the prompt offers, in the prompt's order.
 TOPICS = {
@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.words < 1:
         parser.error("--words must be at least 1")
-    files = args.source or orange_corpora("reuters-r8")
+    try:
+        files = args.source or orange_corpora("reuters-r8")
+    except DataError as err:
+        parser.error(str(err))
     lines = [json.dumps(row) + "\n" for row in rows(files, args.words)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

@@ -68,10 +68,16 @@ def test_bench_refuses_a_config_without_methods(tmp_path, capsys):
 
 
 def _queries_a_step(cfg) -> int:
-    """Evaluations a step of the method a cell runs, from its settings."""
-    directions = cfg.method.settings.get("directions")
-    return {"mezo": 2, "subspace-mezo": 2, "lozo": 2, "hizoo": 3, "zo-muon": (directions or 4) + 1,
-            "zo-mopi": (directions or 4) + 1, "fzoo": (directions or 8) + 1}[cfg.method.name]
+    """Evaluations a step of the method a cell runs, from its settings (or its default)."""
+    import inspect
+
+    import zoptim
+
+    fixed = {"mezo": 2, "subspace-mezo": 2, "lozo": 2, "hizoo": 3}
+    if cfg.method.name in fixed:
+        return fixed[cfg.method.name]
+    default = inspect.signature(zoptim.METHODS[cfg.method.name]).parameters["directions"]
+    return cfg.method.settings.get("directions", default.default) + 1  # one-sided + baseline
 
 
 @pytest.mark.parametrize("name, cells, budget", [

@@ -65,7 +65,7 @@ def test_arithmetic_is_exact(text, value):
 
 @pytest.mark.parametrize("text, message", [
     ("1 / (2 - 2)", "division by zero"), ("2 ** 3", "where a number belongs"),
-    ("x + 1", "not arithmetic"), ("1_000", "not arithmetic"), ("1 2", "after the end"),
+    ("x + 1", "not arithmetic"), ("1_000", "not arithmetic"), ("\u0661 + 1", "not arithmetic"), ("1 2", "after the end"),
     ("1 +", "ends too early"), ("", "empty"), ("9" * 300, "longer than"),
     ("(" * (MAX_DEPTH + 1) + "1" + ")" * (MAX_DEPTH + 1), "nested deeper"),
     ("-" * (MAX_DEPTH + 1) + "1", "nested deeper")])

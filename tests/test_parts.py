@@ -114,8 +114,11 @@ def test_partial_orthogonalization_keeps_k_directions_and_converges_to_the_svd_t
     for _ in range(60):
         out = po(m, state)
     torch.testing.assert_close(out, truncation, atol=1e-8, rtol=0)
-    # k beyond the matrix's rank is capped by it
+    # k beyond the matrix's rank is capped by it, and a zero estimate gives a zero step
     assert torch.linalg.matrix_rank(PartialOrthogonalize(50)(m, {})) == 6
+    zero = {}
+    for _ in range(2):  # the SVD start, then a sweep
+        assert torch.equal(PartialOrthogonalize(3)(torch.zeros(6, 10), zero), torch.zeros(6, 10))
 
 
 def test_fzoos_step_ignores_the_losss_scale_and_offset():
@@ -160,6 +163,19 @@ def test_an_es_step_is_the_normalized_average_of_its_members_directions(antithet
     scores = (values - values.mean()) / (values.std(unbiased=False) + 1e-8)
     step = -lr * sum(s * z for s, z in zip(scores, seen)) / 4
     torch.testing.assert_close(x.detach() - start, step, atol=1e-5, rtol=1e-4)
+
+
+def test_es_ranks_share_ties_and_equal_values_take_no_step():
+    from zoptim.parts.estimators import centred_ranks
+
+    assert centred_ranks([0.1, 1.1, 0.1, 0.0]) == [0.0, 0.5, 0.0, -0.5]
+    for antithetic, rank_transform in ((False, True), (True, True), (False, False)):
+        x, _, _ = convex()
+        start = x.detach().clone()
+        opt = zoptim.ES([x], lr=1.0, eps=0.01, members=4, antithetic=antithetic,
+                        rank_transform=rank_transform, seed=0)
+        opt.step(lambda: torch.tensor(0.1))  # every member scores the same
+        torch.testing.assert_close(x.detach(), start, atol=1e-6, rtol=0)  # probes undone
 
 
 def test_es_refuses_an_odd_population_of_mirrored_pairs():

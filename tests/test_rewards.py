@@ -7,6 +7,7 @@ import pytest
 
 from zoptim.cli import main
 from zoptim.runs import config
+from zoptim.runs.config import ConfigError
 from zoptim.runs.run import audit, build
 from zoptim.tasks.data import load_task
 
@@ -94,15 +95,35 @@ def test_a_reward_that_fails_stops_the_run_with_its_reason(tiny, reward_dir, cap
     assert message in capsys.readouterr().err
 
 
-def test_reward_task_settings_are_checked():
-    countdown = config.load(None, ["task.name=\"countdown\""]).task
-    assert (countdown.kind, countdown.reward) == ("reward", "countdown")
-    with pytest.raises(Exception, match="task.reward scores the completions"):
-        config.load(None, ["task.reward=\"conciseness\""])
-    with pytest.raises(Exception, match="needs task.reward"):
-        config.load(None, ["task.kind=\"reward\"", "task.name=\"file\""])
-    with pytest.raises(Exception, match="is a reward task"):
-        config.load(None, ["task.name=\"countdown\"", "task.kind=\"generation\""])
+@pytest.mark.parametrize("overrides, message", [
+    (["task.reward=\"conciseness\""], "task.reward scores the completions"),
+    (["task.kind=\"reward\"", "task.name=\"file\""], "needs task.reward"),
+    (["task.name=\"countdown\"", "task.kind=\"generation\""], "is a reward task"),
+    (["task.name=\"countdown\"", "task.demonstrations=2"], "no solutions to show"),
+    (["task.name=\"countdown\"", "method.name=\"adamw\"", "method.settings={}"],
+     "follows a gradient"),
+    (["task.name=\"squad\"", "task.objective=\"f1\"", "method.name=\"forward-gradient\"",
+      "method.settings={}"], "follows a gradient")])
+def test_reward_task_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, overrides)
+
+
+def test_a_reward_task_leaves_the_loss_jump_test_off_unless_asked():
+    countdown = config.load(None, ["task.name=\"countdown\""])
+    assert (countdown.task.kind, countdown.task.reward, countdown.guard.spike) == \
+        ("reward", "countdown", 0.0)
+    asked = config.load(None, ["task.name=\"countdown\"", "guard.spike=5.0"])
+    assert asked.guard.spike == 5.0 and config.load(None, []).guard.spike == 10.0
+
+
+def test_rows_a_built_in_reward_cannot_score_are_refused_before_the_model(tiny, reward_dir,
+                                                                       capsys):
+    code = main(["train", "--out", str(reward_dir / "run"), "--no-progress",
+                 *settings(tiny, "countdown"), "--set", "steps=1"])
+    assert code == 2
+    assert "the countdown reward needs 'numbers'" in capsys.readouterr().err
+    assert not (reward_dir / "run" / "checkpoint-0").exists()
 
 
 def test_countdown_splits_are_generated_from_the_task_seed():

@@ -8,15 +8,7 @@ from zoptim.engine.optimizer import ZOOptimizer
 from zoptim.parts.estimators import Comparison, Ranking
 
 
-class OrdinalMethod(ZOOptimizer):
-    """The estimate's scale comes from the ranks or signs, not from ``eps``, so ``lr`` is the
-    step length along it."""
-
-    def coefficients(self, group, dirs) -> list[float]:
-        return [d.diff / len(dirs) for d in dirs]
-
-
-class ZORankSGD(OrdinalMethod):
+class ZORankSGD(ZOOptimizer):
     """ZO-RankSGD (Tang et al., 2024, ICLR, arXiv 2303.03751): ``candidates`` perturbations
     ``x + eps z_i`` are ranked, and ``x <- x - lr * g`` with ``g`` the rank-weighted sum of
     ``estimators.Ranking``. The closure's values are used only through their order; with
@@ -38,7 +30,7 @@ class ZORankSGD(OrdinalMethod):
                          seed=seed)
 
 
-class ZOComparison(OrdinalMethod):
+class ZOComparison(ZOOptimizer):
     """Descent from a comparison oracle: per direction, only which of ``x + eps z`` and
     ``x - eps z`` is better is known (``estimators.Comparison``); ``x <- x - lr * mean_i
     sign_i z_i``. With ``ask``/``tell(better=...)`` the objective need only compare.

@@ -200,7 +200,7 @@ class ZOMuon(SubspaceMeZO):
     def transforms(self, group):
         if not group["matrix"]:
             return []
-        beta = group["momentum"]
+        beta = group.get("momentum", 0.0)  # groups saved before the option have none
         averaged = [Momentum(beta, dampening=beta)] if beta else []
         return averaged + [self._orthogonalize(group)]
 

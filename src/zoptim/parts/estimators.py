@@ -13,9 +13,10 @@ a forward-mode derivative instead. It returns:
 - the shifts still applied, which the update undoes (fused with it where it can).
 
 For the difference estimators here ``E[diff / eps * z] = grad f`` on a quadratic with
-``E[z z^T] = I``. The normalized ones (FZOO's ``StdNormalized``, evolution strategies'
-``Population``) declare ``unit_free``: their ``diff`` is a unit-free score the optimizer does
-not divide by ``eps``, and their step points along the gradient without estimating its size.
+``E[z z^T] = I``. The normalized and ordinal ones (FZOO's ``StdNormalized``, evolution
+strategies' ``Population``, ``Ranking``, ``Comparison``) declare ``unit_free``: their ``diff``
+is a unit-free score the optimizer does not divide by ``eps``, so ``lr`` is the step's length
+along the direction they point to.
 """
 
 from __future__ import annotations
@@ -163,11 +164,18 @@ class Population:
 
 
 def centred_ranks(values: list[float]) -> list[float]:
-    """Each value's rank (0: the lowest) scaled to ``[-0.5, 0.5]``; ties keep their order."""
+    """Each value's rank (0: the lowest) scaled to ``[-0.5, 0.5]``; tied values share their
+    average rank, so equal values never decide a step (discrete rewards tie often)."""
     order = sorted(range(len(values)), key=lambda k: values[k])
     ranks = [0.0] * len(values)
-    for place, k in enumerate(order):
-        ranks[k] = place / (len(values) - 1) - 0.5
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in order[start:end + 1]:
+            ranks[k] = (start + end) / 2 / (len(values) - 1) - 0.5
+        start = end + 1
     return ranks
 
 
@@ -188,6 +196,7 @@ class Ranking:
     ``diff`` carries ``m`` times that weight (the optimizer averages over directions)."""
 
     forward_mode = False
+    unit_free = True  # the scale comes from the ranks, not from eps
 
     def __init__(self, candidates: int = 4):
         self.candidates = candidates
@@ -210,6 +219,7 @@ class Comparison:
     One-bit, Comparison-Based Gradient Estimator", ACHA). ``diff`` carries the sign."""
 
     forward_mode = False
+    unit_free = True
 
     def __init__(self, pairs: int = 1):
         self.pairs = pairs

@@ -181,11 +181,13 @@ class Orthogonalize(Transform):
 
 
 class PartialOrthogonalize(Transform):
-    """Keep the top ``k`` singular directions of a matrix estimate, each at singular value 1,
-    and drop the rest: ``U_k V_k^T`` (ZO-MOPI's partial orthogonalization, Chen & Ma, 2026,
-    arXiv 2605.09034). One sweep of a streaming power iteration a step, warm-started from the
-    last step's right vectors: ``V <- qr(M^T M V)``, ``U = M V`` with unit columns. Where the
-    iteration has converged this is the polar factor of the rank-``k`` SVD truncation.
+    """Keep the top ``k`` singular directions of a matrix estimate and drop the rest:
+    ``U_k V_k^T`` (ZO-MOPI's partial orthogonalization, Chen & Ma, 2026, arXiv 2605.09034).
+    One sweep of a streaming power iteration a step, warm-started from the last step's right
+    vectors: ``V <- qr(M^T M V)``, ``U = M V`` with unit columns (as the authors' code; not
+    orthogonalized, so its singular values are 1 only once the iteration has converged, when
+    the result is the polar factor of the rank-``k`` SVD truncation). The result has rank
+    ``k`` at most.
 
     The first step (and a change of ``k``) starts from ``M``'s exact top-``k`` right singular
     vectors, an SVD of the small estimate, so no random start is drawn. ``V`` lives on the

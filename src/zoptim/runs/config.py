@@ -68,7 +68,7 @@ class GuardConfig(_Strict):
     ``spike`` times the median of the last ``window`` accepted losses, is skipped; after
     ``max_consecutive`` skipped steps in a row the run stops with its last good state saved."""
 
-    spike: float = Field(10.0, ge=0)  # 0 disables the spike test
+    spike: float = Field(10.0, ge=0)  # 0 disables the spike test (the default for rewards)
     window: int = Field(20, ge=1)
     max_consecutive: int = Field(5, ge=1)
 
@@ -106,9 +106,26 @@ class TrainConfig(_Strict):
                 "minilm-l6" if self.task.kind == "classification" else "smollm2-135m"
         _check_model_kind(self.task.name, self.model.name, images)
         _check_kind(self.task)
+        _check_gradient_free(self)
         if not images:
             _check_label_words(self.task)
         return self
+
+
+def _check_gradient_free(cfg: "TrainConfig") -> None:
+    """A reward or a metric of generations has no gradient: refuse the methods that need one,
+    and leave the loss guard's jump test off for rewards (whose levels may be any sign), unless
+    it is asked for."""
+    from zoptim.methods.first_order import BASELINES
+
+    if cfg.task.kind != "reward" and cfg.task.objective == "loss":
+        return
+    if cfg.method.name in BASELINES or cfg.method.name == "forward-gradient":
+        raise ValueError(f"method {cfg.method.name!r} follows a gradient, and a reward or a "
+                         "metric of greedy generations has none: choose a zeroth-order method "
+                         "(es, zo-muon, mezo, ...)")
+    if cfg.task.kind == "reward" and "spike" not in cfg.guard.model_fields_set:
+        cfg.guard = cfg.guard.model_copy(update={"spike": 0.0})
 
 
 def _check_model_kind(task_name: str, model_name: str, images: bool) -> None:
@@ -166,6 +183,9 @@ def _check_reward(task: TaskConfig) -> None:
     if task.reward is None:
         raise ValueError("a reward task needs task.reward: 'countdown', 'conciseness' or "
                          "the user's 'module:function'")
+    if task.demonstrations:
+        raise ValueError("task.demonstrations puts solved examples before a prompt; a reward "
+                         "task has no solutions to show")
 
 
 def _check_kind(task: TaskConfig) -> None:

@@ -116,6 +116,10 @@ def _decoder_objective(cfg: TrainConfig, splits: Splits):
     from zoptim.integrations.completions import CompletionObjective
 
     t = cfg.task
+    if t.kind == "reward":  # rows a built-in reward cannot score: refused before the model
+        from zoptim.tasks.rewards import check_rows
+
+        check_rows(t.reward, [*splits.train, *splits.dev, *splits.test])
     model, tokenizer, decoder = _language_model(cfg)
     if not decoder:
         raise RunError(f"task.kind={t.kind!r} needs a decoder (a causal language model); "

@@ -22,7 +22,7 @@ from fractions import Fraction
 MAX_LENGTH = 256
 MAX_DEPTH = 32
 
-_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|(.))")
+_TOKEN = re.compile(r"\s*(?:([0-9]+(?:\.[0-9]+)?)|(.))")
 
 
 class NotArithmetic(ValueError):
@@ -112,7 +112,3 @@ def evaluate(text: str) -> Fraction:
         raise NotArithmetic(f"{parser.peek()!r} after the end of the expression")
     return value
 
-
-def numbers_in(text: str) -> list[Fraction]:
-    """The numbers an expression uses, in order."""
-    return [Fraction(t) for t in tokens(text) if t[0].isdigit()]

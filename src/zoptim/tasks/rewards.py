@@ -54,6 +54,28 @@ def conciseness_reward(prompt: str, completion: str, example: dict) -> float:
 BUILT_IN: dict[str, Reward] = {"countdown": countdown_reward, "conciseness": conciseness_reward}
 
 
+def _countdown_row(row: dict) -> bool:
+    numbers, target = row.get("numbers"), row.get("target")
+    return (isinstance(numbers, list) and bool(numbers)
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
+            and isinstance(target, (int, float)) and not isinstance(target, bool))
+
+
+# What a built-in reward reads from each row, checked before the model is loaded.
+NEEDS = {"countdown": ("'numbers' (a list of integers) and 'target' (a number)", _countdown_row),
+         "conciseness": ("an 'answer'", lambda row: "answer" in row)}
+
+
+def check_rows(name: str, examples: list["Prompted"]) -> None:
+    """Refuse the first row a built-in reward cannot score, naming it."""
+    if name not in NEEDS:
+        return
+    what, ok = NEEDS[name]
+    for n, e in enumerate(examples, 1):
+        if not ok(e.row):
+            raise DataError(f"row {n} ({e.prompt[:40]!r}): the {name} reward needs {what}")
+
+
 def load_reward(name: str) -> Reward:
     """A built-in reward by name, or the user's ``module:function``."""
     if name in BUILT_IN:
@@ -63,11 +85,12 @@ def load_reward(name: str) -> Reward:
         raise RewardError(f"task.reward={name!r}: name a built-in reward "
                           f"({', '.join(BUILT_IN)}) or a function as 'module:function'")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # the user's module beside their config
+        sys.path.append(str(Path.cwd()))  # the user's module beside their config, last
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RewardError(f"task.reward={name!r}: cannot import {module_name!r} ({err})") from None
+    except Exception as err:  # the user's module: not found, or failing as it loads
+        raise RewardError(f"task.reward={name!r}: cannot import {module_name!r} "
+                          f"({type(err).__name__}: {err})") from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise RewardError(f"task.reward={name!r}: {module_name} has no function {function!r}")
