@@ -133,3 +133,17 @@ def test_countdown_splits_are_generated_from_the_task_seed():
     row = a.train[0].row
     assert sorted(row) == ["numbers", "solution", "target"]
     assert a.train[0].prompt.endswith("<think>")
+
+
+def test_a_countdown_run_scores_its_generated_puzzles(tiny, tmp_path):
+    out = tmp_path / "run"
+    line = ["train", "--out", str(out), "--no-progress"]
+    for s in [f"model.name={json.dumps(str(tiny))}", "task.name=\"countdown\"", "task.train=4",
+              "task.dev=2", "task.test=2", "batch_size=2", "task.max_new_tokens=4",
+              "model.max_length=128", "method.name=\"es\"", "method.settings={members = 2}",
+              "steps=1"]:
+        line += ["--set", s]
+    assert main(line) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "reward" and summary["after"]["test_acc"] == 0.0
+    assert json.loads((out / "split.json").read_text())["sizes"] == [4, 2, 2]
