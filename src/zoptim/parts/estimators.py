@@ -96,7 +96,7 @@ class OneSided:
 Forward = OneSided  # the 0.1 name
 
 
-class StdNormalized:
+class StdNormalized(OneSided):
     """FZOO's estimator (Dang et al., 2025, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning
     Large Language Models towards Adam-Scale Speed", arXiv 2506.09034): one-sided differences
     ``f(x + eps z_i) - f(x)`` against one baseline for ``directions`` directions, each divided
@@ -110,16 +110,16 @@ class StdNormalized:
     unit_free = True  # the optimizer does not divide these diffs by eps
 
     def __init__(self, directions: int = 8):
-        self.directions = _count(directions)
+        super().__init__(directions)
         if self.directions < 2:
             raise ValueError(f"directions={directions!r} is invalid: a spread needs at least 2")
 
     def __call__(self, probe: Probe, step_seed: int):
-        seeds = _seeds(step_seed, self.directions)
-        (base, *values), pending = probe.evaluate_points([None] + [(s, 1.0) for s in seeds])
-        spread = statistics.pstdev(values)
-        return base, [Direction(s, (v - base) / spread if spread > 0 else 0.0)
-                      for s, v in zip(seeds, values)], pending
+        base, dirs, pending = super().__call__(probe, step_seed)
+        # the differences' spread is the perturbed losses' (the baseline shifts them all)
+        spread = statistics.pstdev([d.diff for d in dirs])
+        return base, [Direction(d.seed, d.diff / spread if spread > 0 else 0.0)
+                      for d in dirs], pending
 
 
 class Population:
