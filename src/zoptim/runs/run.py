@@ -116,10 +116,7 @@ def _decoder_objective(cfg: TrainConfig, splits: Splits):
     from zoptim.integrations.completions import CompletionObjective
 
     t = cfg.task
-    if t.kind == "reward":  # rows a built-in reward cannot score: refused before the model
-        from zoptim.tasks.rewards import check_rows
-
-        check_rows(t.reward, [*splits.train, *splits.dev, *splits.test])
+    reward = _reward(t.reward, splits) if t.kind == "reward" else None
     model, tokenizer, decoder = _language_model(cfg)
     if not decoder:
         raise RunError(f"task.kind={t.kind!r} needs a decoder (a causal language model); "
@@ -127,17 +124,24 @@ def _decoder_objective(cfg: TrainConfig, splits: Splits):
     torch.manual_seed(cfg.seed)  # adapters are initialized from the run's seed
     if t.kind == "multiple_choice":
         return ChoiceObjective(model, tokenizer, cfg.model.max_length, t.length_normalized)
-    if t.kind == "reward":
+    if reward is not None:
         from zoptim.integrations.rewards import RewardObjective
-        from zoptim.tasks.rewards import RewardError, load_reward
 
-        try:
-            reward = load_reward(t.reward)
-        except RewardError as err:
-            raise RunError(str(err)) from None
         return RewardObjective(model, tokenizer, reward, cfg.model.max_length, t.max_new_tokens)
     return CompletionObjective(model, tokenizer, cfg.model.max_length, t.metric,
                                t.max_new_tokens, t.objective)
+
+
+def _reward(name: str, splits: Splits):
+    """The reward task's reward function, found and its rows checked before the model loads:
+    a missing module or a row a built-in reward cannot score fails in a second."""
+    from zoptim.tasks.rewards import RewardError, check_rows, load_reward
+
+    check_rows(name, [*splits.train, *splits.dev, *splits.test])
+    try:
+        return load_reward(name)
+    except RewardError as err:
+        raise RunError(str(err)) from None
 
 
 def _prompt_classifier(cfg: TrainConfig, splits: Splits) -> PromptClassifier:
