@@ -1,6 +1,7 @@
-"""The low-rank methods: LOZO, SubZero, subspace MeZO, the flagship ZO-Muon and ZO-MOPI. Matrices are
-perturbed in a low-rank space; vectors (biases, norms) take dense steps. Given the model,
-a step's evaluations run as one forward pass on a stacked batch (batched queries)."""
+"""The low-rank methods: LOZO, SubZero, subspace MeZO, the flagship ZO-Muon and ZO-MOPI.
+Matrices are perturbed in a low-rank space; vectors (biases, norms) take dense steps. Given
+the model, a step's evaluations run as one forward pass on a stacked batch (batched
+queries)."""
 
 from __future__ import annotations
 
