@@ -26,6 +26,7 @@ METHODS = {
     "zo-mopi": (zoptim.ZOMOPI, dict(lr=3e-2, rank=8, resample_every=50, vector_lr=1e-2), 5),
     "fzoo": (zoptim.FZOO, dict(lr=1e-2), 9),
     "es": (zoptim.ES, dict(lr=3e-2, eps=1e-2, members=10), 10),
+    "eggroll": (zoptim.EGGROLL, dict(lr=3e-2, eps=1e-2, members=10, rank=4), 10),
     "zo-rank-sgd": (zoptim.ZORankSGD, dict(lr=1e-2, candidates=4), 4),
     "zo-comparison": (zoptim.ZOComparison, dict(lr=1e-2, pairs=2), 4),
 }

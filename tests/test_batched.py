@@ -11,7 +11,8 @@ import zoptim
 from zoptim.evaluators.batched import per_slice, stack
 
 LOW_RANK = [(zoptim.ZOMuon, dict(rank=4, directions=3)), (zoptim.SubspaceMeZO, dict(rank=4)),
-            (zoptim.LOZO, dict(rank=2)), (zoptim.SubZero, dict(rank=2))]
+            (zoptim.LOZO, dict(rank=2)), (zoptim.SubZero, dict(rank=2)),
+            (zoptim.EGGROLL, dict(rank=2, members=6))]
 
 
 class Net(torch.nn.Module):

@@ -184,3 +184,51 @@ def test_es_refuses_an_odd_population_of_mirrored_pairs():
         zoptim.ES([x], members=5, antithetic=True)
     with pytest.raises(ValueError, match="members"):
         zoptim.ES([x], members=1)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_an_eggroll_step_is_the_average_of_its_members_rank_r_directions(foreach):
+    """The members' perturbations are eps * A_n B_n^T / sqrt(r) of rank r (seen from inside
+    the closure), paired +-, and the step, assembled from the factors side by side, is
+    -lr * mean_n z_n E_n as for dense ES."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(9, 7, generator=g))
+    b = torch.nn.Parameter(torch.randn(7, generator=g))
+    start = [w.detach().clone(), b.detach().clone()]
+    lr, eps, rank = 0.1, 0.01, 2
+    opt = zoptim.EGGROLL([w, b], lr=lr, eps=eps, rank=rank, members=6, seed=4, foreach=foreach)
+    given = [3.0, -1.0, 0.5, 10.0, 2.0, 2.5]
+    seen = []
+
+    def closure():
+        seen.append([(p.detach() - s) / eps for p, s in zip((w, b), start)])
+        return torch.tensor(given[len(seen) - 1])
+
+    opt.step(closure)
+    assert len(seen) == 6
+    for n in range(6):
+        direction = seen[n][0].double()
+        assert torch.linalg.matrix_rank(direction, atol=1e-3) == rank
+        if n % 2:
+            torch.testing.assert_close(seen[n][0], -seen[n - 1][0], atol=1e-4, rtol=0)
+    # E|E_n|^2 = m n: unit entries on average, as dense noise (a loose check of 1 / sqrt(r))
+    mean_square = torch.stack([s[0] for s in seen[::2]]).pow(2).mean()
+    assert 0.2 < float(mean_square) < 5
+    values = torch.tensor(given)
+    scores = (values - values.mean()) / (values.std(unbiased=False) + 1e-8)
+    for i, p in enumerate((w, b)):
+        step = -lr * sum(z * s[i] for z, s in zip(scores, seen)) / 6
+        torch.testing.assert_close(p.detach() - start[i], step, atol=1e-4, rtol=1e-3)
+
+
+def test_eggroll_refuses_transforms_on_its_matrices():
+    from zoptim.engine.plan import PopulationSet, Slot, StepPlan
+    from zoptim.parts.spaces import Bilinear
+    from zoptim.parts.transforms import Momentum
+
+    w = torch.zeros(4, 3)
+    slot = Slot(w, 0, {"lr": 1.0, "eps": 1.0, "weight_decay": 0.0}, Bilinear(2), [Momentum(0.9)])
+    with pytest.raises(ValueError, match="take no transforms"):
+        StepPlan.build([slot], {w: {}})
+    plan = StepPlan.build([Slot(w, 0, slot.group, Bilinear(2), [])], {w: {}})
+    assert isinstance(plan.sets[0], PopulationSet)

@@ -15,6 +15,7 @@ from zoptim.methods import (
     METHODS,
     ZOMOPI,
     ZOSGD,
+    EGGROLL,
     ES,
     Composed,
     ForwardGradient,

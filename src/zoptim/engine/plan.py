@@ -25,6 +25,7 @@ written by one ``_foreach_add_``: a few launches a set.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -33,7 +34,7 @@ import torch
 
 from zoptim.noise import add_noise_many_, fill_rows_, mix
 from zoptim.parts.estimators import Point
-from zoptim.parts.spaces import Factored, Space, as_matrix, factor_keys
+from zoptim.parts.spaces import Bilinear, Factored, Space, as_matrix, factor_keys
 from zoptim.parts.transforms import StateStack, Transform
 
 _MISSING = object()  # a state entry that did not exist
@@ -332,6 +333,64 @@ class HeldSet(TensorSet):
     def add_directions_(self, draw, weights):
         self.apply_(self.combine(draw, list(weights.items()), self._C))
 
+    # -- per-slice operands of a batched evaluation ------------------------------------------
+    def slice_coords_(self, out: torch.Tensor, coords: torch.Tensor, alpha: float) -> None:
+        """``out`` = one slice's coordinates ``coords`` scaled so that the slice's
+        perturbation is ``alpha * z`` (the space's constant ``s`` included)."""
+        scale = self.space.scale(self.factors) if self.factored else 1.0
+        torch.mul(coords, alpha * scale, out=out)
+
+    def slice_factors(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors ``(A, B)`` of each slice's perturbation from the per-slice coordinates
+        ``Z`` ``(L, S, *coords)`` that ``slice_coords_`` wrote (see ``Factored``)."""
+        return self.space.slice_factors(self.factors, Z)
+
+
+class PopulationSet(HeldSet):
+    """Matrices under a space bilinear in its coordinates (``spaces.Bilinear``, EGGROLL's
+    ``A B^T / sqrt(r)``, both factors per query). A weighted sum of directions is the product
+    of their factors side by side, each ``A`` block scaled by its weight (and ``1 / sqrt(r)``):
+    ``combine`` returns those stacked coordinates, ``((m + n), k r)`` a tensor, and ``apply_``
+    lifts them in one product a chunk. Transforms would need the dense estimate: none are
+    taken."""
+
+    def __init__(self, slots, states, foreach, lift_buffer=None, placement=None):
+        super().__init__(slots, states, foreach, lift_buffer, placement)
+        if self.chain:
+            raise ValueError(f"{type(self.space).__name__} perturbations take no transforms "
+                             "(momentum, orthogonalization): their estimate is never dense")
+        self.s = 1.0 / math.sqrt(self.r)
+
+    def prepare(self, step, seed, undo):
+        pass  # no factors are kept
+
+    def combine(self, draw, weights, out=None, start=None, start_weight=1.0):
+        cols = draw.columns[self]
+        weights = [(seed, w) for seed, w in weights if w]
+        if not weights:
+            return None
+        C = torch.cat([cols[draw.column(seed)] for seed, _ in weights], dim=-1)
+        w = torch.tensor([w * self.s for _, w in weights], dtype=C.dtype, device=C.device)
+        C[:, :self.m].mul_(w.repeat_interleave(self.r))
+        return C
+
+    def apply_(self, C, alpha=1.0):
+        if C is None:
+            return
+        A, Bt = self.space.split(C, self.m)
+        if self.foreach:
+            self._apply_chunked(A, Bt, alpha)
+            return
+        for p, a, bt in zip(self.params, A.unbind(0), Bt.unbind(0)):
+            as_matrix(p).addmm_(a, bt, alpha=alpha)
+
+    def slice_coords_(self, out, coords, alpha):
+        out.copy_(coords)
+        out[:, :self.m].mul_(alpha * self.s)
+
+    def slice_factors(self, Z):
+        return self.space.split(Z, self.m)
+
 
 class StreamedSet(TensorSet):
     """Dense noise regenerated whenever it is needed (see the module's docstring)."""
@@ -452,7 +511,8 @@ class StepPlan:
             states = [state[s.p] for s in members]
             kind = key[1]
             if kind == "held":
-                made = HeldSet(members, states, foreach, plan.lift_buffer, key[-2:])
+                held = PopulationSet if isinstance(members[0].space, Bilinear) else HeldSet
+                made = held(members, states, foreach, plan.lift_buffer, key[-2:])
             elif kind == "streamed":
                 made = StreamedSet(members, states)
             else:

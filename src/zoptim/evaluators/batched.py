@@ -184,10 +184,9 @@ class _Operands:
                                         a * tset.group["eps"], tset.scratch)
             return
         cols = draw.columns[tset]
-        scale = tset.space.scale(tset.factors) if self.factored else 1.0
         for zs, (j, a) in zip(self.slices, self.layout):
             if j is not None:
-                torch.mul(cols[j], a * tset.group["eps"] * scale, out=zs)
+                tset.slice_coords_(zs, cols[j], a * tset.group["eps"])
         if self.factored:
             self._factor_views()
 
@@ -198,7 +197,7 @@ class _Operands:
         key = tuple(id(tset.factors[n]) for n in tset.space.factors)
         if key == self._factors_id:
             return
-        A, B = tset.space.slice_factors(tset.factors, self.scaled)
+        A, B = tset.slice_factors(self.scaled)
         self.shared_left = A.dim() == 3  # A is (L, m, r): one factor for every slice
         self.left_shared = list(A.unbind(0)) if self.shared_left else None
         self.left, self.right = self._per_slice(A), self._per_slice(B)

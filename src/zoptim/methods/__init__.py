@@ -16,7 +16,7 @@ from zoptim.methods.dense import (
     ZOSGDMomentum,
     ZOSignSGD,
 )
-from zoptim.methods.evolution import ES
+from zoptim.methods.evolution import EGGROLL, ES
 from zoptim.methods.ordinal import ZOComparison, ZORankSGD
 from zoptim.methods.subspace import LOZO, ZOMOPI, SubspaceMeZO, SubZero, ZOMuon
 
@@ -36,6 +36,7 @@ METHODS = {
     "zo-mopi": ZOMOPI,
     "fzoo": FZOO,
     "es": ES,
+    "eggroll": EGGROLL,
     "zo-rank-sgd": ZORankSGD,
     "zo-comparison": ZOComparison,
 }

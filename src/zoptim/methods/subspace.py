@@ -13,9 +13,7 @@ from zoptim.parts.estimators import Central, OneSided
 from zoptim.parts.spaces import Dense, LowRank, Projected, TwoSided
 from zoptim.parts.transforms import Momentum, Orthogonalize, PartialOrthogonalize
 
-LOW_RANK_ARGS = COMMON_ARGS + """
-        rank: the rank of a matrix's perturbation (capped by the matrix).
-        resample_every: steps between redraws of the fixed factors.
+BATCHING_ARGS = """
         model: the module the closure runs. Given it, a step evaluates all its points in
             one forward pass on a stacked batch, the perturbations applied to activations
             (``zoptim.evaluators.batched``): the closure is then called as
@@ -25,6 +23,9 @@ LOW_RANK_ARGS = COMMON_ARGS + """
             requires the model.
         max_slices: at most this many points in one stacked forward pass (the activation
             memory); more are evaluated in chunks."""
+LOW_RANK_ARGS = COMMON_ARGS + """
+        rank: the rank of a matrix's perturbation (capped by the matrix).
+        resample_every: steps between redraws of the fixed factors.""" + BATCHING_ARGS
 
 
 def documented(cls):

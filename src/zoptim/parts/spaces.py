@@ -13,6 +13,7 @@ HessianScaled   noise(key) / sqrt(H)        z itself            diagonal Hessian
 Projected       P @ Psi                     Psi  (r x n)        P  (m x r, orthonormal)
 LowRank         U @ V^T                     U    (m x r)        V  (n x r, Gaussian)
 TwoSided        s * U @ Z @ V^T             Z    (r x r)        U, V  (orthonormal)
+Bilinear        A @ B^T / sqrt(r)           [A; B] ((m+n) x r)  none
 ==============  ==========================  ==================  ===========================
 
 The coordinates of a key are always the noise of that key in the coordinates' shape, so a
@@ -331,6 +332,44 @@ class TwoSided(Factored):
 
     def transfer(self, c, old, new):
         return new["U"].mT @ old["U"] @ c @ old["V"].mT @ new["V"]
+
+
+class Bilinear(Factored):
+    """EGGROLL's perturbation ("Evolution Strategies at the Hyperscale", Sarkar et al., 2025,
+    arXiv 2511.16652): ``z = A @ B^T / sqrt(r)`` with ``A`` (m x r) and ``B`` (n x r) both
+    Gaussian and both drawn per query, so nothing is kept between steps. The coordinates of
+    a query are its two factors stacked, ``[A; B]`` ((m + n) x r).
+
+    Unlike the other spaces, ``z`` is bilinear in its coordinates: a weighted sum of
+    perturbations is not the perturbation of the weighted coordinates. The step plan keeps
+    the directions apart (``engine.plan.PopulationSet``): the sum of ``k`` directions is the
+    product of their factors side by side, ``[w_1 A_1, ..., w_k A_k] [B_1, ..., B_k]^T``, a
+    rank-``k r`` matrix lifted in one product, never a dense noise tensor."""
+
+    factors = ()
+
+    def __init__(self, rank: int, noise_kind: str = "gaussian"):
+        super().__init__(rank, resample_every=1, noise_kind=noise_kind)
+
+    def effective_rank(self, m, n):
+        return min(self.rank, m, n)
+
+    def shape_of(self, m, n, r):
+        return m + n, r
+
+    def draw(self, keys, m, n, r, dtype, device):
+        return {}
+
+    def split(self, C: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors ``(A, B^T)`` of stacked coordinates ``C`` (``(..., m + n, R)``)."""
+        return C[..., :m, :], C[..., m:, :].mT
+
+    def perturb_(self, p, state, key, alpha, scratch):
+        m, n = as_matrix(p).shape
+        r = self.effective_rank(m, n)
+        C = noise(key, self.shape_of(m, n, r), self.noise_kind, p.dtype, p.device)
+        a, bt = self.split(C, m)
+        as_matrix(p).addmm_(a, bt, alpha=alpha / math.sqrt(r))
 
 
 def factor_keys(space: Factored, seed: int, indices: list[int], epoch: int) -> list[int]:
