@@ -16,6 +16,10 @@ REWARD_MODULE = '''
 def colons(prompt, completion, example):
     return -completion.count(":") / max(len(completion), 1)
 
+def consistent(prompt, completion, example):
+    a, b = (int(w.rstrip("?")) for w in prompt.split() if w.rstrip("?").isdigit())
+    return float(example["id"] == 4 * a + b)
+
 def raises(prompt, completion, example):
     raise KeyError("score")
 
@@ -167,3 +171,42 @@ def test_a_countdown_run_scores_its_generated_puzzles(tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "reward" and summary["after"]["test_acc"] == 0.0
     assert json.loads((out / "split.json").read_text())["sizes"] == [4, 2, 2]
+
+
+def test_grpo_trains_through_trl_on_the_same_prompts_and_reward(tiny, reward_dir):
+    """The first-order baseline: TRL's GRPOTrainer on the run's model, its prompts and its
+    reward (each completion scored with its own prompt's row), writing a zoptim run's
+    records with generations counted."""
+    pytest.importorskip("trl")
+    out = reward_dir / "run"
+    line = ["train", "--out", str(out), "--no-progress", "--set", "steps=3", "--set",
+            "eval_every=2", *settings(tiny, reward="myreward:consistent", method="grpo",
+                      method_settings="{lr = 1e-4, generations = 4}")]
+    assert main(line) == 0
+    records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generations"] for r in records] == [32, 64, 96]  # 8 prompts x 4 a step
+    assert all(r["reward"] == 1.0 for r in records)  # every completion met its own row
+    assert [("dev_acc" in r) for r in records] == [False, True, True]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["generations"] == 96 and summary["before"]["dev_acc"] == 1.0
+    with pytest.raises(ConfigError, match="needs a reward task"):
+        config.load(None, ["method.name=\"grpo\"", "method.settings={}"])
+    with pytest.raises(ConfigError, match="at least 2 completions"):
+        config.load(None, ["task.name=\"countdown\"", "method.name=\"grpo\"",
+                           "method.settings={generations = 1}"])
+
+
+def test_grpos_memory_counts_adamw_state_gradients_and_the_backward(tiny, reward_dir):
+    from zoptim.integrations.grpo import memory_of_step
+    from zoptim.runs.run import batch
+
+    run = build(config.load(None, [a for a in settings(tiny, method="grpo",
+                                                       method_settings="{generations = 2}")
+                                   if a != "--set"]))
+    row = memory_of_step(run, batch(run, 0))
+    params = sum(p.numel() * 4 for p in run.clf.parameters())
+    tensors = len(list(run.clf.parameters()))
+    # two moments and a gradient per parameter, and AdamW's step counters
+    assert row["params"] == params and 3 * params <= row["state"] <= 3 * params + 8 * tensors
+    assert row["transient"] > 0
+    assert row["total"] == row["params"] + row["state"] + row["transient"]

@@ -17,10 +17,12 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Curve:
-    """Dev accuracy at the evaluated steps, with the queries and seconds spent by then."""
+    """Dev accuracy (or reward) at the evaluated steps, with the queries and seconds spent by
+    then, and for a reward task the generations (completions decoded)."""
     queries: tuple[int, ...]
     seconds: tuple[float, ...]
     dev: tuple[float, ...]
+    generations: tuple[int, ...] | None = None
 
     @property
     def final(self) -> float:
@@ -33,15 +35,19 @@ def load_curve(metrics: str | Path) -> Curve:
     points = [r for r in rows if r.get("dev_acc") is not None]
     if not points:
         raise ValueError(f"{metrics}: no dev evaluation recorded")
+    generations = tuple(int(r["generations"]) for r in points) \
+        if all("generations" in r for r in points) else None
     return Curve(tuple(int(r["queries"]) for r in points),
                  tuple(float(r["elapsed_s"]) for r in points),
-                 tuple(float(r["dev_acc"]) for r in points))
+                 tuple(float(r["dev_acc"]) for r in points), generations)
 
 
 def first_reaching(curve: Curve, target: float, axis: str = "queries") -> float | None:
-    """The queries (or seconds) at the first evaluation whose dev accuracy is at least
-    ``target``; ``None`` if the curve never gets there."""
-    values = curve.queries if axis == "queries" else curve.seconds
+    """The queries (or ``axis``: seconds, generations) at the first evaluation whose dev
+    accuracy is at least ``target``; ``None`` if the curve never gets there."""
+    values = getattr(curve, axis)
+    if values is None:
+        raise ValueError(f"the curve has no {axis} recorded")
     for x, acc in zip(values, curve.dev):
         if acc >= target:
             return float(x)

@@ -242,7 +242,7 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
         if label in tuning:
             entry["tuning"] = tuning[label]
     results["environment"] = environment(config_path, command)
-    plots = accuracy_plots(curves, folder)
+    plots = accuracy_plots(curves, folder, reward=results["cost"] == "generations")
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     (folder / "report.md").write_text(report(results, [p.name for p in plots]))
     log(f"report: {folder / 'report.md'}")
@@ -266,7 +266,12 @@ def _memory(cfg, path: Path, update: bool) -> dict:
     from zoptim.runs.run import batch, build
 
     run = build(cfg)
-    row = memory.of_run(run, batch(run, 0), update)
+    if cfg.method.name == "grpo":
+        from zoptim.integrations.grpo import memory_of_step
+
+        row = memory_of_step(run, batch(run, 0))
+    else:
+        row = memory.of_run(run, batch(run, 0), update)
     write_json(path, row)
     return row
 
@@ -286,15 +291,25 @@ def _load_cells(cells: dict[str, dict[int, Path]]) -> tuple[dict, dict]:
     return curves, finals
 
 
-def _method_figures(curves: dict | None, base_curves: dict, finals: dict) -> dict:
+def cost_axis(finals: dict) -> str:
+    """What a benchmark's budget is counted in: queries, or for a reward task generations
+    (completions decoded), which zeroth-order methods and GRPO both spend."""
+    reward = any(s.get("metric") == "reward" for by_seed in finals.values()
+                 for s in by_seed.values())
+    return "generations" if reward else "queries"
+
+
+def _method_figures(curves: dict | None, base_curves: dict, finals: dict, cost: str) -> dict:
     """One method's derived figures from its curves (``None`` for an evaluation row) and
-    summaries by seed, against the baseline's curves."""
+    summaries by seed, against the baseline's curves; ``cost`` is the budget's axis."""
     figures = {}
     if curves is not None:  # a row that trains
-        q_seed, q = to_target(curves, base_curves, "queries")
+        q_seed, q = to_target(curves, base_curves, cost)
         t_seed, t = to_target(curves, base_curves, "seconds")
-        figures = {"queries_to_target": {"per_seed": q_seed, **q},
+        figures = {f"{cost}_to_target": {"per_seed": q_seed, **q},
                    "time_to_target": {"per_seed": t_seed, **t}}
+        if cost == "generations":
+            figures["generations"] = spread([c.generations[-1] for c in curves.values()])
     return {
         **figures,
         "final_dev": spread([s["after"]["dev_acc"] for s in finals.values()]),
@@ -308,10 +323,11 @@ def _method_figures(curves: dict | None, base_curves: dict, finals: dict) -> dic
 def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dict]:
     """Derived figures from the finished cells: ``cells[label][seed]`` is a run folder."""
     curves, finals = _load_cells(cells)
-    out = {"baseline": baseline, "methods": {}}
+    cost = cost_axis(finals)
+    out = {"baseline": baseline, "cost": cost, "methods": {}}
     for label in cells:
         out["methods"][label] = _method_figures(curves.get(label), curves[baseline],
-                                                finals[label])
+                                                finals[label], cost)
     return out, curves
 
 
@@ -338,18 +354,20 @@ def _fmt(s: dict, digits: int = 3) -> str:
 
 def _report_header(results: dict) -> list[str]:
     """The report's title, environment line, explanation and table header."""
-    base, env = results["baseline"], results["environment"]
+    base, env, cost = results["baseline"], results["environment"], results.get("cost",
+                                                                                 "queries")
+    score = "mean greedy reward" if cost == "generations" else "accuracy"
     return ["# Benchmark report\n",
             f"Command: `{' '.join(env['command'])}`; zoptim {env['zoptim']}, torch {env['torch']}, "
             f"Python {env['python']}, {env['machine']}, {env['threads']} threads, "
             f"GPU {env['cuda'] or 'none'}.\n",
             "Median [min, max] over seeds. The target of a "
-            f"seed is {base}'s final dev accuracy on it; a ratio is the queries (or seconds) a "
+            f"seed is {base}'s final dev {score} on it; a ratio is the {cost} (or seconds) a "
             f"method needed to first reach it over {base}'s.\n",
             "Memory is one step's: parameters, optimizer state and the step's transient peak "
             "(for a row that makes no update, one forward without gradients).\n",
-            "| method | queries to target / " + base + " | time to target / " + base +
-            " | final dev | final test | queries | memory (MiB) |",
+            f"| method | {cost} to target / {base} | time to target / {base} | final dev | "
+            f"final test | {cost} | memory (MiB) |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
 
 
@@ -361,10 +379,11 @@ def _report_rows(results: dict) -> list[str]:
     def memory(m: dict) -> str:
         return f"{m['memory']['total'] / (1 << 20):.0f}" if "memory" in m else "-"
 
-    return [f"| {label} | {to_target(m, 'queries_to_target')} | "
+    cost = results.get("cost", "queries")
+    return [f"| {label} | {to_target(m, f'{cost}_to_target')} | "
             f"{to_target(m, 'time_to_target')} | {_fmt(m['final_dev'])} | "
-            f"{_fmt(m['final_test'])} | {_fmt(m['queries'], 0)} | {memory(m)} |"
-            for label, m in results["methods"].items()]
+            f"{_fmt(m['final_test'])} | {_fmt(m[cost], 0) if cost in m else '-'} | "
+            f"{memory(m)} |" for label, m in results["methods"].items()]
 
 
 def _report_diverged(results: dict) -> list[str]:

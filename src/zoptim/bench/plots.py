@@ -1,5 +1,6 @@
-"""PNG plots of a benchmark: dev accuracy against queries and against wall time, one line per
-method and seed (matplotlib, without a display)."""
+"""PNG plots of a benchmark: dev accuracy against queries and against wall time (a reward
+task's dev reward against generations and wall time), one line per method and seed
+(matplotlib, without a display)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 from zoptim.bench.figures import Curve
 
 
-def accuracy_plots(curves: dict[str, dict[int, Curve]], folder: Path) -> list[Path]:
+def accuracy_plots(curves: dict[str, dict[int, Curve]], folder: Path,
+                   reward: bool = False) -> list[Path]:
+    """Dev accuracy against queries and wall time; for a reward task (``reward``), the greedy
+    dev reward against generations and wall time."""
     try:
         import matplotlib
 
@@ -17,20 +21,23 @@ def accuracy_plots(curves: dict[str, dict[int, Curve]], folder: Path) -> list[Pa
     except ImportError:
         return []
     written = []
-    for axis, xlabel in (("queries", "queries (forward evaluations)"), ("seconds", "wall time (s)")):
+    cost = ("generations", "generations (completions decoded)") if reward else \
+        ("queries", "queries (forward evaluations)")
+    what = "reward" if reward else "dev"
+    for axis, xlabel in (cost, ("seconds", "wall time (s)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (label, by_seed) in enumerate(curves.items()):
             color = f"C{i}"
             for j, (seed, c) in enumerate(sorted(by_seed.items())):
-                x = c.queries if axis == "queries" else c.seconds
+                x = getattr(c, axis)
                 ax.plot(x, c.dev, color=color, alpha=0.8, marker=".",
                         label=label if j == 0 else None)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("dev accuracy")
+        ax.set_ylabel("dev reward (greedy)" if reward else "dev accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = folder / f"dev_vs_{axis}.png"
+        path = folder / f"{what}_vs_{axis}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -46,6 +46,11 @@ RULES = {
     "betas": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2
               and all(_fraction(b) for b in v), "two numbers in [0, 1)"),
     "adam_eps": (lambda v: _number(v) and v > 0, "must be a finite number > 0"),
+    "generations": (lambda v: _integer(v, 2), "GRPO normalizes rewards within a group of at "
+                    "least 2 completions per prompt"),
+    "temperature": (lambda v: _number(v) and v > 0, "completions are sampled: it must be > 0"),
+    "beta": (lambda v: _number(v) and v >= 0, "the KL weight must be a finite number >= 0"),
+    "max_grad_norm": (lambda v: _number(v) and v > 0, "must be a finite number > 0"),
 }
 
 

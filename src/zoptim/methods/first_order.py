@@ -62,4 +62,32 @@ class FirstOrderAdamW(Counted, torch.optim.AdamW):
         return value
 
 
+class GRPO:
+    """GRPO's settings (Shao et al., 2024, "DeepSeekMath", arXiv 2402.03300), the first-order
+    baseline of reward tasks: checked where every method's are, trained by TRL's
+    ``GRPOTrainer`` (``integrations.grpo``), not stepped by the training loop.
+
+    Args:
+        params: unused (the run trains its model's trainable parameters).
+        lr: AdamW's learning rate (TRL's default).
+        generations: completions sampled per prompt; rewards are normalized in each group.
+        temperature: the sampling temperature of the completions.
+        beta: the KL penalty against the starting model (0: none, TRL's default).
+        max_grad_norm: the gradient's clipping norm.
+        seed: TRL's seed (prompt order, sampling); the run passes its own.
+    """
+
+    replayable = False
+
+    def __init__(self, params=None, lr: float = 1e-6, generations: int = 8,
+                 temperature: float = 1.0, beta: float = 0.0, max_grad_norm: float = 1.0,
+                 *, seed: int | None = None):
+        settings.checked(dict(lr=lr, generations=generations, temperature=temperature,
+                              beta=beta, max_grad_norm=max_grad_norm))
+        self.lr, self.generations, self.temperature = lr, generations, temperature
+        self.beta, self.max_grad_norm, self.seed = beta, max_grad_norm, seed
+
+
 BASELINES = {"adamw": FirstOrderAdamW}
+# Baselines trained by their own loop on a reward task (``integrations.grpo``).
+REWARD_BASELINES = {"grpo": GRPO}

@@ -116,8 +116,11 @@ def _check_gradient_free(cfg: "TrainConfig") -> None:
     """A reward or a metric of generations has no gradient: refuse the methods that need one,
     and leave the loss guard's jump test off for rewards (whose levels may be any sign), unless
     it is asked for."""
-    from zoptim.methods.first_order import BASELINES
+    from zoptim.methods.first_order import BASELINES, REWARD_BASELINES
 
+    if cfg.method.name in REWARD_BASELINES and cfg.task.kind != "reward":
+        raise ValueError(f"method {cfg.method.name!r} trains on a reward: it needs a reward "
+                         "task (task.kind = \"reward\")")
     if cfg.task.kind != "reward" and cfg.task.objective == "loss":
         return
     if cfg.method.name in BASELINES or cfg.method.name == "forward-gradient":
@@ -264,11 +267,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def method_class(name: str):
     """The optimizer class of a run's ``method.name``: a zeroth-order method, or a first-order
-    baseline (``adamw``) that sets the accuracy ceiling."""
+    baseline that sets the ceiling (``adamw``; ``grpo`` on a reward task)."""
     from zoptim import METHODS
-    from zoptim.methods.first_order import BASELINES
+    from zoptim.methods.first_order import BASELINES, REWARD_BASELINES
 
-    methods = {**METHODS, **BASELINES}
+    methods = {**METHODS, **BASELINES, **REWARD_BASELINES}
     if name not in methods:
         raise ConfigError(f"method.name: unknown method {name!r}; choose one of "
                           f"{', '.join(methods)}")

@@ -555,6 +555,7 @@ class Training:
         if cfg.task.kind == "reward":  # what reward-only training is judged by
             rewards = [-v for v in opt.last_values]
             record.update(reward=-loss, reward_spread=statistics.pstdev(rewards),
+                          generations=opt.queries * cfg.batch_size,
                           generations_per_s=round(rate * cfg.batch_size, 3))
         if skipped:
             record["skipped"] = skipped
@@ -596,7 +597,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
           log=print) -> dict:
     """Run (or, with ``resume``, continue) the fine-tune of ``cfg`` in folder ``out``. A resumed
     run loads the latest checkpoint, redoes the journalled steps after it, and continues: its
-    final weights equal an uninterrupted run's, bit for bit on the CPU."""
+    final weights equal an uninterrupted run's, bit for bit on the CPU. GRPO, the reward
+    tasks' first-order baseline, is trained by TRL instead (``integrations.grpo``)."""
+    if cfg.method.name == "grpo":
+        from zoptim.integrations import grpo
+
+        return grpo.train(cfg, out, resume=resume, progress=progress, log=log)
     return Training(cfg, out, resume=resume, progress=progress, log=log).run()
 
 
