@@ -232,3 +232,47 @@ def test_eggroll_refuses_transforms_on_its_matrices():
         StepPlan.build([slot], {w: {}})
     plan = StepPlan.build([Slot(w, 0, slot.group, Bilinear(2), [])], {w: {}})
     assert isinstance(plan.sets[0], PopulationSet)
+
+
+def test_per_prompt_normalization_scores_each_example_across_the_members():
+    """ES's per_prompt option: each example's values z-scored across the members, a member's
+    fitness the mean of its examples' scores, then normalized as usual; the closure's
+    per-example values are recorded and replay the step bit for bit."""
+    from zoptim.parts.estimators import per_example_scores
+
+    table = [[1.0, 5.0, 0.0], [3.0, 5.0, 1.0], [2.0, 5.0, 5.0]]
+    by_hand = []
+    for row in table:
+        total = 0.0
+        for b in range(3):
+            column = [r[b] for r in table]
+            mean = sum(column) / 3
+            std = (sum((v - mean) ** 2 for v in column) / 3) ** 0.5
+            total += (row[b] - mean) / (std + 1e-8)  # the constant column adds 0
+        by_hand.append(total / 3)
+    assert per_example_scores(table) == pytest.approx(by_hand)
+
+    x, _, _ = convex()
+    start = x.detach().clone()
+    lr, eps = 0.1, 0.01
+    seen, calls = [], []
+
+    def closure(per_example=False):
+        calls.append(per_example)
+        seen.append((x.detach() - start) / eps)
+        given = torch.tensor(table[len(seen) - 1])
+        return given if per_example else given.mean()
+
+    opt = zoptim.ES([x], lr=lr, eps=eps, members=3, per_prompt=True, seed=2)
+    opt.step(closure)
+    assert calls == [True] * 3 and len(opt.last_values) == 9 and opt.queries == 3
+    scores = torch.tensor(by_hand)
+    scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8)
+    step = -lr * sum(s * z for s, z in zip(scores, seen)) / 3
+    torch.testing.assert_close(x.detach() - start, step, atol=1e-5, rtol=1e-4)
+    after = x.detach().clone()
+    with torch.no_grad():
+        x.copy_(start)
+    again = zoptim.ES([x], lr=lr, eps=eps, members=3, per_prompt=True, seed=2)
+    again.step(replay=opt.last_values)
+    assert torch.equal(x.detach(), after)

@@ -49,11 +49,15 @@ def settings(tiny, reward="myreward:colons", method="es",
     return [a for p in pairs for a in ("--set", p)]
 
 
-def test_es_raises_a_reward_of_greedy_completions_and_resumes_bit_for_bit(tiny, reward_dir):
+@pytest.mark.parametrize("per_prompt", ["false", "true"])
+def test_es_raises_a_reward_of_greedy_completions_and_resumes_bit_for_bit(tiny, reward_dir,
+                                                                         per_prompt):
     """20 steps of 8 members on 8 prompts lift the reward from -1 (every character a colon) to
-    above -0.5 (0.0 measured)."""
+    above -0.5 (0.0 measured), with rewards normalized per prompt or not."""
     out = reward_dir / "run"
-    line = ["train", "--out", str(out), "--no-progress", *settings(tiny), "--set", "eval_every=5",
+    method_settings = f"{{lr = 0.1, eps = 0.1, members = 8, per_prompt = {per_prompt}}}"
+    line = ["train", "--out", str(out), "--no-progress",
+            *settings(tiny, method_settings=method_settings), "--set", "eval_every=5",
             "--set", "save_every=5"]
     assert main(line + ["--set", "steps=10"]) == 0
     assert main(line + ["--resume", "--set", "steps=20"]) == 0
@@ -89,7 +93,8 @@ def test_eggroll_raises_the_reward_with_its_population_in_one_stacked_batch(tiny
 
 @pytest.mark.parametrize("method, method_settings", [
     ("zo-muon", "lr = 1e-2, eps = 1.0, rank = 4"),
-    ("eggroll", "lr = 1e-2, eps = 0.02, rank = 4, members = 8")])
+    ("eggroll", "lr = 1e-2, eps = 0.02, rank = 4, members = 8"),
+    ("eggroll", "lr = 1e-2, eps = 0.02, rank = 4, members = 8, per_prompt = true")])
 def test_batched_queries_give_the_in_place_rewards(tiny, reward_dir, method, method_settings):
     values = {}
     for batched in ("false", "true"):
@@ -99,7 +104,7 @@ def test_batched_queries_give_the_in_place_rewards(tiny, reward_dir, method, met
             if a != "--set"])
         run = build(cfg)
         examples = run.splits.train
-        run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+        run.opt.step(lambda slices=None, **how: run.clf.loss(examples, slices, **how))
         values[batched] = run.opt.last_values
     assert values["true"] == values["false"] and len(set(values["true"])) > 1
 
@@ -126,6 +131,7 @@ def test_a_reward_that_fails_stops_the_run_with_its_reason(tiny, reward_dir, cap
     (["task.name=\"countdown\"", "task.demonstrations=2"], "no solutions to show"),
     (["task.name=\"countdown\"", "method.name=\"adamw\"", "method.settings={}"],
      "follows a gradient"),
+    (["method.name=\"es\"", "method.settings={per_prompt = true}"], "needs a reward task"),
     (["task.name=\"squad\"", "task.objective=\"f1\"", "method.name=\"forward-gradient\"",
       "method.settings={}"], "follows a gradient")])
 def test_reward_task_settings_are_checked(overrides, message):
@@ -191,6 +197,9 @@ def test_grpo_trains_through_trl_on_the_same_prompts_and_reward(tiny, reward_dir
     assert summary["after"]["generations"] == 96 and summary["before"]["dev_acc"] == 1.0
     with pytest.raises(ConfigError, match="needs a reward task"):
         config.load(None, ["method.name=\"grpo\"", "method.settings={}"])
+    with pytest.raises(ConfigError, match="does not divide a step's 24 completions"):
+        config.load(None, ["task.name=\"countdown\"", "method.name=\"grpo\"", "batch_size=3",
+                           "method.settings={generations = 8, micro_batches = 5}"])
     with pytest.raises(ConfigError, match="at least 2 completions"):
         config.load(None, ["task.name=\"countdown\"", "method.name=\"grpo\"",
                            "method.settings={generations = 1}"])
@@ -210,3 +219,50 @@ def test_grpos_memory_counts_adamw_state_gradients_and_the_backward(tiny, reward
     assert row["params"] == params and 3 * params <= row["state"] <= 3 * params + 8 * tensors
     assert row["transient"] > 0
     assert row["total"] == row["params"] + row["state"] + row["transient"]
+
+
+def test_a_reward_benchmark_sets_es_eggroll_and_grpo_side_by_side_in_generations(tiny,
+                                                                                 reward_dir):
+    from zoptim.bench.matrix import run as bench
+
+    (reward_dir / "bench.toml").write_text(f"""
+seeds = [0]
+baseline = "es"
+[base]
+steps = 2
+eval_every = 1
+batch_size = 4
+eval_batch_size = 8
+model = {{ name = {json.dumps(str(tiny))}, max_length = 48 }}
+[base.task]
+kind = "reward"
+name = "file"
+path = "prompts.jsonl"
+reward = "myreward:colons"
+train = 8
+dev = 4
+test = 4
+max_new_tokens = 4
+[[methods]]
+label = "es"
+name = "es"
+settings = {{ lr = 0.1, eps = 0.1, members = 4 }}
+[[methods]]
+label = "eggroll"
+name = "eggroll"
+settings = {{ lr = 0.1, eps = 0.03, members = 4, rank = 4 }}
+[[methods]]
+label = "grpo"
+name = "grpo"
+steps = 1
+settings = {{ lr = 1e-4, generations = 4 }}
+""")
+    results = bench(str(reward_dir / "bench.toml"), reward_dir / "out", log=lambda *_: None)
+    assert results["cost"] == "generations"
+    spent = {label: m["generations"]["median"] for label, m in results["methods"].items()}
+    assert spent == {"es": 32, "eggroll": 32, "grpo": 16}  # 2 x 4 members x 4, 1 x 4 x 4
+    assert results["methods"]["grpo"]["memory"]["state"] > 0  # AdamW's
+    report = (reward_dir / "out" / "report.md").read_text()
+    assert "generations to target / es" in report and "mean greedy reward" in report
+    assert (reward_dir / "out" / "reward_vs_generations.png").exists()
+    assert (reward_dir / "out" / "reward_vs_seconds.png").exists()

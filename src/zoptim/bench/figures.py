@@ -35,11 +35,16 @@ def load_curve(metrics: str | Path) -> Curve:
     points = [r for r in rows if r.get("dev_acc") is not None]
     if not points:
         raise ValueError(f"{metrics}: no dev evaluation recorded")
-    generations = tuple(int(r["generations"]) for r in points) \
-        if all("generations" in r for r in points) else None
     return Curve(tuple(int(r["queries"]) for r in points),
                  tuple(float(r["elapsed_s"]) for r in points),
-                 tuple(float(r["dev_acc"]) for r in points), generations)
+                 tuple(float(r["dev_acc"]) for r in points), _generations(points))
+
+
+def _generations(points: list[dict]) -> tuple[int, ...] | None:
+    """The generations spent by each evaluated point (a reward run's), else ``None``."""
+    if not all("generations" in r for r in points):
+        return None
+    return tuple(int(r["generations"]) for r in points)
 
 
 def first_reaching(curve: Curve, target: float, axis: str = "queries") -> float | None:

@@ -127,6 +127,38 @@ class Probe:
             self.draw = ev.draw if self.draw is None else self.draw.merge(ev.draw)
         return [self._record(v) for v in ev.values], ev.left
 
+    def evaluate_examples(self, points: list) -> tuple[list[list[float]],
+                                                       list[tuple[int, float]]]:
+        """Like ``evaluate_points``, but each point's value is the list of its batch's
+        per-example values: the closure is called with ``per_example=True`` and returns one
+        value per example (``(slices, batch)`` under batched queries), whose mean is the
+        point's loss. Every per-example value is recorded (one query a point), so a step that
+        asks for them once replays from its record. Not across processes, each of which
+        holds only its own points' values."""
+        from zoptim.evaluators import EngineError
+        from zoptim.evaluators.distributed import Distributed
+
+        if isinstance(self.evaluator, Distributed):
+            raise EngineError("per-example values are not gathered across processes: run "
+                              "on one process")
+        if not self.live and len(self._replay) % len(points):
+            raise ValueError("the recorded step's values do not split into its points")
+        rows: list[torch.Tensor] = []
+
+        def per_example(*args):
+            out = torch.as_tensor(self.closure(*args, per_example=True)).detach()
+            stacked = bool(args) and args[0] is not None
+            rows.append(out.reshape(args[0] if stacked else 1, -1).double())
+            return rows[-1].mean(1) if stacked else rows[-1].mean()
+
+        ev = self.evaluator.evaluate(self.plan, points, per_example, [self.live] * len(points))
+        if ev.draw is not None:
+            self.draw = ev.draw if self.draw is None else self.draw.merge(ev.draw)
+        table = torch.cat(rows).tolist() if self.live else \
+            [[None] * (len(self._replay) // len(points))] * len(points)
+        return [[self._record(v, count=int(i == 0)) for i, v in enumerate(row)]
+                for row in table], ev.left
+
     def evaluate(self) -> float:
         """The objective where the parameters are now (one query)."""
         value = self.evaluator.reduce([float(self.closure())], everyone=True)[0] \

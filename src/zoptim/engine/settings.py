@@ -51,6 +51,7 @@ RULES = {
     "temperature": (lambda v: _number(v) and v > 0, "completions are sampled: it must be > 0"),
     "beta": (lambda v: _number(v) and v >= 0, "the KL weight must be a finite number >= 0"),
     "max_grad_norm": (lambda v: _number(v) and v > 0, "must be a finite number > 0"),
+    "micro_batches": (lambda v: _integer(v, 1), "must be an integer >= 1"),
 }
 
 

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from zoptim.methods.first_order import GRPO
 from zoptim.runs.checkpoints import write_json
+from zoptim.runs.run import build
 
 
 def _dataset(prompts: list):
@@ -52,8 +53,9 @@ def _config(cfg, method: GRPO, folder: Path, progress: bool):
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=str(folder / "trl"), per_device_train_batch_size=cfg.batch_size *
-        method.generations, num_generations=method.generations,
+        output_dir=str(folder / "trl"),
+        per_device_train_batch_size=method.micro_batch(cfg.batch_size),
+        gradient_accumulation_steps=method.micro_batches, num_generations=method.generations,
         max_completion_length=cfg.task.max_new_tokens, learning_rate=method.lr,
         temperature=method.temperature, beta=method.beta, max_grad_norm=method.max_grad_norm,
         max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to="none",
@@ -98,8 +100,6 @@ def train(cfg, out: str | Path, *, resume: bool = False, progress: bool = True,
     run is not run again."""
     from trl import GRPOTrainer
 
-    from zoptim.runs.run import build
-
     folder = Path(out)
     summary_path = folder / "summary.json"
     if resume and summary_path.exists() and "after" in json.loads(summary_path.read_text()):
@@ -122,6 +122,10 @@ def train(cfg, out: str | Path, *, resume: bool = False, progress: bool = True,
                           args=_config(cfg, method, folder, progress),
                           train_dataset=_dataset(run.splits.train),
                           processing_class=clf.tokenizer, callbacks=[records])
+    if not progress:  # TRL then prints every step's log: the run's records are the output
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -142,14 +146,15 @@ def train(cfg, out: str | Path, *, resume: bool = False, progress: bool = True,
 def memory_of_step(run, examples: list) -> dict:
     """What a GRPO step holds, measured as ``bench.memory`` measures every row: the
     parameters, AdamW's state and the gradients, and the transient peak of one backward
-    through the policy on the step's ``len(examples) * generations`` sequences of prompt
-    plus ``max_new_tokens`` completion tokens (sampling, under ``no_grad``, holds less). The
-    run's weights change."""
+    through the policy on one micro-batch of the step's ``len(examples) * generations``
+    sequences of prompt plus ``max_new_tokens`` completion tokens (sampling, under
+    ``no_grad``, holds less). The run's weights change."""
     from zoptim.bench.memory import first_order
 
     clf, method = run.clf, run.opt
     new = run.cfg.task.max_new_tokens
     prompts = [clf.prompt_ids(e) for e in examples for _ in range(method.generations)]
+    prompts = prompts[:method.micro_batch(len(examples))]  # one micro-batch's backward
     width = max(len(p) for p in prompts) + new
     g = torch.Generator().manual_seed(0)
     ids = torch.full((len(prompts), width), clf.tokenizer.pad_token_id or 0)
@@ -160,8 +165,9 @@ def memory_of_step(run, examples: list) -> dict:
         mask[row, width - new - len(p):] = 1
     model = clf.backbone.train()
 
-    def loss():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, -new - 1:-1]
+    def loss():  # the completion's log-probabilities, as TRL computes them
+        logits = model(input_ids=ids, attention_mask=mask,
+                       logits_to_keep=new + 1).logits[:, :-1]
         return -logits.log_softmax(-1).gather(-1, ids[:, -new:, None]).mean()
 
     row = first_order(model, loss, lr=method.lr)

@@ -76,4 +76,8 @@ def load_model(name: str, dtype: str = "float32"):
         model = cls.from_pretrained(source, dtype=DTYPES[dtype], **extra)
     except ImportError as err:  # gguf missing, typically
         raise ModelError(f"loading {name!r} needs a package: {err}") from err
+    if "gguf_file" in extra and getattr(model, "hf_quantizer", None) is not None:
+        # GGUF weights are dequantized on load: the model is a plain float one, which
+        # trainers (TRL's GRPO) would otherwise refuse as quantized
+        model.hf_quantizer.remove_quantization_config(model)
     return model.eval(), tokenizer, decoder

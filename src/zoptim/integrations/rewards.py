@@ -38,12 +38,14 @@ class RewardObjective(torch.nn.Module):
         return [call(self.reward, examples[k % len(examples)], text)
                 for k, (text, _) in enumerate(texts)]
 
-    def loss(self, examples: list[Prompted], slices: int | None = None) -> torch.Tensor:
+    def loss(self, examples: list[Prompted], slices: int | None = None,
+             per_example: bool = False) -> torch.Tensor:
         """Minus the mean reward of the batch's completions; given ``slices``, one per
-        slice of the stacked batch."""
+        slice of the stacked batch; with ``per_example``, minus each completion's reward
+        (``(slices, batch)``, or ``(batch,)``), for a per-prompt normalization."""
         values = torch.tensor(self.rewards(examples, len(examples), slices or 1),
                               dtype=torch.float64).reshape(slices or 1, len(examples))
-        losses = -values.mean(1)
+        losses = -values if per_example else -values.mean(1)
         return losses if slices is not None else losses[0]
 
     @torch.no_grad()

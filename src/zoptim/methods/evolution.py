@@ -33,16 +33,19 @@ class ES(ZOOptimizer):
         antithetic: mirrored sampling, ``+eps_n`` and ``-eps_n`` (off in the paper).
         rank_transform: centred ranks instead of values before the normalization (off in the
             paper).
+        per_prompt: normalize each prompt's rewards across the members before averaging
+            them (GRPO-style; the closure returns per-example values, see
+            ``parts.estimators.Population``).
         {common}
     """
 
     def __init__(self, params, lr: float = 5e-4, eps: float = 1e-3, members: int = 30,
                  antithetic: bool = False, rank_transform: bool = False,
-                 weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
-                 foreach: bool | None = None):
+                 per_prompt: bool = False, weight_decay: float = 0.0, noise: str = "gaussian",
+                 seed: int | None = None, foreach: bool | None = None):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise),
-                         Population(members, antithetic, rank_transform), seed=seed,
-                         foreach=foreach)
+                         Population(members, antithetic, rank_transform, per_prompt),
+                         seed=seed, foreach=foreach)
 
 
 @documented
@@ -74,6 +77,7 @@ class EGGROLL(LowRankMethod):
         members: the population's size ``N`` (even when antithetic).
         antithetic: members in pairs ``+E_n``, ``-E_n`` (the authors' code always pairs).
         rank_transform: centred ranks instead of values before the normalization.
+        per_prompt: normalize each prompt's rewards across the members first (see ``ES``).
         rank: the rank ``r`` of a matrix's perturbation (capped by the matrix).
         {common}
         {batching}
@@ -81,11 +85,12 @@ class EGGROLL(LowRankMethod):
 
     def __init__(self, params, lr: float = 5e-4, eps: float = 1e-3, rank: int = 1,
                  members: int = 30, antithetic: bool = True, rank_transform: bool = False,
-                 weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
-                 foreach: bool | None = None, **batching):
+                 per_prompt: bool = False, weight_decay: float = 0.0, noise: str = "gaussian",
+                 seed: int | None = None, foreach: bool | None = None, **batching):
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=1,
                                       weight_decay=weight_decay, noise=noise),
-                         Population(members, antithetic, rank_transform), lambda g: {},
+                         Population(members, antithetic, rank_transform, per_prompt),
+                         lambda g: {},
                          seed=seed, foreach=foreach, **batching)
 
     def space(self, group):

@@ -74,6 +74,8 @@ class GRPO:
         temperature: the sampling temperature of the completions.
         beta: the KL penalty against the starting model (0: none, TRL's default).
         max_grad_norm: the gradient's clipping norm.
+        micro_batches: a step's completions are back-propagated in this many parts, their
+            gradients accumulated (one update a step all the same): the activation memory.
         seed: TRL's seed (prompt order, sampling); the run passes its own.
     """
 
@@ -81,11 +83,21 @@ class GRPO:
 
     def __init__(self, params=None, lr: float = 1e-6, generations: int = 8,
                  temperature: float = 1.0, beta: float = 0.0, max_grad_norm: float = 1.0,
-                 *, seed: int | None = None):
+                 micro_batches: int = 1, *, seed: int | None = None):
         settings.checked(dict(lr=lr, generations=generations, temperature=temperature,
-                              beta=beta, max_grad_norm=max_grad_norm))
+                              beta=beta, max_grad_norm=max_grad_norm,
+                              micro_batches=micro_batches))
         self.lr, self.generations, self.temperature = lr, generations, temperature
         self.beta, self.max_grad_norm, self.seed = beta, max_grad_norm, seed
+        self.micro_batches = micro_batches
+
+    def micro_batch(self, prompts: int) -> int:
+        """The completions back-propagated together when a step has ``prompts`` prompts."""
+        total = prompts * self.generations
+        if total % self.micro_batches:
+            raise ValueError(f"micro_batches={self.micro_batches} does not divide a step's "
+                             f"{total} completions ({prompts} prompts x {self.generations})")
+        return total // self.micro_batches
 
 
 BASELINES = {"adamw": FirstOrderAdamW}

@@ -132,19 +132,32 @@ class Population:
     Options the paper leaves off: ``antithetic`` evaluates ``members / 2`` directions at
     ``+z`` and ``-z`` (mirrored sampling, an even ``members``); ``rank_transform`` replaces the
     values by their centred ranks in ``[-0.5, 0.5]`` before the normalization (Salimans et
-    al., 2017), which keeps one outlier from deciding the step. Values are losses: a reward is
-    maximized by running on ``-reward``."""
+    al., 2017), which keeps one outlier from deciding the step; ``per_prompt`` normalizes each
+    example's values across the members first, GRPO's group normalization with the members as
+    the group (``per_example_scores``), and a member's value is the mean of its examples'
+    scores (the closure then returns per-example values, ``ZOOptimizer``'s
+    ``per_example=True``). Values are losses: a reward is maximized by running on
+    ``-reward``."""
 
     forward_mode = False
     unit_free = True
 
     def __init__(self, members: int = 30, antithetic: bool = False,
-                 rank_transform: bool = False):
+                 rank_transform: bool = False, per_prompt: bool = False):
         settings.check("members", members)
         if antithetic and members % 2:
             raise ValueError(f"members={members} is invalid: antithetic pairs need an even "
                              "population")
         self.members, self.antithetic, self.rank_transform = members, antithetic, rank_transform
+        self.per_prompt = per_prompt
+
+    def _evaluate(self, probe: Probe, points: list[Point]):
+        """The members' values (their batches' mean losses), fitness and pending shifts."""
+        if not self.per_prompt:
+            values, pending = probe.evaluate_points(points)
+            return values, values, pending
+        table, pending = probe.evaluate_examples(points)
+        return [sum(row) / len(row) for row in table], per_example_scores(table), pending
 
     def __call__(self, probe: Probe, step_seed: int):
         if self.antithetic:
@@ -153,14 +166,24 @@ class Population:
         else:
             seeds = _seeds(step_seed, self.members)
             points = [(s, 1.0) for s in seeds]
-        values, pending = probe.evaluate_points(points)
-        scores = normalized(centred_ranks(values) if self.rank_transform else values)
+        values, fitness, pending = self._evaluate(probe, points)
+        scores = normalized(centred_ranks(fitness) if self.rank_transform else fitness)
         if self.antithetic:  # the pair's two members, on one direction: the mean over members
             dirs = [Direction(s, (scores[2 * i] - scores[2 * i + 1]) / 2)
                     for i, s in enumerate(seeds)]
         else:
             dirs = [Direction(s, z) for s, z in zip(seeds, scores)]
         return sum(values) / len(values), dirs, pending
+
+
+def per_example_scores(table: list[list[float]]) -> list[float]:
+    """Each member's mean over examples of its value normalized across the members,
+    ``mean_b (f_nb - mean_n f_nb) / (std_n f_nb + 1e-8)`` (population std): an example every
+    member scores alike counts for nothing, one they split on counts fully, whatever its
+    scale (GRPO's per-prompt normalization, Shao et al., 2024)."""
+    f = torch.tensor(table, dtype=torch.float64)  # (members, examples)
+    z = (f - f.mean(0)) / (f.std(0, unbiased=False) + 1e-8)
+    return z.mean(1).tolist()
 
 
 def centred_ranks(values: list[float]) -> list[float]:

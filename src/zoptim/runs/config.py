@@ -116,11 +116,9 @@ def _check_gradient_free(cfg: "TrainConfig") -> None:
     """A reward or a metric of generations has no gradient: refuse the methods that need one,
     and leave the loss guard's jump test off for rewards (whose levels may be any sign), unless
     it is asked for."""
-    from zoptim.methods.first_order import BASELINES, REWARD_BASELINES
+    from zoptim.methods.first_order import BASELINES
 
-    if cfg.method.name in REWARD_BASELINES and cfg.task.kind != "reward":
-        raise ValueError(f"method {cfg.method.name!r} trains on a reward: it needs a reward "
-                         "task (task.kind = \"reward\")")
+    _check_reward_only(cfg)
     if cfg.task.kind != "reward" and cfg.task.objective == "loss":
         return
     if cfg.method.name in BASELINES or cfg.method.name == "forward-gradient":
@@ -129,6 +127,22 @@ def _check_gradient_free(cfg: "TrainConfig") -> None:
                          "(es, zo-muon, mezo, ...)")
     if cfg.task.kind == "reward" and "spike" not in cfg.guard.model_fields_set:
         cfg.guard = cfg.guard.model_copy(update={"spike": 0.0})
+
+
+def _check_reward_only(cfg: "TrainConfig") -> None:
+    """Refuse what only a reward task can take (GRPO, per-prompt normalization), and a GRPO
+    step whose completions its micro-batches do not divide."""
+    from zoptim.methods.first_order import REWARD_BASELINES
+
+    name, reward = cfg.method.name, cfg.task.kind == "reward"
+    if name in REWARD_BASELINES:
+        if not reward:
+            raise ValueError(f"method {name!r} trains on a reward: it needs a reward task "
+                             "(task.kind = \"reward\")")
+        REWARD_BASELINES[name](**cfg.method.settings).micro_batch(cfg.batch_size)
+    if cfg.method.settings.get("per_prompt") and not reward:
+        raise ValueError("method.settings.per_prompt normalizes each prompt's rewards across "
+                         "the members: it needs a reward task (task.kind = \"reward\")")
 
 
 def _check_model_kind(task_name: str, model_name: str, images: bool) -> None:

@@ -487,7 +487,7 @@ class Training:
         if self.par is not None:
             examples = self.par.shard(examples)
         # Batched queries call the closure with the number of slices to stack.
-        loss = opt.step(lambda slices=None: self.run_.clf.loss(examples, slices))
+        loss = opt.step(lambda slices=None, **how: self.run_.clf.loss(examples, slices, **how))
         entry = self._settle()
         step, skipped = entry.step + 1, entry.skipped
         record = self._record(step - 1, loss, skipped)
