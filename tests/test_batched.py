@@ -145,19 +145,25 @@ def test_in_place_probing_does_write_the_parameters_in_half_precision():
     assert len(seen) == 4 and any(not torch.equal(a, b) for a, b in zip(seen[1], before))
 
 
-def test_max_slices_splits_the_stack_into_micro_batches():
+@pytest.mark.parametrize("cls, settings, chunks", [
+    (zoptim.ZOMuon, dict(rank=4, directions=4), [5, 2, 2, 1]),
+    (zoptim.EGGROLL, dict(rank=2, members=5, antithetic=False), [5, 2, 2, 1])],
+    ids=["zo-muon", "eggroll"])
+def test_max_slices_splits_the_stack_into_micro_batches(cls, settings, chunks):
     net = Net()
     sizes = []
     closure = make_closure(net, calls=sizes)
     start = [p.detach().clone() for p in net.parameters()]
-    whole = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=4, seed=0, model=net)
+    whole = cls(net.parameters(), lr=1e-2, seed=0, model=net, **settings)
     whole.step(closure)
+    after = [p.detach().clone() for p in net.parameters()]
     reset(net, start)
-    split = zoptim.ZOMuon(net.parameters(), lr=1e-2, rank=4, directions=4, seed=0, model=net,
-                          max_slices=2)
+    split = cls(net.parameters(), lr=1e-2, seed=0, model=net, max_slices=2, **settings)
     split.step(closure)
-    assert sizes == [5, 2, 2, 1]
+    assert sizes == chunks
     assert whole.last_values == pytest.approx(split.last_values, abs=1e-6)
+    for a, b in zip(after, net.parameters()):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
 
 
 def test_an_unsupported_layer_falls_back_to_in_place_and_says_so():
