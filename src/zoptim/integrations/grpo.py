@@ -66,10 +66,12 @@ def _config(cfg, method: GRPO, folder: Path, progress: bool):
 class _Records(TrainerCallback):
     """Each step's line of ``metrics.jsonl`` as a zoptim run writes it (``reward``,
     ``reward_spread``, generations, seconds), with the greedy dev reward every
-    ``eval_every`` steps."""
+    ``eval_every`` steps. ``reward`` is the mean over the step's sampled completions (a
+    zeroth-order run's is over its members' greedy ones); the dev reward is greedy for
+    both."""
 
-    def __init__(self, run, method: GRPO, metrics: Path, log):
-        self.run, self.method, self.metrics, self.log = run, method, metrics, log
+    def __init__(self, run, method: GRPO, metrics: Path):
+        self.run, self.method, self.metrics = run, method, metrics
         self.start = time.perf_counter()
         self.dev: float | None = None
 
@@ -117,7 +119,7 @@ def train(cfg, out: str | Path, *, resume: bool = False, progress: bool = True,
     write_json(summary_path, summary)
     log(f"before: dev {before['dev_acc']:.4f}  test {before['test_acc']:.4f}")
     clf.tokenizer.padding_side = "left"
-    records = _Records(run, method, folder / "metrics.jsonl", log)
+    records = _Records(run, method, folder / "metrics.jsonl")
     trainer = GRPOTrainer(model=clf.backbone, reward_funcs=_reward_function(clf, run.splits.train),
                           args=_config(cfg, method, folder, progress),
                           train_dataset=_dataset(run.splits.train),
