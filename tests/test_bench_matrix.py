@@ -83,7 +83,7 @@ def _queries_a_step(cfg) -> int:
 @pytest.mark.parametrize("name, cells, budget", [
     ("mr_minilm.toml", 10 * (3 + 2), 8000),  # three tuning cells on seed 0, two more seeds
     ("mr_minilm_ablations.toml", 9 * 3, 8000),
-    ("mr_minilm_screen.toml", 5, 1600)])
+    ("mr_minilm_screen.toml", 7, 1600)])
 def test_the_minilm_configurations_validate_and_equalize_queries(name, cells, budget):
     from pathlib import Path
 
@@ -98,6 +98,20 @@ def test_the_minilm_configurations_validate_and_equalize_queries(name, cells, bu
             continue
         spent = cfg.steps * _queries_a_step(cfg)
         assert budget - 10 <= spent <= budget, (label, spent)
+
+
+def test_the_countdown_configuration_validates_and_equalizes_generations():
+    from pathlib import Path
+
+    from zoptim.runs import config
+    from zoptim.bench.matrix import _cells
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "countdown_smollm2_cpu.toml"
+    cells = list(_cells(config.read_file(path)))
+    assert len(cells) == 4 * 3  # zero-shot, es, eggroll, grpo on three seeds
+    spent = {(label, cfg.steps * cfg.batch_size * cfg.method.settings.get(
+        "members", cfg.method.settings.get("generations", 0))) for label, _, _, cfg in cells}
+    assert spent == {("zero-shot", 0), ("es", 384), ("eggroll", 384), ("grpo", 384)}
 
 
 def test_the_vision_configuration_validates_and_equalizes_queries():
