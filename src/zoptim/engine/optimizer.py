@@ -122,10 +122,15 @@ class Probe:
 
     def evaluate_points(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
         """The objective at each point and the shifts left applied (see ``evaluators``)."""
-        ev = self.evaluator.evaluate(self.plan, points, self.closure, [self.live] * len(points))
+        ev = self._evaluated(points, self.closure)
+        return [self._record(v) for v in ev.values], ev.left
+
+    def _evaluated(self, points: list, closure):
+        """The evaluator's ``Evaluation`` of ``points`` (live or replayed), its draw kept."""
+        ev = self.evaluator.evaluate(self.plan, points, closure, [self.live] * len(points))
         if ev.draw is not None:
             self.draw = ev.draw if self.draw is None else self.draw.merge(ev.draw)
-        return [self._record(v) for v in ev.values], ev.left
+        return ev
 
     def evaluate_examples(self, points: list) -> tuple[list[list[float]],
                                                        list[tuple[int, float]]]:
@@ -151,9 +156,7 @@ class Probe:
             rows.append(out.reshape(args[0] if stacked else 1, -1).double())
             return rows[-1].mean(1) if stacked else rows[-1].mean()
 
-        ev = self.evaluator.evaluate(self.plan, points, per_example, [self.live] * len(points))
-        if ev.draw is not None:
-            self.draw = ev.draw if self.draw is None else self.draw.merge(ev.draw)
+        ev = self._evaluated(points, per_example)
         table = torch.cat(rows).tolist() if self.live else \
             [[None] * (len(self._replay) // len(points))] * len(points)
         return [[self._record(v, count=int(i == 0)) for i, v in enumerate(row)]

@@ -267,12 +267,16 @@ class HeldSet(TensorSet):
         if not self.factored:
             torch._foreach_add_(self.params, self.rows(C), alpha=alpha)
             return
-        A, B, s = self.space.lift(self.factors, C)
+        A, B, s = self.lift(C)
         if self.foreach:
             self._apply_chunked(A, B, alpha * s)
             return
         for p, a, b in zip(self.params, self.rows(A), self.rows(B)):
             as_matrix(p).addmm_(a, b, alpha=alpha * s)
+
+    def lift(self, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` with ``s * A @ B`` the perturbations of coordinates ``C``."""
+        return self.space.lift(self.factors, C)
 
     def chunk(self) -> int:
         """Tensors lifted together with ``foreach``: at most ``LIFT_CHUNK_BYTES`` of updates."""
@@ -375,14 +379,11 @@ class PopulationSet(HeldSet):
         return C
 
     def apply_(self, C, alpha=1.0):
-        if C is None:
-            return
-        A, Bt = self.space.split(C, self.m)
-        if self.foreach:
-            self._apply_chunked(A, Bt, alpha)
-            return
-        for p, a, bt in zip(self.params, A.unbind(0), Bt.unbind(0)):
-            as_matrix(p).addmm_(a, bt, alpha=alpha)
+        if C is not None:  # no direction has a nonzero weight
+            super().apply_(C, alpha)
+
+    def lift(self, C):
+        return (*self.space.split(C, self.m), 1.0)  # the weights and 1 / sqrt(r) are in A
 
     def slice_coords_(self, out, coords, alpha):
         out.copy_(coords)
