@@ -29,6 +29,9 @@ def test_toml_and_yaml_files_with_overrides(tmp_path):
     (["batch_size=many"], "batch_size"),
     (["task.labels=[\"a\"]"], "same length"),
     (["steps"], "key=value"),
+    (["method.name=\"grzo\"", "task.kind=\"multiple_choice\"", "task.name=\"copa\""],
+     "serves classification tasks"),
+    (["method.name=\"grzo\"", "method.settings={examples = 4}"], "examples is set by the run"),
 ])
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -155,10 +155,12 @@ def test_every_method_steps_a_real_transformer(data):
     torch.manual_seed(0)
     params = apply_scheme(clf, "lora")
     for name, cls in zoptim.METHODS.items():
-        extra = zoptim.model_arguments(cls, clf, stacked_closure=False)
+        # in place, except where the method needs batched queries (GRZO)
+        extra = {**zoptim.model_arguments(cls, clf, stacked_closure=False),
+                 **zoptim.batch_arguments(cls, 4)}
         opt = cls(params, lr=1e-4, seed=0, **extra)
         before = snapshot(clf)
-        loss = opt.step(lambda: clf.loss(data.train[:4]))
+        loss = opt.step(lambda slices=None: clf.loss(data.train[:4], slices))
         assert torch.isfinite(torch.tensor(loss)) and opt.last_skip is None, name
         assert changed(before, clf), name
 

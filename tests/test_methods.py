@@ -39,7 +39,8 @@ def test_every_method_is_covered():
     import zoptim
 
     covered = {type(make(n, mlp())) for n in METHODS}
-    assert covered == set(zoptim.METHODS.values())
+    # GRZO's closures evaluate per-example points (batched queries): test_grzo covers it
+    assert covered == set(zoptim.METHODS.values()) - {zoptim.GRZO}
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -11,6 +11,7 @@ from zoptim.engine.optimizer import ZOOptimizer
 from zoptim.evaluators.batched import per_slice, stack
 from zoptim.methods import (
     FZOO,
+    GRZO,
     LOZO,
     METHODS,
     ZOMOPI,
@@ -31,6 +32,7 @@ from zoptim.methods import (
     ZOSGDConservative,
     ZOSGDMomentum,
     ZOSignSGD,
+    batch_arguments,
     model_arguments,
 )
 from zoptim.methods.polystep import PolyStep
@@ -40,4 +42,4 @@ _moved.install()
 __version__ = "0.1.0"
 
 __all__ = ["ZOOptimizer", "Composed", "PolyStep", "METHODS", "ZOSGD", "model_arguments",
-           "stack", "per_slice", *(cls.__name__ for cls in METHODS.values())]
+           "batch_arguments", "stack", "per_slice", *(cls.__name__ for cls in METHODS.values())]

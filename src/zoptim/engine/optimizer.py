@@ -23,7 +23,7 @@ import torch
 
 from zoptim.engine import settings
 from zoptim.engine.plan import Draw, Slot, StepPlan, TensorSet, Undo
-from zoptim.evaluators import Evaluator, check_ask, choose
+from zoptim.evaluators import EngineError, Evaluator, check_ask, choose
 from zoptim.evaluators.in_place import InPlace, seeds_of
 from zoptim.noise import mix
 from zoptim.parts.spaces import Dense, Space
@@ -125,9 +125,18 @@ class Probe:
         ev = self._evaluated(points, self.closure)
         return [self._record(v) for v in ev.values], ev.left
 
-    def _evaluated(self, points: list, closure):
+    def evaluate_rows(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
+        """Per-example points: point ``i`` perturbs example ``i`` of the batch alone, the
+        batch evaluated once (one query, whatever its size), and the value of point ``i`` is
+        its example's (the closure's ``per_slice`` value of row ``i``). Each value is
+        recorded, so the step replays. Batched queries only (``evaluators.batched``)."""
+        ev = self._evaluated(points, self.closure, self.evaluator.evaluate_rows)
+        return [self._record(v, count=int(i == 0)) for i, v in enumerate(ev.values)], ev.left
+
+    def _evaluated(self, points: list, closure, evaluate=None):
         """The evaluator's ``Evaluation`` of ``points`` (live or replayed), its draw kept."""
-        ev = self.evaluator.evaluate(self.plan, points, closure, [self.live] * len(points))
+        evaluate = evaluate or self.evaluator.evaluate
+        ev = evaluate(self.plan, points, closure, [self.live] * len(points))
         if ev.draw is not None:
             self.draw = ev.draw if self.draw is None else self.draw.merge(ev.draw)
         return ev
@@ -140,7 +149,6 @@ class Probe:
         point's loss. Every per-example value is recorded (one query a point), so a step that
         asks for them once replays from its record. Not across processes, each of which
         holds only its own points' values."""
-        from zoptim.evaluators import EngineError
         from zoptim.evaluators.distributed import Distributed
 
         if isinstance(self.evaluator, Distributed):
@@ -212,9 +220,12 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
     # A method that evaluates again after its update (conservative ZO-SGD) says so: it cannot
     # be offloaded or asked/told.
     evaluates_after_update = False
-    # Whether the method takes the model: "required" (forward-mode derivatives), "optional"
-    # (it turns batched queries on) or None.
+    # Whether the method takes the model: "required" (forward-mode derivatives, per-example
+    # directions), "optional" (it turns batched queries on) or None.
     uses_model: str | None = None
+    # A method that perturbs each example on its own (GRZO) has no in-place form: a model
+    # batched queries cannot serve is refused, not evaluated in place.
+    per_example_directions = False
 
     def __init__(self, params, defaults: dict, estimator, *, seed: int | None = None,
                  foreach: bool | None = None):
@@ -299,6 +310,9 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
             slots = self._slots()
             plan = self._build(slots)
             reason = self.evaluator.check(plan)
+            if reason is not None and self.per_example_directions:
+                raise EngineError(f"{type(self).__name__} perturbs each example through "
+                                  f"activations (batched queries), and {reason}")
             if reason is not None:
                 warnings.warn(f"batched queries: {reason}; evaluating the queries in place "
                               "instead (pass batched=False to silence this)", stacklevel=3)

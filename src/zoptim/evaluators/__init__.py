@@ -71,6 +71,14 @@ class Evaluator:
                  ) -> Evaluation:
         raise NotImplementedError
 
+    def evaluate_rows(self, plan: StepPlan, points: list[Point], closure, wanted: list[bool]
+                      ) -> Evaluation:
+        """Per-example points: point ``i`` perturbs example ``i`` of the batch alone, all in
+        one pass of the batch. Only batched queries can (``evaluators.batched``)."""
+        raise EngineError(f"{self.name} evaluation cannot give each example of a batch its "
+                          "own perturbation: that needs batched queries on one process "
+                          "(the model given, not offloaded or distributed)")
+
     def finish(self, plan: StepPlan, apply: Callable[[list], None]) -> None:
         apply(plan.sets)
 
@@ -94,6 +102,8 @@ class Recorded(Evaluator):
 
     def evaluate(self, plan, points, closure, wanted):
         return Evaluation([None] * len(points), [], None)
+
+    evaluate_rows = evaluate
 
 
 # what may be combined: (the first engine, the other engine or a method's capability) -> why not

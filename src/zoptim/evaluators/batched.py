@@ -34,6 +34,12 @@ Memory: the stacked batch holds ``slices`` times the activations of one evaluati
 with ``max_slices`` (the points are then evaluated in chunks of at most that many slices).
 Modules that mix examples across the batch (batch normalization in training mode) would mix
 slices; use such models in evaluation mode.
+
+Per-example directions (``evaluate_rows``, GRZO's): the points are the batch's examples, point
+``i`` perturbing example ``i`` alone. The closure is called as for a stacked batch of
+``slices`` points, but under this evaluation ``stack`` leaves the batch as it is, so each of
+its rows is a slice of its own: one forward pass of the batch evaluates every example at its
+own point, and ``per_slice`` gives one value per example.
 """
 
 from __future__ import annotations
@@ -54,13 +60,27 @@ RECOMPUTE_MAX_NUMEL = 1 << 23  # 8M entries: OPT's position table fits, a vocabu
 
 # The stacked batch's size in the evaluation under way, as the closure's ``stack`` says it.
 _ROWS: contextvars.ContextVar[list | None] = contextvars.ContextVar("zoptim_rows", default=None)
+# Whether the evaluation under way gives each example of the batch its own point (its rows
+# are the slices: ``stack`` leaves the batch as it is).
+_EACH_ROW: contextvars.ContextVar[bool] = contextvars.ContextVar("zoptim_each_row",
+                                                                 default=False)
 
 
 def stack(x: torch.Tensor, slices: int) -> torch.Tensor:
     """A batch repeated ``slices`` times along its first dimension (one copy per point). Under
     a batched evaluation it also records the stacked size, which layers whose output is shared
-    by the whole batch (position embeddings, shape ``(1, ...)``) are expanded to."""
+    by the whole batch (position embeddings, shape ``(1, ...)``) are expanded to. Under an
+    evaluation of per-example points (``BatchedQueries.evaluate_rows``) the batch is returned
+    as it is, each example a slice: it must have one row per point."""
     rows = _ROWS.get()
+    if _EACH_ROW.get():
+        if x.shape[0] != slices:
+            raise ValueError(f"per-example directions: the optimizer draws one direction "
+                             f"for each of {slices} examples (its `examples`), and the "
+                             f"batch has {x.shape[0]} rows; give it batches of exactly "
+                             f"{slices} examples, one row each")
+        rows[0] = slices
+        return x
     if rows is not None:
         rows[0] = x.shape[0] * slices
     return x.repeat(slices, *([1] * (x.dim() - 1)))
@@ -264,6 +284,15 @@ class BatchedQueries(Evaluator):
         return Recorded()
 
     def evaluate(self, plan, points, closure, wanted):
+        return self._evaluate(plan, points, closure, wanted, each_row=False)
+
+    def evaluate_rows(self, plan, points, closure, wanted):
+        """Every point in one forward pass of the batch, point ``i`` perturbing its example
+        ``i`` alone (the batch has one row per point; ``max_slices`` does not apply: the
+        pass holds one batch's activations)."""
+        return self._evaluate(plan, points, closure, wanted, each_row=True)
+
+    def _evaluate(self, plan, points, closure, wanted, each_row: bool) -> Evaluation:
         roles = self.roles(plan)
         if roles.reason is not None:  # the optimizer checks first; kept as a safeguard
             raise RuntimeError(roles.reason)
@@ -272,15 +301,16 @@ class BatchedQueries(Evaluator):
         if not own:
             return Evaluation(values, [], None)
         draw = plan.draw(seeds_of(points))
-        size = self.max_slices or len(own)
+        size = len(own) if each_row else self.max_slices or len(own)
         for start in range(0, len(own), size):
             chunk = own[start:start + size]
-            got = self._chunk(roles, draw, [points[i] for i in chunk], closure)
+            got = self._chunk(roles, draw, [points[i] for i in chunk], closure, each_row)
             for i, v in zip(chunk, got):
                 values[i] = v
         return Evaluation(values, [], draw)
 
-    def _chunk(self, roles: _Roles, draw: Draw, points: list, closure) -> list[float]:
+    def _chunk(self, roles: _Roles, draw: Draw, points: list, closure,
+               each_row: bool) -> list[float]:
         # each slice's column of the draw (None: the baseline) and scale: the same from step
         # to step, so the operands' buffers and views are made once
         layout = tuple((None, 0.0) if pt is None else (draw.column(pt[0]), pt[1])
@@ -291,11 +321,12 @@ class BatchedQueries(Evaluator):
         rows = [None]
         installed = [_install(m, entries, operands, slices, rows)
                      for m, entries in roles.modules.items()]
-        token = _ROWS.set(rows)
+        token, row_token = _ROWS.set(rows), _EACH_ROW.set(each_row)
         try:
             out = closure(slices)
         finally:
             _ROWS.reset(token)
+            _EACH_ROW.reset(row_token)
             for undo in installed:
                 undo()
         return one_per_slice(out, slices)

@@ -17,6 +17,7 @@ from zoptim.methods.dense import (
     ZOSignSGD,
 )
 from zoptim.methods.evolution import EGGROLL, ES
+from zoptim.methods.group_relative import GRZO
 from zoptim.methods.ordinal import ZOComparison, ZORankSGD
 from zoptim.methods.subspace import LOZO, ZOMOPI, SubspaceMeZO, SubZero, ZOMuon
 
@@ -35,6 +36,7 @@ METHODS = {
     "zo-muon": ZOMuon,
     "zo-mopi": ZOMOPI,
     "fzoo": FZOO,
+    "grzo": GRZO,
     "es": ES,
     "eggroll": EGGROLL,
     "zo-rank-sgd": ZORankSGD,
@@ -52,5 +54,11 @@ def model_arguments(cls, model, stacked_closure: bool = True) -> dict:
     return {}
 
 
-__all__ = ["METHODS", "model_arguments", "Composed", "ZOSGD",
+def batch_arguments(cls, batch_size: int) -> dict:
+    """The ``examples=`` argument of a method that draws one direction per example of the
+    batch (GRZO): the batch's size."""
+    return {"examples": batch_size} if getattr(cls, "per_example_directions", False) else {}
+
+
+__all__ = ["METHODS", "model_arguments", "batch_arguments", "Composed", "ZOSGD",
            *(cls.__name__ for cls in METHODS.values())]

@@ -122,6 +122,41 @@ class StdNormalized(OneSided):
                       for d in dirs], pending
 
 
+class GroupRelative:
+    """GRZO's estimator (Tan et al., 2026, "GRZO: Group-Relative Zeroth-Order Optimization for
+    Large Language Model Fine-Tuning", arXiv 2606.02857): one direction per example of the
+    batch, ``z_b`` perturbing example ``b`` alone, evaluated in two passes of the batch (every
+    example at its ``+eps z_b``, then at its ``-eps z_b``: ``probe.evaluate_rows``, which
+    needs batched queries). Each example's difference ``delta_b = f_b(x + eps z_b) -
+    f_b(x - eps z_b)`` is divided by the spread of the batch's differences, ``a_b = delta_b /
+    (std(delta) + 1e-8)`` (population std, no centring), and the estimate is
+    ``sum_b a_b z_b / (2 eps B)``: ``diff_b = a_b / 2``, so ``lr`` is the paper's ``eta``.
+    With ``normalize=False`` it is the plain per-example central difference, ``diff_b =
+    delta_b / 2``, an unbiased estimate of the batch's mean loss's gradient.
+
+    ``examples`` directions, two queries a step. Where every difference is equal their spread
+    says nothing (and the paper's division would blow up): every ``diff`` is then 0."""
+
+    forward_mode = False
+
+    def __init__(self, examples: int, normalize: bool = True):
+        if not isinstance(examples, int) or examples < 2:
+            raise ValueError(f"examples={examples!r} is invalid: a group needs at least 2 "
+                             "examples (the batch size)")
+        self.examples, self.normalize = examples, normalize
+
+    def __call__(self, probe: Probe, step_seed: int):
+        seeds = _seeds(step_seed, self.examples)
+        plus, _ = probe.evaluate_rows([(s, 1.0) for s in seeds])
+        minus, pending = probe.evaluate_rows([(s, -1.0) for s in seeds])
+        scores = [p - m for p, m in zip(plus, minus)]
+        if self.normalize:
+            spread = statistics.pstdev(scores)
+            scores = [d / (spread + 1e-8) if spread > 0 else 0.0 for d in scores]
+        loss = sum(plus + minus) / (2 * len(seeds))
+        return loss, [Direction(s, a / 2) for s, a in zip(seeds, scores)], pending
+
+
 class Population:
     """Evolution strategies' estimator, as "Evolution Strategies at Scale: LLM Fine-Tuning
     Beyond Reinforcement Learning" (Qiu et al., 2025, arXiv 2509.24372) runs it: ``members``

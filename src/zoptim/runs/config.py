@@ -107,6 +107,7 @@ class TrainConfig(_Strict):
         _check_model_kind(self.task.name, self.model.name, images)
         _check_kind(self.task)
         _check_gradient_free(self)
+        _check_per_example(self)
         if not images:
             _check_label_words(self.task)
         return self
@@ -127,6 +128,16 @@ def _check_gradient_free(cfg: "TrainConfig") -> None:
                          "(es, zo-muon, mezo, ...)")
     if cfg.task.kind == "reward" and "spike" not in cfg.guard.model_fields_set:
         cfg.guard = cfg.guard.model_copy(update={"spike": 0.0})
+
+
+def _check_per_example(cfg: "TrainConfig") -> None:
+    """Refuse per-example directions (GRZO) where an example is not one row of the batch."""
+    from zoptim.methods import batch_arguments
+
+    if batch_arguments(method_class(cfg.method.name), 1) and cfg.task.kind != "classification":
+        raise ValueError(f"method {cfg.method.name!r} evaluates each example of the batch at "
+                         "its own perturbation, one row an example: it serves classification "
+                         "tasks (task.kind = \"classification\")")
 
 
 def _check_reward_only(cfg: "TrainConfig") -> None:
@@ -297,11 +308,15 @@ def _check_method(method: MethodConfig) -> None:
     reported by the optimizer's own checks, before any model is loaded."""
     import torch
 
-    from zoptim.methods import model_arguments
+    from zoptim.methods import batch_arguments, model_arguments
 
     cls = method_class(method.name)
     dummy = torch.nn.Linear(2, 2)
-    extra = model_arguments(cls, dummy)
+    extra = {**model_arguments(cls, dummy), **batch_arguments(cls, 2)}
+    taken = sorted(extra.keys() & method.settings.keys())
+    if taken:
+        raise ConfigError(f"method.settings: {', '.join(taken)} is set by the run (from the "
+                          "model and batch_size), not in the settings")
     try:
         cls(dummy.parameters(), **method.settings, **extra)
     except (TypeError, ValueError) as err:

@@ -46,7 +46,7 @@ import torch
 from zoptim.integrations.classifier import PromptClassifier
 from zoptim.integrations.models import DTYPES, is_decoder, load_model
 from zoptim.integrations.schemes import apply_scheme
-from zoptim.methods import model_arguments
+from zoptim.methods import batch_arguments, model_arguments
 from zoptim.noise import compiles as noise_compiles
 from zoptim.runs import config, folder as run_folder, journal
 from zoptim.runs.checkpoints import (CheckpointError, check_checkpoint, load_checkpoint,
@@ -209,7 +209,8 @@ def build(cfg: TrainConfig) -> Run:
     # The method and its settings were checked when the configuration was built.
     cls = config.method_class(cfg.method.name)
     opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings,
-              **model_arguments(cls, clf))
+              **model_arguments(cls, clf),
+              **batch_arguments(cls, min(cfg.batch_size, len(splits.train))))
     return Run(cfg, splits, clf, params, opt)
 
 

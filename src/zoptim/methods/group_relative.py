@@ -1,0 +1,68 @@
+"""GRZO: one direction per example of the batch, the differences normalized within the batch
+(a group-relative step), for the cost of MeZO's two forward passes."""
+
+from __future__ import annotations
+
+import torch
+
+from zoptim.methods.dense import documented
+from zoptim.methods.evolution import EGGROLL
+from zoptim.methods.subspace import LowRankMethod
+from zoptim.parts.estimators import GroupRelative
+
+
+@documented
+class GRZO(LowRankMethod):
+    """GRZO (Tan et al., 2026, "GRZO: Group-Relative Zeroth-Order Optimization for Large
+    Language Model Fine-Tuning", arXiv 2606.02857): each of the batch's ``B`` examples is
+    evaluated at its own perturbation ``+-eps z_b``, all of them in two forward passes of the
+    batch, and
+
+    ``theta <- theta - lr * (sum_b a_b z_b / (2 eps B) + wd * theta)``, ``a_b = delta_b /
+    (std(delta) + 1e-8)``, ``delta_b = f_b(theta + eps z_b) - f_b(theta - eps z_b)``
+
+    (``parts.estimators.GroupRelative``): ``B`` directions a step instead of MeZO's one.
+
+    The perturbations live on activations, so this method needs the model and batched queries
+    (``evaluators.batched``, ``evaluate_rows``): the closure is called as ``closure(slices)``
+    for a stacked batch, and while it runs ``stack`` leaves its batch as it is, each example
+    one slice. A batch must hold exactly ``examples`` examples, one row each (classification;
+    not multiple-choice batches, whose examples take one row per option). A model batched
+    queries cannot serve is refused: in place, each example would cost a forward pass.
+
+    Spaces: where the paper builds ``z_b`` by Flipout, ``U * (r_b s_b^T)`` (one dense ``U``
+    and per-example signs), here a matrix's ``z_b`` is a rank-``r`` product ``A_b B_b^T /
+    sqrt(r)`` of Gaussian factors drawn per example (``parts.spaces.Bilinear``, EGGROLL's),
+    which a layer applies as a per-row low-rank correction of its output, ``eps (x_b B_b)
+    A_b^T / sqrt(r)``: directions independent across examples with ``E[z z^T] = I`` as the
+    paper's, no dense tensor drawn, at ``O(r (m + n))`` a token instead of another product
+    with a dense ``U``. Vectors (biases, norms) take dense per-example noise. Served: the
+    weights and biases of ``nn.Linear``, ``nn.Embedding`` weights, ``nn.LayerNorm``, and
+    small heads (see ``evaluators.batched``).
+
+    Args:
+        params: tensors or parameter groups.
+        model: the module the closure runs (required).
+        examples: the batch's size ``B``, one direction per example (``zoptim train`` sets
+            it from ``batch_size``).
+        rank: the rank ``r`` of a matrix's per-example perturbation (capped by the matrix).
+        normalize: divide the differences by their spread (the paper's method); ``False``
+            gives the plain per-example central difference, unbiased for the batch's loss.
+        {common}
+    """
+
+    uses_model = "required"
+    per_example_directions = True
+    space = EGGROLL.space  # rank-r products for matrices, dense noise for vectors
+
+    def __init__(self, params, model: torch.nn.Module, examples: int, lr: float = 1e-6,
+                 eps: float = 1e-3, rank: int = 1, normalize: bool = True,
+                 weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
+                 foreach: bool | None = None):
+        if model is None:
+            raise ValueError("GRZO perturbs each example through the model's activations: "
+                             "pass model=")
+        super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=1,
+                                      weight_decay=weight_decay, noise=noise),
+                         GroupRelative(examples, normalize), lambda g: {},
+                         seed=seed, foreach=foreach, model=model, batched=True)
