@@ -82,15 +82,20 @@ def test_prefix_scheme_needs_a_decoder(data):
         apply_scheme(clf, "prefix")
 
 
-def test_resume_equals_an_uninterrupted_run_and_replay_equals_both(tmp_path):
-    whole = config.load(None, TINY + ["steps=4"])
+@pytest.mark.parametrize("method", [[], ['method.name="grzo"',
+                                           "method.settings={lr = 1e-6, rank = 4}"]],
+                         ids=["zo-muon", "grzo"])
+def test_resume_equals_an_uninterrupted_run_and_replay_equals_both(tmp_path, method):
+    whole = config.load(None, TINY + method + ["steps=4"])
     train(whole, tmp_path / "whole", progress=False, log=lambda *_: None)
-    part = config.load(None, TINY + ["steps=2"])
+    part = config.load(None, TINY + method + ["steps=2"])
     train(part, tmp_path / "split", progress=False, log=lambda *_: None)
+    halfway = load_file(str(tmp_path / "split" / "checkpoint-2" / "trainable.safetensors"))
     train(whole, tmp_path / "split", resume=True, progress=False, log=lambda *_: None)
     a = load_file(str(tmp_path / "whole" / "checkpoint-4" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "split" / "checkpoint-4" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], halfway[k]) for k in a)  # the resumed steps moved it
     journal = (tmp_path / "split" / "journal.jsonl").read_text().splitlines()
     assert [json.loads(ln)["step"] for ln in journal] == [0, 1, 2, 3]
     found = audit(tmp_path / "split")
@@ -100,9 +105,10 @@ def test_resume_equals_an_uninterrupted_run_and_replay_equals_both(tmp_path):
 
 
 def test_demo_trains_side_by_side(capsys):
-    assert main(["demo", "--methods", "mezo,zo-muon", "--queries", "300", "--log-every", "0"]) == 0
+    assert main(["demo", "--methods", "mezo,zo-muon,grzo", "--queries", "300",
+                 "--log-every", "0"]) == 0
     out = capsys.readouterr().out
-    assert "mezo" in out and "zo-muon" in out and "test acc" in out
+    assert "mezo" in out and "zo-muon" in out and "grzo" in out and "test acc" in out
 
 
 def test_cli_trains_evaluates_and_refuses_bad_input(tmp_path, capsys):

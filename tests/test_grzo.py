@@ -14,9 +14,21 @@ from zoptim.evaluators.batched import per_slice, stack
 B = 8
 
 
+class Gain(torch.nn.Module):
+    """A leaf module with a parameter of its own (a head): batched queries run it again per
+    slice with its perturbed parameter."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.gain
+
+
 class Net(torch.nn.Module):
-    """Token embeddings, a position table shared by the batch, two linear layers with biases
-    and a layer norm: every kind of layer batched queries perturb through activations."""
+    """Token embeddings, a position table shared by the batch, two linear layers with biases,
+    a layer norm and a head: every kind of layer batched queries perturb through activations."""
 
     def __init__(self):
         super().__init__()
@@ -26,10 +38,12 @@ class Net(torch.nn.Module):
         self.hidden = torch.nn.Linear(16, 32)
         self.norm = torch.nn.LayerNorm(32)
         self.out = torch.nn.Linear(32, 3)
+        self.head = Gain(3)
 
     def forward(self, ids):
         pos = self.positions(torch.arange(ids.shape[1]).unsqueeze(0))
-        return self.out(self.norm(torch.tanh(self.hidden(self.tokens(ids) + pos)))).mean(1)
+        hidden = self.norm(torch.tanh(self.hidden(self.tokens(ids) + pos)))
+        return self.head(self.out(hidden).mean(1))
 
 
 def batch(step=0, rows=B):
@@ -56,8 +70,9 @@ def grzo(model, **kw):
 
 @pytest.mark.parametrize("linear", ["materialized", "corrected"])
 def test_each_example_is_evaluated_at_its_own_direction(linear, monkeypatch):
-    # EGGROLL in place, member b evaluated on example b alone, draws the same directions
-    # (same seed, same spaces): its values are GRZO's per-example values at +eps z_b
+    # EGGROLL in place with antithetic pairs, pair b evaluated on example b alone, draws the
+    # same directions (same seed, same spaces): its values are GRZO's per-example values at
+    # +eps z_b and -eps z_b
     monkeypatch.setattr(zoptim.evaluators.batched, "_materializes",
                         lambda mod, x, slices: linear == "materialized")
     net = Net()
@@ -71,14 +86,16 @@ def test_each_example_is_evaluated_at_its_own_direction(linear, monkeypatch):
     calls = []
 
     def one_example():
-        b = len(calls) % B
+        b = len(calls) // 2  # the pair's two members, +z_b then -z_b
         calls.append(b)
         return F.cross_entropy(net(xb[b:b + 1]).float(), yb[b:b + 1])
 
-    ref = zoptim.EGGROLL(net.parameters(), lr=1e-2, eps=1e-2, rank=1, members=B,
-                         antithetic=False, seed=3)
+    ref = zoptim.EGGROLL(net.parameters(), lr=1e-2, eps=1e-2, rank=1, members=2 * B,
+                         antithetic=True, seed=3)
     ref.step(one_example)
-    torch.testing.assert_close(torch.tensor(plus), torch.tensor(ref.last_values),
+    torch.testing.assert_close(torch.tensor(plus), torch.tensor(ref.last_values[0::2]),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(minus), torch.tensor(ref.last_values[1::2]),
                                rtol=1e-5, atol=1e-6)
     assert plus != minus
 
@@ -257,6 +274,15 @@ def test_state_dict_round_trip_continues_bit_identically():
     assert all(torch.equal(done[k], v) for k, v in fresh.state_dict().items())
 
 
+def test_a_loss_the_step_does_not_move_makes_no_update():
+    # every difference 0: no spread, and no step (not 0 / 1e-8 blown up)
+    net = Net()
+    start = copy.deepcopy(net.state_dict())
+    opt = grzo(net)
+    opt.step(lambda slices=None: torch.zeros(slices or 1))
+    assert all(torch.equal(start[k], v) for k, v in net.state_dict().items())
+
+
 def test_a_batch_of_another_size_is_refused():
     net = Net()
     opt = grzo(net)
@@ -285,6 +311,8 @@ def test_refuses_what_batched_queries_cannot_serve():
     opt.use(batched=None)  # in place, every example would cost a forward pass
     with pytest.raises(EngineError, match="own perturbation"):
         opt.step(stacked_closure(net, *batch()))
+    with pytest.raises(RuntimeError, match="no ask/tell form"):
+        grzo(net).ask()
     with pytest.raises(ValueError, match="examples=1 is invalid"):
         grzo(net, examples=1)
     with pytest.raises(ValueError, match="pass model="):

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zoptim import METHODS, model_arguments
+from zoptim import METHODS, batch_arguments, model_arguments, per_slice, stack
 
 # Settings that work for the demo's MLP (found by a small grid on one seed).
 DEMO_SETTINGS = {
@@ -25,6 +25,7 @@ DEMO_SETTINGS = {
     "subzero": dict(lr=1e-2, rank=4, resample_every=50),
     "subspace-mezo": dict(lr=3e-2, rank=8, resample_every=50, vector_lr=1e-2),
     "zo-muon": dict(lr=1e-1, rank=8, resample_every=50, vector_lr=1e-2),
+    "grzo": dict(lr=1e-3, eps=1e-2),
 }
 
 
@@ -40,19 +41,31 @@ def digits(seed: int = 0):
     return train_test_split(x, torch.tensor(y), test_size=0.3, random_state=seed)
 
 
+def _closure(model, xb, yb):
+    """The batch's mean cross-entropy; given ``slices``, one per slice of the stacked batch."""
+    def closure(slices=None):
+        if slices is None:
+            return F.cross_entropy(model(xb), yb)
+        losses = F.cross_entropy(model(stack(xb, slices)), stack(yb, slices), reduction="none")
+        return per_slice(losses, slices)
+
+    return closure
+
+
 def _train(name: str, data, queries: int, batch: int, seed: int, log_every: int) -> dict:
     xtr, xte, ytr, yte = data
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
     cls = METHODS[name]
+    # in place, except where the method needs batched queries (GRZO, one direction an example)
     opt = cls(model.parameters(), seed=seed, **DEMO_SETTINGS[name],
-              **model_arguments(cls, model, stacked_closure=False))
+              **model_arguments(cls, model, stacked_closure=False),
+              **batch_arguments(cls, batch))
     gen = torch.Generator().manual_seed(seed)
     start, loss = time.perf_counter(), float("nan")
     while opt.queries < queries:
         idx = torch.randint(0, len(xtr), (batch,), generator=gen)
-        xb, yb = xtr[idx], ytr[idx]
-        loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
+        loss = opt.step(_closure(model, xtr[idx], ytr[idx]))
         if log_every and opt.steps % log_every == 0:
             print(f"  {name:20s} step {opt.steps:5d}  queries {opt.queries:6d}  loss {loss:.4f}",
                   flush=True)

@@ -27,10 +27,11 @@ def accuracy_plots(curves: dict[str, dict[int, Curve]], folder: Path,
     for axis, xlabel in (cost, ("seconds", "wall time (s)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (label, by_seed) in enumerate(curves.items()):
-            color = f"C{i}"
+            # ten colours, then the same ten dashed: more than ten methods stay apart
+            color, style = f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]
             for j, (seed, c) in enumerate(sorted(by_seed.items())):
                 x = getattr(c, axis)
-                ax.plot(x, c.dev, color=color, alpha=0.8, marker=".",
+                ax.plot(x, c.dev, color=color, linestyle=style, alpha=0.8, marker=".",
                         label=label if j == 0 else None)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("dev reward (greedy)" if reward else "dev accuracy")

@@ -122,6 +122,12 @@ COMBINATIONS = {
     ("ask", "after-update"): "{method} evaluates again after its update; it has no ask/tell "
                              "form",
     ("ask", "forward-mode"): "{method} needs forward-mode derivatives; it has no ask/tell form",
+    ("offload", "per-example"): "{method} perturbs each example through activations (batched "
+                                "queries); offloaded blocks are probed in place",
+    ("parallel", "per-example"): "{method} draws one direction per example of the whole batch; "
+                                 "its values are not gathered across processes",
+    ("ask", "per-example"): "{method} perturbs each example through activations; it has no "
+                            "ask/tell form",
 }
 
 
@@ -131,12 +137,15 @@ def _refuse(first: str, other: str, method: str, error=EngineError):
 
 def capabilities(opt) -> set[str]:
     """What a method declares about its step: ``after-update`` (it evaluates again after the
-    update), ``forward-mode`` (its estimator takes forward-mode derivatives)."""
+    update), ``forward-mode`` (its estimator takes forward-mode derivatives), ``per-example``
+    (a direction per example of the batch: batched queries on one process only)."""
     caps = set()
     if opt.evaluates_after_update:
         caps.add("after-update")
     if getattr(opt.estimator, "forward_mode", False):
         caps.add("forward-mode")
+    if opt.per_example_directions:
+        caps.add("per-example")
     return caps
 
 
@@ -152,7 +161,11 @@ def choose(opt, *, batched=None, offload=None, parallel=None) -> Evaluator:
             if other in caps or (other == "parallel" and parallel is not None):
                 _refuse("offload", other, name)
         return offload  # it evaluates on a stacked batch of its own: batched is not used
-    inner = batched if batched is not None and not caps else InPlace()
+    if parallel is not None and "per-example" in caps:
+        _refuse("parallel", "per-example", name)
+    # evaluating after the update or by forward mode needs the parameters moved in place
+    in_place_only = caps - {"per-example"}
+    inner = batched if batched is not None and not in_place_only else InPlace()
     return inner if parallel is None else Distributed(inner, parallel)
 
 
@@ -160,8 +173,8 @@ def check_ask(opt) -> None:
     """Refuse ask/tell (``RuntimeError``) where the step cannot be opened and walked in place
     by its caller."""
     name = type(opt).__name__
+    for cap in sorted(capabilities(opt)):
+        _refuse("ask", cap, name, RuntimeError)
     for engine in ("batched", "offload", "parallel"):
         if getattr(opt, engine) is not None:
             _refuse("ask", engine, name, RuntimeError)
-    for cap in sorted(capabilities(opt)):
-        _refuse("ask", cap, name, RuntimeError)

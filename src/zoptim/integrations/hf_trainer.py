@@ -56,6 +56,10 @@ class ZOTrainer(Trainer):
                  zo_seed: int | None = None, **kwargs):
         if zo_method not in METHODS:
             raise ValueError(f"unknown method {zo_method!r}; choose one of {', '.join(METHODS)}")
+        if METHODS[zo_method].per_example_directions:
+            raise ValueError(f"{zo_method} perturbs each example through activations (batched "
+                             "queries), and Trainer.compute_loss evaluates a batch as one loss: "
+                             "train it with zoptim train or a closure of its own")
         self.zo_method, self.zo_settings, self.zo_seed = zo_method, dict(zo_settings or {}), zo_seed
         self.zo_optimizer = None
         super().__init__(*args, **kwargs)

@@ -16,7 +16,8 @@ For the difference estimators here ``E[diff / eps * z] = grad f`` on a quadratic
 ``E[z z^T] = I``. The normalized and ordinal ones (FZOO's ``StdNormalized``, evolution
 strategies' ``Population``, ``Ranking``, ``Comparison``) declare ``unit_free``: their ``diff``
 is a unit-free score the optimizer does not divide by ``eps``, so ``lr`` is the step's length
-along the direction they point to.
+along the direction they point to. GRZO's ``GroupRelative`` normalizes its per-example
+differences too, but divides by ``eps`` as its paper does.
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ class GroupRelative:
     With ``normalize=False`` it is the plain per-example central difference, ``diff_b =
     delta_b / 2``, an unbiased estimate of the batch's mean loss's gradient.
 
-    ``examples`` directions, two queries a step. Where every difference is equal their spread
-    says nothing (and the paper's division would blow up): every ``diff`` is then 0."""
+    ``examples`` directions, two queries a step. Where the differences do not spread at all
+    (a loss the step does not move, or a batch of identical examples) every ``diff`` is 0,
+    where the paper's division would give ``delta / 1e-8``. Normalized, but not declared
+    ``unit_free``: the estimate is divided by ``eps``, as the paper's is."""
 
     forward_mode = False
 

@@ -131,13 +131,23 @@ def _check_gradient_free(cfg: "TrainConfig") -> None:
 
 
 def _check_per_example(cfg: "TrainConfig") -> None:
-    """Refuse per-example directions (GRZO) where an example is not one row of the batch."""
-    from zoptim.methods import batch_arguments
+    """Refuse per-example directions (GRZO) where an example is not one row of the batch, a
+    batch too small for a group, or a batch split across processes."""
+    from zoptim import METHODS
 
-    if batch_arguments(method_class(cfg.method.name), 1) and cfg.task.kind != "classification":
-        raise ValueError(f"method {cfg.method.name!r} evaluates each example of the batch at "
-                         "its own perturbation, one row an example: it serves classification "
-                         "tasks (task.kind = \"classification\")")
+    name = cfg.method.name
+    if not getattr(METHODS.get(name), "per_example_directions", False):
+        return
+    if cfg.task.kind != "classification":
+        raise ValueError(f"method {name!r} evaluates each example of the batch at its own "
+                         "perturbation, one row an example: it serves classification tasks "
+                         "(task.kind = \"classification\")")
+    if min(cfg.batch_size, cfg.task.train) < 2:
+        raise ValueError(f"method {name!r} normalizes within the batch: batch_size and "
+                         "task.train must be at least 2")
+    if cfg.parallel.data > 1:
+        raise ValueError(f"method {name!r} draws one direction per example of the whole "
+                         "batch: it cannot split the batch across processes (parallel.data)")
 
 
 def _check_reward_only(cfg: "TrainConfig") -> None:

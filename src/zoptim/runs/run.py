@@ -210,15 +210,20 @@ def build(cfg: TrainConfig) -> Run:
     cls = config.method_class(cfg.method.name)
     opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings,
               **model_arguments(cls, clf),
-              **batch_arguments(cls, min(cfg.batch_size, len(splits.train))))
+              **batch_arguments(cls, batch_size(cfg, splits)))
     return Run(cfg, splits, clf, params, opt)
+
+
+def batch_size(cfg: TrainConfig, splits: Splits) -> int:
+    """The examples of a training batch: ``batch_size``, or every training example if fewer."""
+    return min(cfg.batch_size, len(splits.train))
 
 
 def batch(run: Run, step: int) -> list:
     """The training batch of ``step``: a function of the seed and the step alone, so a resumed
     run sees the same batches."""
     rng = random.Random(f"{run.cfg.seed}:{step}")
-    return rng.sample(run.splits.train, min(run.cfg.batch_size, len(run.splits.train)))
+    return rng.sample(run.splits.train, batch_size(run.cfg, run.splits))
 
 
 def _truncate_jsonl(path: Path, below_step: int) -> None:
