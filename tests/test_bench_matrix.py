@@ -73,7 +73,7 @@ def _queries_a_step(cfg) -> int:
 
     import zoptim
 
-    fixed = {"mezo": 2, "subspace-mezo": 2, "lozo": 2, "hizoo": 3}
+    fixed = {"mezo": 2, "subspace-mezo": 2, "lozo": 2, "hizoo": 3, "grzo": 2}
     if cfg.method.name in fixed:
         return fixed[cfg.method.name]
     default = inspect.signature(zoptim.METHODS[cfg.method.name]).parameters["directions"]
@@ -81,9 +81,11 @@ def _queries_a_step(cfg) -> int:
 
 
 @pytest.mark.parametrize("name, cells, budget", [
-    ("mr_minilm.toml", 10 * (3 + 2), 8000),  # three tuning cells on seed 0, two more seeds
+    ("mr_minilm.toml", 11 * (3 + 2), 8000),  # three tuning cells on seed 0, two more seeds
     ("mr_minilm_ablations.toml", 9 * 3, 8000),
-    ("mr_minilm_screen.toml", 8, 1600)])
+    ("mr_minilm_screen.toml", 11, 1600),
+    ("mr_minilm_candidates.toml", 4 * 3, 1600),
+    ("mr_minilm_ablations_screen.toml", 9, 1600)])
 def test_the_minilm_configurations_validate_and_equalize_queries(name, cells, budget):
     from pathlib import Path
 
