@@ -28,7 +28,8 @@ def test_queries_to_target_against_the_baseline_per_seed():
             2: curve([(1000, 30, 0.50), (2000, 60, 0.55), (4000, 120, 0.60)])}  # never
     per_seed, summary = to_target(muon, mezo)
     assert per_seed == {0: 0.25, 1: 2.0, 2: None}
-    assert summary == {"median": 1.125, "min": 0.25, "max": 2.0, "n": 2, "missing": 1}
+    # the seed that never got there ranks above both others
+    assert summary == {"median": 2.0, "min": 0.25, "max": 2.0, "n": 2, "missing": 1}
     per_seed_t, _ = to_target(muon, mezo, axis="seconds")
     assert per_seed_t[0] == 30 / 40 and per_seed_t[1] == 60 / 10
     # the baseline against itself reaches its target exactly when it does
@@ -36,9 +37,12 @@ def test_queries_to_target_against_the_baseline_per_seed():
 
 
 def test_spread_and_missing_seeds():
-    assert spread([3.0, None, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3,
+    assert spread([3.0, None, 1.0, 2.0]) == {"median": 2.5, "min": 1.0, "max": 3.0, "n": 3,
                                              "missing": 1}
-    assert spread([None])["median"] is None
+    assert spread([1.0, 2.0, 3.0])["median"] == 2.0
+    # half the seeds or more never reached: no median, whatever the others did
+    assert spread([0.1, None])["median"] is None and spread([0.1, None, None])["median"] is None
+    assert spread([None])["median"] is None and spread([])["median"] is None
     with pytest.raises(ValueError, match="share no seed"):
         to_target({0: curve([(1, 1, 0.5)])}, {1: curve([(1, 1, 0.5)])})
 

@@ -42,7 +42,13 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
     cfg = tmp_path / "bench.toml"
     cfg.write_text(CONFIG)
     out = tmp_path / "bench"
+    # some of the methods first: their cells are the whole matrix's
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--only", "mezo"]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"].keys() == {"mezo"}
+    assert "--only mezo" in (out / "report.md").read_text() and not (out / "zo-muon").exists()
+    stamp = (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns
     assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
+    assert (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp  # kept
     results = json.loads((out / "results.json").read_text())
     mezo, muon = results["methods"]["mezo"], results["methods"]["zo-muon"]
     assert mezo["queries_to_target"]["per_seed"].keys() == {"0", "1"}
@@ -54,10 +60,17 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
     assert "Command: `zoptim bench" in report and results["environment"]["torch"]
     for name in ("dev_vs_queries.png", "dev_vs_seconds.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in report
-    # finished cells are not run again
-    stamp = (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns
-    assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
-    assert (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("only, message", [("mezo,nope", "no method labelled ['nope']"),
+                                           ("zo-muon", "baseline 'mezo' is not one of")])
+def test_bench_only_refuses_unknown_labels_and_a_missing_baseline(tmp_path, capsys, only,
+                                                                  message):
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--only", only]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_bench_refuses_a_config_without_methods(tmp_path, capsys):

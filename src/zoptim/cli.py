@@ -69,8 +69,11 @@ def replay_command(args) -> int:
 def bench_command(args) -> int:
     from zoptim.bench.matrix import run
 
-    run(args.config, args.out,
-        command=["zoptim", "bench", "--config", args.config, "--out", str(args.out)])
+    only = [label.strip() for label in args.only.split(",") if label.strip()] \
+        if args.only else None
+    command = ["zoptim", "bench", "--config", args.config, "--out", str(args.out)]
+    run(args.config, args.out, command=command + (["--only", args.only] if only else []),
+        only=only)
     return 0
 
 
@@ -142,6 +145,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="run a matrix of methods x seeds and write a report")
     p.add_argument("--config", required=True, help="TOML or YAML benchmark configuration")
     p.add_argument("--out", default="runs/bench", help="benchmark folder")
+    p.add_argument("--only", help="comma-separated labels: run and report these methods alone "
+                                   "(their cells are the whole matrix's; the baseline among them)")
     p.set_defaults(handler=bench_command)
 
     p = sub.add_parser("demo", help="train an MLP on digits with ZO methods side by side")

@@ -4,12 +4,14 @@ seeds, from the dev-accuracy curves that ``zoptim train`` writes to ``metrics.js
 The target of a seed is the baseline method's (MeZO's) final dev accuracy on that seed; a
 method's ratio is the queries it needed to first reach that accuracy over the queries the
 baseline needed to first reach it. A method that never reaches it has no ratio on that seed
-(reported as missing, never as a number).
+(reported as missing, never as a number); the median counts such a seed as above every ratio,
+so a method that misses half its seeds or more has no median.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +62,13 @@ def first_reaching(curve: Curve, target: float, axis: str = "queries") -> float 
 
 
 def spread(values: list[float | None]) -> dict:
-    """Median, min and max of the values present, and how many seeds had none."""
+    """Median, min and max, and how many seeds had no value. A missing value (a seed that
+    never reached its target) ranks above every present one in the median: ignoring it would
+    favour a method that reaches the target fast on some seeds and never on the others."""
     present = [v for v in values if v is not None]
-    return {"median": statistics.median(present) if present else None,
+    median = statistics.median([math.inf if v is None else v for v in values]) if values \
+        else math.inf
+    return {"median": None if math.isinf(median) else median,
             "min": min(present, default=None), "max": max(present, default=None),
             "n": len(present), "missing": len(values) - len(present)}
 

@@ -40,7 +40,9 @@ other seeds run it; the first seed's result is the kept point's run. Every metho
 grid of the same size, so each has the same tuning budget.
 
 Cells already finished (their ``summary.json`` has final figures) are not run again, so an
-interrupted benchmark continues where it stopped.
+interrupted benchmark continues where it stopped. ``only`` runs and reports some of the
+methods: their cells are the whole matrix's, so a later run of all of it in the same folder
+keeps them.
 """
 
 from __future__ import annotations
@@ -155,6 +157,19 @@ def _layout(spec: dict) -> tuple[list[Method], list[int], str]:
     return methods, seeds, baseline
 
 
+def select(spec: dict, labels: list[str] | None) -> dict:
+    """``spec`` with only the methods labelled ``labels`` (in the config's order; all when
+    None); the baseline must be one of them."""
+    if labels is None:
+        return spec
+    known = [m.get("label", m.get("name")) for m in spec.get("methods") or []]
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise BenchError(f"no method labelled {unknown} in the config; its labels: {known}")
+    kept = [m for m, label in zip(spec["methods"], known) if label in labels]
+    return {**spec, "methods": kept}
+
+
 def _cells(spec: dict):
     """Every cell of the benchmark, validated: (label, seed, point, config). The tuning cells
     (every grid point) run on the first seed; the other seeds run the chosen point."""
@@ -202,11 +217,13 @@ def _record_divergence(cell: Path, reason: str) -> None:
     write_json(path, summary)
 
 
-def run(config_path: str, out: str | Path, log=print, command: list[str] | None = None) -> dict:
+def run(config_path: str, out: str | Path, log=print, command: list[str] | None = None,
+        only: list[str] | None = None) -> dict:
     """Run every cell not yet finished, then write ``results.json`` and ``report.md``. A method
     with a grid is tuned first: each point runs on the first seed, the point with the best final
-    dev accuracy is kept (that cell is the first seed's result), and the other seeds run it."""
-    spec = run_config.read_file(config_path)
+    dev accuracy is kept (that cell is the first seed's result), and the other seeds run it.
+    ``only``: the labels of the methods to run and report (all when None)."""
+    spec = select(run_config.read_file(config_path), only)
     folder = Path(out)
     list(_cells(spec))  # validates every cell before any runs
     methods, seeds, baseline = _layout(spec)
@@ -346,10 +363,14 @@ def environment(config_path: str, command: list[str] | None) -> dict:
 
 
 def _fmt(s: dict, digits: int = 3) -> str:
-    if s["median"] is None:
+    """``median [min, max]`` over seeds; the median reads "not reached" when half the seeds or
+    more never reached the target, and the range is that of the seeds that did."""
+    if s["min"] is None:
         return "not reached"
-    text = f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
-    return text + (f" ({s['missing']} seeds not reached)" if s.get("missing") else "")
+    median = "not reached" if s["median"] is None else f"{s['median']:.{digits}f}"
+    text = f"{median} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+    missing = s.get("missing")
+    return text + (f" ({missing} of {s['n'] + missing} seeds not reached)" if missing else "")
 
 
 def _report_header(results: dict) -> list[str]:
@@ -363,7 +384,8 @@ def _report_header(results: dict) -> list[str]:
             f"GPU {env['cuda'] or 'none'}.\n",
             "Median [min, max] over seeds. The target of a "
             f"seed is {base}'s final dev {score} on it; a ratio is the {cost} (or seconds) a "
-            f"method needed to first reach it over {base}'s.\n",
+            f"method needed to first reach it over {base}'s. A seed that never reached it "
+            "counts in the median as above every ratio.\n",
             "Memory is one step's: parameters, optimizer state and the step's transient peak "
             "(for a row that makes no update, one forward without gradients).\n",
             f"| method | {cost} to target / {base} | time to target / {base} | final dev | "

@@ -156,13 +156,12 @@ def choose(opt, *, batched=None, offload=None, parallel=None) -> Evaluator:
     from zoptim.evaluators.in_place import InPlace
 
     name, caps = type(opt).__name__, capabilities(opt)
+    engines = {"offload": offload, "parallel": parallel}
+    for first, other in COMBINATIONS:
+        if engines.get(first) is not None and (other in caps or engines.get(other) is not None):
+            _refuse(first, other, name)
     if offload is not None:
-        for other in ("parallel", *sorted(caps)):
-            if other in caps or (other == "parallel" and parallel is not None):
-                _refuse("offload", other, name)
         return offload  # it evaluates on a stacked batch of its own: batched is not used
-    if parallel is not None and "per-example" in caps:
-        _refuse("parallel", "per-example", name)
     # evaluating after the update or by forward mode needs the parameters moved in place
     in_place_only = caps - {"per-example"}
     inner = batched if batched is not None and not in_place_only else InPlace()
