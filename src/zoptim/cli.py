@@ -66,21 +66,25 @@ def replay_command(args) -> int:
     return 0 if found.ok else 1
 
 
+def names(text: str) -> list[str]:
+    """A comma-separated list of names (methods, labels), blanks dropped: an argparse type."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def bench_command(args) -> int:
     from zoptim.bench.matrix import run
 
-    only = [label.strip() for label in args.only.split(",") if label.strip()] \
-        if args.only else None
     command = ["zoptim", "bench", "--config", args.config, "--out", str(args.out)]
-    run(args.config, args.out, command=command + (["--only", args.only] if only else []),
-        only=only)
+    if args.only:
+        command += ["--only", ",".join(args.only)]
+    run(args.config, args.out, command=command, only=args.only)
     return 0
 
 
 def demo_command(args) -> int:
     from zoptim.demo import DEMO_SETTINGS, run
 
-    unknown = [n for n in args.methods.split(",") if n.strip() and n.strip() not in DEMO_SETTINGS]
+    unknown = [n for n in args.methods if n not in DEMO_SETTINGS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(DEMO_SETTINGS)}")
@@ -145,12 +149,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="run a matrix of methods x seeds and write a report")
     p.add_argument("--config", required=True, help="TOML or YAML benchmark configuration")
     p.add_argument("--out", default="runs/bench", help="benchmark folder")
-    p.add_argument("--only", help="comma-separated labels: run and report these methods alone "
+    p.add_argument("--only", type=names, help="comma-separated labels: run and report these methods alone "
                                    "(their cells are the whole matrix's; the baseline among them)")
     p.set_defaults(handler=bench_command)
 
     p = sub.add_parser("demo", help="train an MLP on digits with ZO methods side by side")
-    p.add_argument("--methods", default="zo-muon,mezo", help="comma-separated method names")
+    p.add_argument("--methods", type=names, default="zo-muon,mezo",
+                   help="comma-separated method names")
     p.add_argument("--queries", type=int, default=6000, help="objective evaluations per method")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

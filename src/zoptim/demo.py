@@ -76,7 +76,7 @@ def _train(name: str, data, queries: int, batch: int, seed: int, log_every: int)
 
 
 def run(args) -> int:
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    names = args.methods  # parsed by the command line (cli.names)
     if args.queries < 1 or args.batch < 1:
         raise ValueError("--queries and --batch must be positive")
     data = digits(args.seed)
