@@ -30,7 +30,9 @@ def test_toml_and_yaml_files_with_overrides(tmp_path):
     (["task.labels=[\"a\"]"], "same length"),
     (["steps"], "key=value"),
     (["method.name=\"grzo\"", "task.kind=\"multiple_choice\"", "task.name=\"copa\""],
-     "serves classification tasks"),
+     "not multiple choice"),
+    (["method.name=\"grzo\"", "task.kind=\"generation\"", "task.name=\"squad\"",
+      "task.objective=\"f1\""], "a metric of greedy generations nor a reward"),
     (["method.name=\"grzo\"", "method.settings={examples = 4}"], "examples is set by the run"),
 ])
 def test_bad_settings_name_the_key(overrides, message):

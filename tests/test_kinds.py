@@ -1,11 +1,13 @@
 """Task kinds on a decoder: multiple choice and generation (SFT), their losses against hand
 computations, greedy decoding, exact match and F1, users' files, and whole runs."""
 
+import copy
 import json
 
 import pytest
 import torch
 
+import zoptim
 from zoptim.cli import main
 from zoptim.integrations.choices import ChoiceObjective
 from zoptim.integrations.completions import CompletionObjective
@@ -156,12 +158,16 @@ MC = [{"context": f"{a} plus {b} is", "options": [str(a + b), str(a + b + 1), "n
        "answer": 0} for a in range(4) for b in range(4)]
 
 
-@pytest.mark.parametrize("kind, rows", [("generation", QA), ("multiple_choice", MC)])
-def test_a_run_of_each_kind_resumes_and_replays_bit_for_bit(tiny, tmp_path, kind, rows):
+ZO_MUON = ("zo-muon", "{lr = 1e-3, eps = 1e-3, rank = 4}")
+
+
+@pytest.mark.parametrize("kind, rows, method", [
+    ("generation", QA, ZO_MUON), ("multiple_choice", MC, ZO_MUON),
+    ("generation", QA, ("grzo", "{lr = 1e-4, eps = 1e-3}"))])
+def test_a_run_of_each_kind_resumes_and_replays_bit_for_bit(tiny, tmp_path, kind, rows, method):
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     settings = run_settings(tiny, data, kind, "task.max_new_tokens=4", "save_every=2",
-                            "method.name=\"zo-muon\"",
-                            "method.settings={lr = 1e-3, eps = 1e-3, rank = 4}")
+                            f"method.name=\"{method[0]}\"", f"method.settings={method[1]}")
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--no-progress", *settings, "--set", "steps=2"]) == 0
     assert main(["train", "--out", str(out), "--no-progress", "--resume", *settings,
@@ -195,6 +201,62 @@ def test_zeroth_order_steps_lower_the_training_loss_of_each_kind(tiny, tmp_path,
         run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
     with torch.no_grad():
         assert float(run.clf.loss(examples)) < before - 0.05
+
+
+def test_grzo_evaluates_each_sft_example_at_its_own_direction(tiny):
+    """GRZO on teacher-forced completions: one pass of the batch gives every example its loss
+    at its own direction, as EGGROLL's antithetic pairs (same seed, same spaces) give them one
+    example at a time in place, on the tiny decoder (its embedding tied to the output layer,
+    its RMS norms run again per row, its rows padded to different lengths)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    obj = CompletionObjective(model, AutoTokenizer.from_pretrained(tiny), max_length=48)
+    examples = [Completion("Q: the capital of France?\nA:", " Paris", ("Paris",)),
+                Completion("Say hi.", " Hello there, friend", ("Hello",)),
+                Completion((("user", "Name a colour."),), "Blue", ("Blue",)),
+                Completion("2 plus 2 is", " 4", ("4",))]
+    start = copy.deepcopy(model.state_dict())
+    opt = zoptim.GRZO(obj.parameters(), model=obj, examples=4, lr=1e-3, eps=1e-2, seed=3)
+    opt.step(lambda slices=None: obj.loss(examples, slices))
+    model.load_state_dict(start)
+    calls = []
+
+    def one_example():
+        b = len(calls) // 2  # the pair's two members, +z_b then -z_b
+        calls.append(b)
+        return obj.loss(examples[b:b + 1])
+
+    ref = zoptim.EGGROLL(obj.parameters(), lr=1e-3, eps=1e-2, rank=1, members=8,
+                         antithetic=True, seed=3)
+    ref.step(one_example)
+    plus, minus = torch.tensor(opt.last_values[:4]), torch.tensor(opt.last_values[4:])
+    ref_plus, ref_minus = torch.tensor(ref.last_values[0::2]), torch.tensor(ref.last_values[1::2])
+    torch.testing.assert_close(plus, ref_plus, rtol=1e-5, atol=0)
+    torch.testing.assert_close(minus, ref_minus, rtol=1e-5, atol=0)
+    # the differences, what the step uses, are far above that tolerance: a direction given to
+    # the wrong example would show
+    assert (plus - minus).abs().min() > 1e-3
+    torch.testing.assert_close(plus - minus, ref_plus - ref_minus, rtol=1e-2, atol=1e-4)
+    metric = CompletionObjective(model, obj.tokenizer, max_length=48, objective="f1")
+    with pytest.raises(ValueError, match="cannot be their objective"):
+        zoptim.GRZO(metric.parameters(), model=metric, examples=4, seed=3).step(
+            lambda slices=None: metric.loss(examples, slices))
+
+
+def test_grzo_steps_lower_the_sft_loss(tiny, tmp_path):
+    """GRZO on the tiny decoder's completions, batches of 4 of its 8 training examples in
+    turn: 60 steps lower their loss by more than 0.5 (1.27 measured, from 10.78)."""
+    run = build_run(tiny, write_jsonl(tmp_path / "data.jsonl", QA), "generation",
+                    "method.name=\"grzo\"", "method.settings={lr = 3e-5, eps = 1e-3}")
+    examples = run.splits.train
+    with torch.no_grad():
+        before = float(run.clf.loss(examples))
+    for step in range(60):
+        half = examples[4 * (step % 2):4 * (step % 2) + 4]
+        run.opt.step(lambda slices=None: run.clf.loss(half, slices))
+    with torch.no_grad():
+        assert float(run.clf.loss(examples)) < before - 0.5
 
 
 def test_batched_queries_give_the_in_place_values_for_each_kind(tiny, tmp_path):

@@ -66,6 +66,12 @@ _EACH_ROW: contextvars.ContextVar[bool] = contextvars.ContextVar("zoptim_each_ro
                                                                  default=False)
 
 
+def each_row() -> bool:
+    """Whether the evaluation under way gives each example of the batch its own point
+    (``BatchedQueries.evaluate_rows``)."""
+    return _EACH_ROW.get()
+
+
 def stack(x: torch.Tensor, slices: int) -> torch.Tensor:
     """A batch repeated ``slices`` times along its first dimension (one copy per point). Under
     a batched evaluation it also records the stacked size, which layers whose output is shared

@@ -14,12 +14,15 @@ With ``objective`` a metric (``"f1"`` or ``"exact_match"``, MeZO's ``--non_diff`
 backpropagation cannot. A generation that runs to ``max_new_tokens`` without ending scores 0.
 Under batched queries the prompts are stacked once per slice and decoded together, each
 slice's rows through its own perturbation, so a step's queries share every decoding pass.
+Under per-example points (GRZO) each example's row is a slice of its own: the loss serves
+them, greedy decoding does not.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zoptim.evaluators.batched import per_slice
 from zoptim.integrations.decoding import greedy
 from zoptim.integrations.sequences import Sequences, split_space
 from zoptim.tasks.kinds import Completion
@@ -73,7 +76,7 @@ class CompletionObjective(torch.nn.Module):
         rows = self.sequences.rows([(self.context_ids(e), self.answer_ids(e)) for e in examples],
                                    self._device())
         total, count = Sequences.log_likelihoods(self.backbone, rows, slices or 1)
-        losses = (-total / count.clamp_min(1)).reshape(slices or 1, len(examples)).mean(1)
+        losses = per_slice(-total / count.clamp_min(1), slices or 1)
         return losses if slices is not None else losses[0]
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.evaluators.batched import stack
+from zoptim.evaluators.batched import each_row, stack
 from zoptim.integrations.sequences import left_padded
 
 
@@ -24,6 +24,10 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     token (what the cache saves)."""
     from transformers import GenerationConfig
 
+    if each_row():  # greedy batches prompts in its own order, not one row a point
+        raise ValueError("per-example directions (GRZO) give each example its own point, which "
+                         "greedy decoding cannot keep apart: a metric of generations or a "
+                         "reward cannot be their objective; train on the loss")
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, use_cache=use_cache)

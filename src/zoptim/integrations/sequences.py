@@ -98,8 +98,9 @@ class Sequences:
 
     @staticmethod
     def log_likelihoods(model, rows: Rows, slices: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row (of the batch stacked ``slices`` times): the summed log-probability
-        ``model`` gives its continuation tokens, and their number."""
+        """Per row (of the batch stacked ``slices`` times; as it is under per-example
+        points, see ``evaluators.batched.stack``): the summed log-probability ``model`` gives
+        its continuation tokens, and their number."""
         ids, mask = rows.ids, rows.mask
         if slices > 1:
             ids, mask = stack(ids, slices), stack(mask, slices)
@@ -112,6 +113,6 @@ class Sequences:
                             **extra).logits[:, :-1].float()
         target, scored = rows.target, rows.scored
         if slices > 1:
-            target, scored = target.repeat(slices, 1), scored.repeat(slices, 1)
+            target, scored = stack(target, slices), stack(scored, slices)
         logp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
         return (logp * scored).sum(-1), scored.sum(-1)

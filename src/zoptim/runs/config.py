@@ -138,10 +138,13 @@ def _check_per_example(cfg: "TrainConfig") -> None:
     name = cfg.method.name
     if not getattr(METHODS.get(name), "per_example_directions", False):
         return
-    if cfg.task.kind != "classification":
+    one_row = cfg.task.kind == "classification" or (cfg.task.kind == "generation"
+                                                     and cfg.task.objective == "loss")
+    if not one_row:
         raise ValueError(f"method {name!r} evaluates each example of the batch at its own "
-                         "perturbation, one row an example: it serves classification tasks "
-                         "(task.kind = \"classification\")")
+                         "perturbation, one row an example: it serves classification and "
+                         "generation trained on its loss (SFT), not multiple choice (a row "
+                         "an option), a metric of greedy generations nor a reward")
     if min(cfg.batch_size, cfg.task.train) < 2:
         raise ValueError(f"method {name!r} normalizes within the batch: batch_size and "
                          "task.train must be at least 2")
