@@ -45,3 +45,20 @@ def per_step(name):
 
 def resampling(name):
     return "resample_every" in METHODS[name][1]
+
+
+def eggroll_pairs(params, example_loss, examples: int, lr: float, eps: float, seed: int):
+    """GRZO's per-example values as EGGROLL draws them in place (rank 1, antithetic pairs, the
+    same seed and spaces), pair ``b`` evaluated on example ``b`` alone by ``example_loss(b)``:
+    the values at ``+eps z_b`` and at ``-eps z_b``, by example."""
+    calls = []
+
+    def one_example():
+        b = len(calls) // 2  # the pair's two members, +z_b then -z_b
+        calls.append(b)
+        return example_loss(b)
+
+    ref = zoptim.EGGROLL(params, lr=lr, eps=eps, rank=1, members=2 * examples, antithetic=True,
+                         seed=seed)
+    ref.step(one_example)
+    return ref.last_values[0::2], ref.last_values[1::2]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import zoptim
+from methods import eggroll_pairs
 from zoptim.evaluators import EngineError
 from zoptim.evaluators.batched import per_slice, stack
 
@@ -83,20 +84,11 @@ def test_each_example_is_evaluated_at_its_own_direction(linear, monkeypatch):
     net.load_state_dict(start)
     plus, minus = opt.last_values[:B], opt.last_values[B:]
     assert opt.queries == 2 and len(opt.last_values) == 2 * B
-    calls = []
-
-    def one_example():
-        b = len(calls) // 2  # the pair's two members, +z_b then -z_b
-        calls.append(b)
-        return F.cross_entropy(net(xb[b:b + 1]).float(), yb[b:b + 1])
-
-    ref = zoptim.EGGROLL(net.parameters(), lr=1e-2, eps=1e-2, rank=1, members=2 * B,
-                         antithetic=True, seed=3)
-    ref.step(one_example)
-    torch.testing.assert_close(torch.tensor(plus), torch.tensor(ref.last_values[0::2]),
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(minus), torch.tensor(ref.last_values[1::2]),
-                               rtol=1e-5, atol=1e-6)
+    ref_plus, ref_minus = eggroll_pairs(
+        net.parameters(), lambda b: F.cross_entropy(net(xb[b:b + 1]).float(), yb[b:b + 1]),
+        B, lr=1e-2, eps=1e-2, seed=3)
+    torch.testing.assert_close(torch.tensor(plus), torch.tensor(ref_plus), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(minus), torch.tensor(ref_minus), rtol=1e-5, atol=1e-6)
     assert plus != minus
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import zoptim
+from methods import eggroll_pairs
 from zoptim.cli import main
 from zoptim.integrations.choices import ChoiceObjective
 from zoptim.integrations.completions import CompletionObjective
@@ -220,18 +221,9 @@ def test_grzo_evaluates_each_sft_example_at_its_own_direction(tiny):
     opt = zoptim.GRZO(obj.parameters(), model=obj, examples=4, lr=1e-3, eps=1e-2, seed=3)
     opt.step(lambda slices=None: obj.loss(examples, slices))
     model.load_state_dict(start)
-    calls = []
-
-    def one_example():
-        b = len(calls) // 2  # the pair's two members, +z_b then -z_b
-        calls.append(b)
-        return obj.loss(examples[b:b + 1])
-
-    ref = zoptim.EGGROLL(obj.parameters(), lr=1e-3, eps=1e-2, rank=1, members=8,
-                         antithetic=True, seed=3)
-    ref.step(one_example)
+    ref_plus, ref_minus = map(torch.tensor, eggroll_pairs(
+        obj.parameters(), lambda b: obj.loss(examples[b:b + 1]), 4, lr=1e-3, eps=1e-2, seed=3))
     plus, minus = torch.tensor(opt.last_values[:4]), torch.tensor(opt.last_values[4:])
-    ref_plus, ref_minus = torch.tensor(ref.last_values[0::2]), torch.tensor(ref.last_values[1::2])
     torch.testing.assert_close(plus, ref_plus, rtol=1e-5, atol=0)
     torch.testing.assert_close(minus, ref_minus, rtol=1e-5, atol=0)
     # the differences, what the step uses, are far above that tolerance: a direction given to
