@@ -29,8 +29,6 @@ def test_toml_and_yaml_files_with_overrides(tmp_path):
     (["batch_size=many"], "batch_size"),
     (["task.labels=[\"a\"]"], "same length"),
     (["steps"], "key=value"),
-    (["method.name=\"grzo\"", "task.kind=\"multiple_choice\"", "task.name=\"copa\""],
-     "not multiple choice"),
     (["method.name=\"grzo\"", "task.kind=\"generation\"", "task.name=\"squad\"",
       "task.objective=\"f1\""], "a metric of greedy generations nor a reward"),
     (["method.name=\"grzo\"", "method.settings={examples = 4}"], "examples is set by the run"),

@@ -157,6 +157,10 @@ QA = [{"prompt": f"Q: what is {a} plus {b}?\nA:", "completion": f" {a + b}"}
       for a in range(4) for b in range(4)]
 MC = [{"context": f"{a} plus {b} is", "options": [str(a + b), str(a + b + 1), "no"],
        "answer": 0} for a in range(4) for b in range(4)]
+# 2 to 4 options an example: GRZO pads each example's rows to its batch's most
+MC_UNEVEN = [{"context": f"{a} plus {b} is",
+              "options": [str(a + b), str(a + b + 1), "no", "many"][:2 + (a + b) % 3],
+              "answer": (a + b) % 2} for a in range(4) for b in range(4)]
 
 
 ZO_MUON = ("zo-muon", "{lr = 1e-3, eps = 1e-3, rank = 4}")
@@ -164,7 +168,8 @@ ZO_MUON = ("zo-muon", "{lr = 1e-3, eps = 1e-3, rank = 4}")
 
 @pytest.mark.parametrize("kind, rows, method", [
     ("generation", QA, ZO_MUON), ("multiple_choice", MC, ZO_MUON),
-    ("generation", QA, ("grzo", "{lr = 1e-4, eps = 1e-3}"))])
+    ("generation", QA, ("grzo", "{lr = 1e-4, eps = 1e-3}")),
+    ("multiple_choice", MC_UNEVEN, ("grzo", "{lr = 1e-4, eps = 1e-3}"))])
 def test_a_run_of_each_kind_resumes_and_replays_bit_for_bit(tiny, tmp_path, kind, rows, method):
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     settings = run_settings(tiny, data, kind, "task.max_new_tokens=4", "save_every=2",
@@ -204,19 +209,40 @@ def test_zeroth_order_steps_lower_the_training_loss_of_each_kind(tiny, tmp_path,
         assert float(run.clf.loss(examples)) < before - 0.05
 
 
-def test_grzo_evaluates_each_sft_example_at_its_own_direction(tiny):
-    """GRZO on teacher-forced completions: one pass of the batch gives every example its loss
-    at its own direction, as EGGROLL's antithetic pairs (same seed, same spaces) give them one
-    example at a time in place, on the tiny decoder (its embedding tied to the output layer,
-    its RMS norms run again per row, its rows padded to different lengths)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
-    obj = CompletionObjective(model, AutoTokenizer.from_pretrained(tiny), max_length=48)
-    examples = [Completion("Q: the capital of France?\nA:", " Paris", ("Paris",)),
+SFT_EXAMPLES = [Completion("Q: the capital of France?\nA:", " Paris", ("Paris",)),
                 Completion("Say hi.", " Hello there, friend", ("Hello",)),
                 Completion((("user", "Name a colour."),), "Blue", ("Blue",)),
                 Completion("2 plus 2 is", " 4", ("4",))]
+# options of different numbers and lengths: under per-example points each example's rows are
+# padded to the batch's most options
+CHOICE_EXAMPLES = [Choice("The sky is", ("blue", "green"), 0),
+                   Choice("2 plus 2 is", ("4", "5", "twenty-two"), 0),
+                   Choice("Paris is in", ("France", "Spain", "Peru", "the middle of the sea"), 0),
+                   Choice("Cats say", ("woof", " meow"), 1)]
+
+
+def grzo_objective(tiny, kind):
+    """A fresh tiny decoder under the objective of ``kind``, with its examples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    if kind == "sft":
+        return CompletionObjective(model, tok, max_length=48), SFT_EXAMPLES
+    normalized = kind == "multiple_choice_normalized"
+    return ChoiceObjective(model, tok, max_length=48, length_normalized=normalized), \
+        CHOICE_EXAMPLES
+
+
+@pytest.mark.parametrize("kind", ["sft", "multiple_choice", "multiple_choice_normalized"])
+def test_grzo_evaluates_each_example_at_its_own_direction(tiny, kind):
+    """GRZO on teacher-forced completions and on multiple choice: one pass of the batch gives
+    every example its loss at its own direction, as EGGROLL's antithetic pairs (same seed,
+    same spaces) give them one example at a time in place, on the tiny decoder (its embedding
+    tied to the output layer, its RMS norms run again per row, its rows padded to different
+    lengths, a multiple-choice example's options to the batch's most)."""
+    obj, examples = grzo_objective(tiny, kind)
+    model = obj.backbone
     start = copy.deepcopy(model.state_dict())
     opt = zoptim.GRZO(obj.parameters(), model=obj, examples=4, lr=1e-3, eps=1e-2, seed=3)
     opt.step(lambda slices=None: obj.loss(examples, slices))
@@ -230,17 +256,31 @@ def test_grzo_evaluates_each_sft_example_at_its_own_direction(tiny):
     # the wrong example would show
     assert (plus - minus).abs().min() > 1e-3
     torch.testing.assert_close(plus - minus, ref_plus - ref_minus, rtol=1e-2, atol=1e-4)
-    metric = CompletionObjective(model, obj.tokenizer, max_length=48, objective="f1")
+
+
+def test_grzo_refuses_multiple_choice_batches_of_another_size(tiny):
+    obj, examples = grzo_objective(tiny, "multiple_choice")
+    opt = zoptim.GRZO(obj.parameters(), model=obj, examples=3, seed=3)
+    with pytest.raises(ValueError, match="batch has 16 rows; .* exactly 3 examples, 4 row"):
+        opt.step(lambda slices=None: obj.loss(examples, slices))
+
+
+def test_grzo_refuses_a_metric_of_greedy_generations(model_tok):
+    model, tok = model_tok
+    metric = CompletionObjective(model, tok, max_length=48, objective="f1")
     with pytest.raises(ValueError, match="cannot be their objective"):
         zoptim.GRZO(metric.parameters(), model=metric, examples=4, seed=3).step(
-            lambda slices=None: metric.loss(examples, slices))
+            lambda slices=None: metric.loss(SFT_EXAMPLES, slices))
 
 
-def test_grzo_steps_lower_the_sft_loss(tiny, tmp_path):
-    """GRZO on the tiny decoder's completions, batches of 4 of its 8 training examples in
-    turn: 60 steps lower their loss by more than 0.5 (1.27 measured, from 10.78)."""
-    run = build_run(tiny, write_jsonl(tmp_path / "data.jsonl", QA), "generation",
-                    "method.name=\"grzo\"", "method.settings={lr = 3e-5, eps = 1e-3}")
+@pytest.mark.parametrize("kind, rows, lr, drop", [
+    ("generation", QA, 3e-5, 0.5), ("multiple_choice", MC_UNEVEN, 1e-4, 1.0)])
+def test_grzo_steps_lower_the_training_loss(tiny, tmp_path, kind, rows, lr, drop):
+    """GRZO on the tiny decoder's completions and multiple choice, batches of 4 of its 8
+    training examples in turn: 60 steps lower their loss by more than ``drop`` (1.27 measured
+    on completions, from 10.78; 2.75 on multiple choice of 2 to 4 options, from 7.21)."""
+    run = build_run(tiny, write_jsonl(tmp_path / "data.jsonl", rows), kind,
+                    "method.name=\"grzo\"", f"method.settings={{lr = {lr}, eps = 1e-3}}")
     examples = run.splits.train
     with torch.no_grad():
         before = float(run.clf.loss(examples))
@@ -248,7 +288,8 @@ def test_grzo_steps_lower_the_sft_loss(tiny, tmp_path):
         half = examples[4 * (step % 2):4 * (step % 2) + 4]
         run.opt.step(lambda slices=None: run.clf.loss(half, slices))
     with torch.no_grad():
-        assert float(run.clf.loss(examples)) < before - 0.5
+        after = float(run.clf.loss(examples))
+    assert after < before - drop
 
 
 def test_batched_queries_give_the_in_place_values_for_each_kind(tiny, tmp_path):

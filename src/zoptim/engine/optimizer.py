@@ -128,7 +128,7 @@ class Probe:
     def evaluate_rows(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
         """Per-example points: point ``i`` perturbs example ``i`` of the batch alone, the
         batch evaluated once (one query, whatever its size), and the value of point ``i`` is
-        its example's (the closure's ``per_slice`` value of row ``i``). Each value is
+        its example's (the closure's ``per_slice`` value of example ``i``). Each value is
         recorded, so the step replays. Batched queries only (``evaluators.batched``)."""
         ev = self._evaluated(points, self.closure, self.evaluator.evaluate_rows)
         return [self._record(v, count=int(i == 0)) for i, v in enumerate(ev.values)], ev.left

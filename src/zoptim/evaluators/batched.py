@@ -37,9 +37,10 @@ slices; use such models in evaluation mode.
 
 Per-example directions (``evaluate_rows``, GRZO's): the points are the batch's examples, point
 ``i`` perturbing example ``i`` alone. The closure is called as for a stacked batch of
-``slices`` points, but under this evaluation ``stack`` leaves the batch as it is, so each of
-its rows is a slice of its own: one forward pass of the batch evaluates every example at its
-own point, and ``per_slice`` gives one value per example.
+``slices`` points, but under this evaluation ``stack`` leaves the batch as it is, so each
+example's rows (one, or ``group`` consecutive rows, as a multiple-choice example's options)
+are a slice of their own: one forward pass of the batch evaluates every example at its own
+point, and ``per_slice`` gives one value per example.
 """
 
 from __future__ import annotations
@@ -72,20 +73,21 @@ def each_row() -> bool:
     return _EACH_ROW.get()
 
 
-def stack(x: torch.Tensor, slices: int) -> torch.Tensor:
+def stack(x: torch.Tensor, slices: int, group: int = 1) -> torch.Tensor:
     """A batch repeated ``slices`` times along its first dimension (one copy per point). Under
     a batched evaluation it also records the stacked size, which layers whose output is shared
     by the whole batch (position embeddings, shape ``(1, ...)``) are expanded to. Under an
     evaluation of per-example points (``BatchedQueries.evaluate_rows``) the batch is returned
-    as it is, each example a slice: it must have one row per point."""
+    as it is, each example a slice: it must have ``group`` consecutive rows per point (the
+    rows one example takes; ``group`` is ignored otherwise)."""
     rows = _ROWS.get()
     if _EACH_ROW.get():
-        if x.shape[0] != slices:
+        if x.shape[0] != slices * group:
             raise ValueError(f"per-example directions: the optimizer draws one direction "
                              f"for each of {slices} examples (its `examples`), and the "
                              f"batch has {x.shape[0]} rows; give it batches of exactly "
-                             f"{slices} examples, one row each")
-        rows[0] = slices
+                             f"{slices} examples, {group} row(s) each")
+        rows[0] = x.shape[0]
         return x
     if rows is not None:
         rows[0] = x.shape[0] * slices
@@ -294,8 +296,8 @@ class BatchedQueries(Evaluator):
 
     def evaluate_rows(self, plan, points, closure, wanted):
         """Every point in one forward pass of the batch, point ``i`` perturbing its example
-        ``i`` alone (the batch has one row per point; ``max_slices`` does not apply: the
-        pass holds one batch's activations)."""
+        ``i`` alone (the batch has the same number of consecutive rows per point, see
+        ``stack``; ``max_slices`` does not apply: the pass holds one batch's activations)."""
         return self._evaluate(plan, points, closure, wanted, each_row=True)
 
     def _evaluate(self, plan, points, closure, wanted, each_row: bool) -> Evaluation:

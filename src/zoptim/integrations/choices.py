@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoptim.evaluators.batched import each_row
 from zoptim.integrations.classifier import accuracy
 from zoptim.integrations.sequences import Sequences, split_space
 from zoptim.tasks.kinds import Choice
@@ -36,29 +37,39 @@ class ChoiceObjective(torch.nn.Module):
 
     def option_scores(self, examples: list[Choice], slices: int = 1) -> torch.Tensor:
         """``(slices, examples, most options)`` log-likelihoods, ``-inf`` past an example's
-        last option."""
+        last option. Under per-example points (``evaluators.batched.each_row``) the batch is
+        not stacked (the first dimension is 1) and every example takes as many rows as the
+        one with most options, its first option repeated as padding, so that its rows are
+        one slice."""
+        width = max(len(e.options) for e in examples)
+        grouped = each_row()
         pairs, owners = [], []
         for i, e in enumerate(examples):
-            for j, option in enumerate(e.options):
+            padding = [e.options[0]] * (width - len(e.options)) if grouped else []
+            for j, option in enumerate([*e.options, *padding]):
                 context, continuation = option_text(e.context, option)
                 pairs.append((self.sequences.context_ids(context),
                               self.sequences.continuation_ids(continuation)))
                 owners.append((i, j))
         rows = self.sequences.rows(pairs, self._device())
-        total, count = Sequences.log_likelihoods(self.backbone, rows, slices)
+        total, count = Sequences.log_likelihoods(self.backbone, rows, slices,
+                                                 width if grouped else 1)
         if self.length_normalized:
             total = total / count.clamp_min(1)
-        total = total.reshape(slices, len(pairs))
-        width = max(len(e.options) for e in examples)
-        scores = total.new_full((slices, len(examples), width), float("-inf"))
-        rows_of, cols_of = zip(*owners)
-        scores[:, list(rows_of), list(cols_of)] = total
+        total = total.reshape(-1, len(pairs))
+        scores = total.new_full((total.shape[0], len(examples), width), float("-inf"))
+        real = [k for k, (i, j) in enumerate(owners) if j < len(examples[i].options)]
+        rows_of, cols_of = zip(*(owners[k] for k in real))
+        scores[:, list(rows_of), list(cols_of)] = total[:, real]
         return scores
 
     def loss(self, examples: list[Choice], slices: int | None = None) -> torch.Tensor:
-        """Mean cross-entropy over the options; given ``slices``, one mean per slice."""
+        """Mean cross-entropy over the options; given ``slices``, one mean per slice (under
+        per-example points, each example's own cross-entropy)."""
         scores = self.option_scores(examples, slices or 1)
         labels = torch.tensor([e.label for e in examples], device=scores.device)
+        if each_row():
+            return F.cross_entropy(scores[0], labels, reduction="none")
         losses = torch.stack([F.cross_entropy(s, labels) for s in scores])
         return losses if slices is not None else losses[0]
 

@@ -97,13 +97,14 @@ class Sequences:
                     scored.to(device))
 
     @staticmethod
-    def log_likelihoods(model, rows: Rows, slices: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_likelihoods(model, rows: Rows, slices: int = 1,
+                        group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row (of the batch stacked ``slices`` times; as it is under per-example
-        points, see ``evaluators.batched.stack``): the summed log-probability ``model`` gives
-        its continuation tokens, and their number."""
+        points, ``group`` consecutive rows an example, see ``evaluators.batched.stack``): the
+        summed log-probability ``model`` gives its continuation tokens, and their number."""
         ids, mask = rows.ids, rows.mask
         if slices > 1:
-            ids, mask = stack(ids, slices), stack(mask, slices)
+            ids, mask = stack(ids, slices, group), stack(mask, slices, group)
         extra = {}
         if takes_positions(model):
             extra["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -113,6 +114,6 @@ class Sequences:
                             **extra).logits[:, :-1].float()
         target, scored = rows.target, rows.scored
         if slices > 1:
-            target, scored = stack(target, slices), stack(scored, slices)
+            target, scored = stack(target, slices, group), stack(scored, slices, group)
         logp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
         return (logp * scored).sum(-1), scored.sum(-1)

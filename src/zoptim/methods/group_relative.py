@@ -26,9 +26,10 @@ class GRZO(LowRankMethod):
     The perturbations live on activations, so this method needs the model and batched queries
     (``evaluators.batched``, ``evaluate_rows``): the closure is called as ``closure(slices)``
     for a stacked batch, and while it runs ``stack`` leaves its batch as it is, each example
-    one slice. A batch must hold exactly ``examples`` examples, one row each (classification,
-    and SFT's teacher-forced completions; not multiple-choice batches, whose examples take
-    one row per option). A model batched queries cannot serve is refused: in place, each
+    one slice. A batch must hold exactly ``examples`` examples, the same number of rows each
+    (one for classification and SFT's teacher-forced completions; for multiple choice, as
+    many as the most options of the batch, padded). Greedy decoding (a metric of generations,
+    a reward) is refused. A model batched queries cannot serve is refused: in place, each
     example would cost a forward pass.
 
     Spaces: where the paper builds ``z_b`` by Flipout, ``U * (r_b s_b^T)`` (one dense ``U``

@@ -131,20 +131,20 @@ def _check_gradient_free(cfg: "TrainConfig") -> None:
 
 
 def _check_per_example(cfg: "TrainConfig") -> None:
-    """Refuse per-example directions (GRZO) where an example is not one row of the batch, a
-    batch too small for a group, or a batch split across processes."""
+    """Refuse per-example directions (GRZO) where an example's loss is not a forward pass of
+    its own rows, a batch too small for a group, or a batch split across processes."""
     from zoptim import METHODS
 
     name = cfg.method.name
     if not getattr(METHODS.get(name), "per_example_directions", False):
         return
-    one_row = cfg.task.kind == "classification" or (cfg.task.kind == "generation"
-                                                     and cfg.task.objective == "loss")
-    if not one_row:
+    scored = cfg.task.kind in ("classification", "multiple_choice") or (
+        cfg.task.kind == "generation" and cfg.task.objective == "loss")
+    if not scored:
         raise ValueError(f"method {name!r} evaluates each example of the batch at its own "
-                         "perturbation, one row an example: it serves classification and "
-                         "generation trained on its loss (SFT), not multiple choice (a row "
-                         "an option), a metric of greedy generations nor a reward")
+                         "perturbation in one forward pass: it serves classification, multiple "
+                         "choice and generation trained on its loss (SFT), not a metric of "
+                         "greedy generations nor a reward (decoding goes token by token)")
     if min(cfg.batch_size, cfg.task.train) < 2:
         raise ValueError(f"method {name!r} normalizes within the batch: batch_size and "
                          "task.train must be at least 2")
