@@ -3,6 +3,7 @@ import json
 import pytest
 
 from zoptim.cli import main
+from zoptim.runs import machine
 
 from conftest import MR_PATH
 
@@ -60,6 +61,27 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
     assert "Command: `zoptim bench" in report and results["environment"]["torch"]
     for name in ("dev_vs_queries.png", "dev_vs_seconds.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in report
+    # every cell records the machine it ran on; one machine: nothing to say
+    here = machine.describe()
+    assert mezo["machines"] == {"0": [here], "1": [here]} and "more than one machine" not in report
+
+
+def test_bench_reports_cells_run_on_different_machines(tmp_path):
+    """A benchmark continued on another machine: the report says which cells ran where, since
+    their wall times (time-to-target) are not comparable."""
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--only", "mezo"]) == 0
+    path = out / "mezo" / "seed-1" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["machines"] = ["another machine"]
+    path.write_text(json.dumps(summary))
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--only", "mezo"]) == 0
+    report = (out / "report.md").read_text()
+    assert "The cells ran on more than one machine" in report
+    assert f"- {machine.describe()}: mezo seed 0" in report
+    assert "- another machine: mezo seed 1" in report
 
 
 @pytest.mark.parametrize("only, message", [("mezo,nope", "no method labelled ['nope']"),

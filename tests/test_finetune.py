@@ -98,6 +98,12 @@ def test_resume_equals_an_uninterrupted_run_and_replay_equals_both(tmp_path, met
     assert any(not torch.equal(a[k], halfway[k]) for k in a)  # the resumed steps moved it
     journal = (tmp_path / "split" / "journal.jsonl").read_text().splitlines()
     assert [json.loads(ln)["step"] for ln in journal] == [0, 1, 2, 3]
+    # the resumed run's clock goes on from the first run's: time-to-target counts both
+    metrics = [json.loads(ln) for ln in (tmp_path / "split" / "metrics.jsonl").read_text()
+               .splitlines()]
+    elapsed = [m["elapsed_s"] for m in metrics]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3] and elapsed == sorted(elapsed)
+    assert elapsed[2] > elapsed[1] > 0
     found = audit(tmp_path / "split")
     assert (found.steps, found.compared, found.equal, found.problems) == \
         (4, "checkpoint-4", True, [])

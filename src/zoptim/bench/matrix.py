@@ -345,6 +345,9 @@ def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dic
     for label in cells:
         out["methods"][label] = _method_figures(curves.get(label), curves[baseline],
                                                 finals[label], cost)
+        # where each seed's cell ran (``runs.machine``): its wall times are that machine's
+        out["methods"][label]["machines"] = {seed: s.get("machines") or ["not recorded"]
+                                             for seed, s in finals[label].items()}
     return out, curves
 
 
@@ -418,6 +421,21 @@ def _report_diverged(results: dict) -> list[str]:
             "; ".join(f"{label} seeds {seeds}" for label, seeds in diverged.items())]
 
 
+def _report_machines(results: dict) -> list[str]:
+    """Where the cells ran on more than one machine, which ran where: a time ratio between
+    cells of different machines mixes the machines' speeds."""
+    cells: dict[str, list[str]] = {}
+    for label, m in results["methods"].items():
+        for seed, machines in m["machines"].items():
+            cells.setdefault(", then ".join(machines), []).append(f"{label} seed {seed}")
+    if len(cells) < 2:
+        return []
+    return ["", "The cells ran on more than one machine: a time-to-target ratio between cells "
+            "of different machines mixes their speeds (each cell's `queries_per_s` says how fast "
+            "it ran).", "", *(f"- {machine}: {', '.join(where)}" for machine, where in
+                              cells.items())]
+
+
 def _tuning_line(label: str, tuning: dict) -> str:
     """One tuned method's grid points and their dev accuracy, the chosen one in bold."""
     points = [f"**{p}: {acc:.3f}**" if p == tuning["chosen"] else f"{p}: {acc:.3f}"
@@ -437,6 +455,6 @@ def _report_tuning(results: dict) -> list[str]:
 
 def report(results: dict, plots: list[str]) -> str:
     lines = [*_report_header(results), *_report_rows(results), *_report_diverged(results),
-             *_report_tuning(results)]
+             *_report_machines(results), *_report_tuning(results)]
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

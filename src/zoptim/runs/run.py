@@ -48,7 +48,7 @@ from zoptim.integrations.models import DTYPES, is_decoder, load_model
 from zoptim.integrations.schemes import apply_scheme
 from zoptim.methods import batch_arguments, model_arguments
 from zoptim.noise import compiles as noise_compiles
-from zoptim.runs import config, folder as run_folder, journal
+from zoptim.runs import config, folder as run_folder, journal, machine
 from zoptim.runs.checkpoints import (CheckpointError, check_checkpoint, load_checkpoint,
                                      load_weights, save_checkpoint, write_json)
 from zoptim.runs.config import TrainConfig
@@ -224,6 +224,15 @@ def batch(run: Run, step: int) -> list:
     run sees the same batches."""
     rng = random.Random(f"{run.cfg.seed}:{step}")
     return rng.sample(run.splits.train, batch_size(run.cfg, run.splits))
+
+
+def _last_elapsed(path: Path) -> float:
+    """The training time (``elapsed_s``) of the last step kept in ``metrics.jsonl``: where a
+    resumed run's clock starts (0 for a new run)."""
+    if not path.exists():
+        return 0.0
+    lines = path.read_text(errors="replace").splitlines()
+    return float(json.loads(lines[-1])["elapsed_s"]) if lines else 0.0
 
 
 def _truncate_jsonl(path: Path, below_step: int) -> None:
@@ -469,6 +478,10 @@ class Training:
     def loop(self) -> None:
         cfg, opt = self.cfg, self.run_.opt
         self.start, self.start_queries, self.failures = time.perf_counter(), opt.queries, 0
+        # a resumed run's clock goes on from the time its kept steps took
+        self.elapsed_before = _last_elapsed(self.folder / "metrics.jsonl") if self.lead else 0.0
+        if self.lead:  # the wall times that follow are this machine's
+            machine.note(self.summary)
         with ExitStack() as stack:
             out = _Outputs(self.folder if self.lead else None, cfg.journal_fsync_every, stack)
             bar = stack.enter_context(self._bar())
@@ -554,10 +567,11 @@ class Training:
     def _record(self, step: int, loss: float, skipped: str | None) -> dict:
         """The step's metrics line (the lead evaluates dev accuracy on schedule)."""
         opt, cfg = self.run_.opt, self.cfg
-        elapsed = time.perf_counter() - self.start
-        rate = (opt.queries - self.start_queries) / max(elapsed, 1e-9)
+        session = time.perf_counter() - self.start
+        rate = (opt.queries - self.start_queries) / max(session, 1e-9)  # this process's speed
         record = {"step": step, "loss": loss, "queries": opt.queries,
-                  "elapsed_s": round(elapsed, 3), "queries_per_s": round(rate, 3)}
+                  "elapsed_s": round(self.elapsed_before + session, 3),
+                  "queries_per_s": round(rate, 3)}
         if cfg.task.kind == "reward":  # what reward-only training is judged by
             rewards = [-v for v in opt.last_values]
             record.update(reward=-loss, reward_spread=statistics.pstdev(rewards),
