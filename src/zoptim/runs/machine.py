@@ -31,6 +31,6 @@ def describe() -> str:
 
 def note(summary: dict) -> None:
     """Add this machine to ``summary["machines"]`` (once: a run resumed here adds it)."""
-    machines = summary.setdefault("machines", [])
-    if describe() not in machines:
-        machines.append(describe())
+    machines, here = summary.setdefault("machines", []), describe()
+    if here not in machines:
+        machines.append(here)
