@@ -478,9 +478,11 @@ class Training:
     def loop(self) -> None:
         cfg, opt = self.cfg, self.run_.opt
         self.start, self.start_queries, self.failures = time.perf_counter(), opt.queries, 0
-        # a resumed run's clock goes on from the time its kept steps took
-        self.elapsed_before = _last_elapsed(self.folder / "metrics.jsonl") if self.lead else 0.0
-        if self.lead:  # the wall times that follow are this machine's
+        self.elapsed_before = 0.0
+        if self.lead:
+            # a resumed run's clock goes on from the time its kept steps took, and the wall
+            # times that follow are this machine's
+            self.elapsed_before = _last_elapsed(self.folder / "metrics.jsonl")
             machine.note(self.summary)
         with ExitStack() as stack:
             out = _Outputs(self.folder if self.lead else None, cfg.journal_fsync_every, stack)
