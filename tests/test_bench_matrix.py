@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from zoptim.bench import step_time
 from zoptim.cli import main
 from zoptim.runs import machine
 
@@ -47,9 +48,10 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
     assert main(["bench", "--config", str(cfg), "--out", str(out), "--only", "mezo"]) == 0
     assert json.loads((out / "results.json").read_text())["methods"].keys() == {"mezo"}
     assert "--only mezo" in (out / "report.md").read_text() and not (out / "zo-muon").exists()
-    stamp = (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns
+    kept = [out / "mezo" / "seed-0" / "summary.json", out / "mezo" / "step_time.json"]
+    stamps = [path.stat().st_mtime_ns for path in kept]
     assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
-    assert (out / "mezo" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp  # kept
+    assert [path.stat().st_mtime_ns for path in kept] == stamps  # neither run nor timed again
     results = json.loads((out / "results.json").read_text())
     mezo, muon = results["methods"]["mezo"], results["methods"]["zo-muon"]
     assert mezo["queries_to_target"]["per_seed"].keys() == {"0", "1"}
@@ -64,6 +66,23 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
     # every cell records the machine it ran on; one machine: nothing to say
     here = machine.describe()
     assert mezo["machines"] == {"0": [here], "1": [here]} and "more than one machine" not in report
+    assert results["environment"]["machine"] == here and here in report
+    # each method's step timed here: the queries it spends (MeZO 2, ZO-Muon 2 directions and a
+    # baseline), and the time at step cost that follows
+    assert mezo["step_time"]["queries_per_step"] == 2 and muon["step_time"]["queries_per_step"] == 3
+    assert mezo["step_time"]["seconds_per_query"] > 0 and muon["step_time"]["machine"] == here
+    assert mezo["step_time_to_target"]["per_seed"] == {"0": 1.0, "1": 1.0}
+    assert muon["step_time_to_target"]["per_seed"].keys() == {"0", "1"}
+    assert "time at step cost / mezo" in report and f"after another on {here}" in report
+
+
+def test_time_at_step_cost_scales_each_seed_by_the_cost_of_a_query():
+    """A method twice as fast a query as the baseline halves each seed's queries ratio; a seed
+    that never reached the target stays missing and ranks above the others."""
+    ratios = {0: 0.5, 1: None, 2: 0.8}
+    out = step_time.to_target(ratios, {"seconds_per_query": 0.2}, {"seconds_per_query": 0.4})
+    assert out["per_seed"] == {0: 0.25, 1: None, 2: 0.4}
+    assert (out["median"], out["min"], out["max"], out["missing"]) == (0.4, 0.25, 0.4, 1)
 
 
 def test_bench_reports_cells_run_on_different_machines(tmp_path):

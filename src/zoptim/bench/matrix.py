@@ -32,7 +32,9 @@ A method with ``steps = 0`` makes no update: it is an evaluation row, the starti
 scores (zero-shot; with ``task = { demonstrations = 16 }``, in-context learning), and takes
 neither a grid nor a name. Every row reports the memory of one of its steps (parameters,
 optimizer state, the step's transient peak; one forward for an evaluation row) beside its
-accuracy, measured once on the first seed's settings.
+accuracy, measured once on the first seed's settings. Every row that trains also has its
+training step timed on the machine writing the report (``bench.step_time``): its time at step
+cost is a time-to-target ratio of one machine, whatever machines the cells ran on.
 
 A method with a ``grid`` is tuned: every point (the product of the listed values, added to its
 settings) runs on the first seed, the point with the best final dev accuracy is kept, and the
@@ -52,9 +54,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoptim.runs import config as run_config
+from zoptim.runs import config as run_config, machine
 from zoptim.runs.checkpoints import write_json
 from zoptim.runs.run import Diverged, open_run, train
+from zoptim.bench import step_time
 from zoptim.bench.figures import load_curve, spread, to_target
 from zoptim.bench.plots import accuracy_plots
 
@@ -251,9 +254,14 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
             cells[m.label][seed] = cell
     results, curves = collect(cells, baseline)
     for m in methods:
-        results["methods"][m.label]["memory"] = _memory(
-            _config(spec, m, m.grid[0] if m.evaluation else _chosen(m, tuning), seeds[0]),
-            folder / m.label / "memory.json", not m.evaluation)
+        cfg = _config(spec, m, m.grid[0] if m.evaluation else _chosen(m, tuning), seeds[0])
+        entry = results["methods"][m.label]
+        entry["memory"] = _kept(folder / m.label / "memory.json",
+                                lambda: _memory(cfg, not m.evaluation))
+        if results["cost"] == "queries" and not m.evaluation:
+            entry["step_time"] = _kept(folder / m.label / "step_time.json",
+                                       lambda: _step_time(cfg))
+    _step_time_to_target(results)
     for label, entry in results["methods"].items():
         entry["settings"] = settings[label]
         if label in tuning:
@@ -273,12 +281,18 @@ def _chosen(m: Method, tuning: dict) -> dict:
     return next(p for p in m.grid if point_name(p) == tuning[m.label]["chosen"])
 
 
-def _memory(cfg, path: Path, update: bool) -> dict:
-    """The memory of one step of ``cfg``'s run (``bench.memory.of_run``) on its first training
-    batch, measured on fresh starting weights and kept in ``path``: a finished benchmark does
-    not measure again."""
+def _kept(path: Path, measure) -> dict:
+    """``measure()``'s figures, kept in ``path``: a finished benchmark does not measure again."""
     if path.exists():
         return json.loads(path.read_text())
+    row = measure()
+    write_json(path, row)
+    return row
+
+
+def _memory(cfg, update: bool) -> dict:
+    """The memory of one step of ``cfg``'s run (``bench.memory.of_run``) on its first training
+    batch, measured on fresh starting weights."""
     from zoptim.bench import memory
     from zoptim.runs.run import batch, build
 
@@ -286,11 +300,26 @@ def _memory(cfg, path: Path, update: bool) -> dict:
     if cfg.method.name == "grpo":
         from zoptim.integrations.grpo import memory_of_step
 
-        row = memory_of_step(run, batch(run, 0))
-    else:
-        row = memory.of_run(run, batch(run, 0), update)
-    write_json(path, row)
-    return row
+        return memory_of_step(run, batch(run, 0))
+    return memory.of_run(run, batch(run, 0), update)
+
+
+def _step_time(cfg) -> dict:
+    """The seconds a query of ``cfg``'s training step on this machine (``bench.step_time``)."""
+    from zoptim.runs.run import build
+
+    return step_time.of_run(build(cfg))
+
+
+def _step_time_to_target(results: dict) -> None:
+    """Each timed method's time to target at its step's cost (``bench.step_time``): its
+    queries-to-target ratios times its seconds a query over the baseline's."""
+    methods = results["methods"]
+    base = methods[results["baseline"]].get("step_time")
+    for entry in methods.values():
+        if base is not None and "step_time" in entry:
+            entry["step_time_to_target"] = step_time.to_target(
+                entry["queries_to_target"]["per_seed"], entry["step_time"], base)
 
 
 def _evaluation_row(finals: dict) -> bool:
@@ -352,6 +381,7 @@ def collect(cells: dict[str, dict[int, Path]], baseline: str) -> tuple[dict, dic
 
 
 def environment(config_path: str, command: list[str] | None) -> dict:
+    """The command, versions and machine (``runs.machine.describe``) of a report."""
     import platform
     import sys
 
@@ -361,8 +391,7 @@ def environment(config_path: str, command: list[str] | None) -> dict:
 
     return {"command": command or ["zoptim", *sys.argv[1:]], "config": str(config_path),
             "zoptim": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "machine": machine.describe()}
 
 
 def _fmt(s: dict, digits: int = 3) -> str:
@@ -383,30 +412,32 @@ def _report_header(results: dict) -> list[str]:
     score = "mean greedy reward" if cost == "generations" else "accuracy"
     return ["# Benchmark report\n",
             f"Command: `{' '.join(env['command'])}`; zoptim {env['zoptim']}, torch {env['torch']}, "
-            f"Python {env['python']}, {env['machine']}, {env['threads']} threads, "
-            f"GPU {env['cuda'] or 'none'}.\n",
+            f"Python {env['python']}; {env['machine']}.\n",
             "Median [min, max] over seeds. The target of a "
             f"seed is {base}'s final dev {score} on it; a ratio is the {cost} (or seconds) a "
             f"method needed to first reach it over {base}'s. A seed that never reached it "
             "counts in the median as above every ratio.\n",
             "Memory is one step's: parameters, optimizer state and the step's transient peak "
             "(for a row that makes no update, one forward without gradients).\n",
-            f"| method | {cost} to target / {base} | time to target / {base} | final dev | "
-            f"final test | {cost} | memory (MiB) |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            f"| method | {cost} to target / {base} | time to target / {base} | time at step "
+            f"cost / {base} | final dev | final test | {cost} | memory (MiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
 
 def _report_rows(results: dict) -> list[str]:
     """One table row a method."""
     def to_target(m: dict, key: str) -> str:
-        return _fmt(m[key], 2) if key in m else "no update"
+        if key in m:
+            return _fmt(m[key], 2)
+        return "-" if f"{cost}_to_target" in m else "no update"
 
     def memory(m: dict) -> str:
         return f"{m['memory']['total'] / (1 << 20):.0f}" if "memory" in m else "-"
 
     cost = results.get("cost", "queries")
     return [f"| {label} | {to_target(m, f'{cost}_to_target')} | "
-            f"{to_target(m, 'time_to_target')} | {_fmt(m['final_dev'])} | "
+            f"{to_target(m, 'time_to_target')} | {to_target(m, 'step_time_to_target')} | "
+            f"{_fmt(m['final_dev'])} | "
             f"{_fmt(m['final_test'])} | {_fmt(m[cost], 0) if cost in m else '-'} | "
             f"{memory(m)} |" for label, m in results["methods"].items()]
 
@@ -436,6 +467,23 @@ def _report_machines(results: dict) -> list[str]:
                               cells.items())]
 
 
+def _report_step_time(results: dict) -> list[str]:
+    """What the time at step cost is, and the seconds a query behind it."""
+    timed = {label: m["step_time"] for label, m in results["methods"].items()
+             if "step_time" in m}
+    if not timed:
+        return []
+    machines = {t["machine"] for t in timed.values()}
+    one = len(machines) == 1
+    costs = "; ".join(f"{label} {t['seconds_per_query']:.3g} s" +
+                      ("" if one else f" ({t['machine']})") for label, t in timed.items())
+    return ["", f"Time at step cost: the queries to target times the seconds a query of the "
+            f"method's training step, over {results['baseline']}'s, so that every method is "
+            "timed on one machine whatever machines its cells ran on. Seconds a query (the "
+            "median of each method's steps on its first training batch, one method after "
+            f"another{' on ' + machines.pop() if one else ''}; evaluation left out): {costs}."]
+
+
 def _tuning_line(label: str, tuning: dict) -> str:
     """One tuned method's grid points and their dev accuracy, the chosen one in bold."""
     points = [f"**{p}: {acc:.3f}**" if p == tuning["chosen"] else f"{p}: {acc:.3f}"
@@ -455,6 +503,6 @@ def _report_tuning(results: dict) -> list[str]:
 
 def report(results: dict, plots: list[str]) -> str:
     lines = [*_report_header(results), *_report_rows(results), *_report_diverged(results),
-             *_report_machines(results), *_report_tuning(results)]
+             *_report_machines(results), *_report_step_time(results), *_report_tuning(results)]
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
