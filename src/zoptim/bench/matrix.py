@@ -56,7 +56,7 @@ from pathlib import Path
 
 from zoptim.runs import config as run_config, machine
 from zoptim.runs.checkpoints import write_json
-from zoptim.runs.run import Diverged, open_run, train
+from zoptim.runs.run import Diverged, build, open_run, train
 from zoptim.bench import step_time
 from zoptim.bench.figures import load_curve, spread, to_target
 from zoptim.bench.plots import accuracy_plots
@@ -260,7 +260,7 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
                                 lambda: _memory(cfg, not m.evaluation))
         if results["cost"] == "queries" and not m.evaluation:
             entry["step_time"] = _kept(folder / m.label / "step_time.json",
-                                       lambda: _step_time(cfg))
+                                       lambda: step_time.of_run(build(cfg)))
     _step_time_to_target(results)
     for label, entry in results["methods"].items():
         entry["settings"] = settings[label]
@@ -294,7 +294,7 @@ def _memory(cfg, update: bool) -> dict:
     """The memory of one step of ``cfg``'s run (``bench.memory.of_run``) on its first training
     batch, measured on fresh starting weights."""
     from zoptim.bench import memory
-    from zoptim.runs.run import batch, build
+    from zoptim.runs.run import batch
 
     run = build(cfg)
     if cfg.method.name == "grpo":
@@ -304,20 +304,15 @@ def _memory(cfg, update: bool) -> dict:
     return memory.of_run(run, batch(run, 0), update)
 
 
-def _step_time(cfg) -> dict:
-    """The seconds a query of ``cfg``'s training step on this machine (``bench.step_time``)."""
-    from zoptim.runs.run import build
-
-    return step_time.of_run(build(cfg))
-
-
 def _step_time_to_target(results: dict) -> None:
     """Each timed method's time to target at its step's cost (``bench.step_time``): its
     queries-to-target ratios times its seconds a query over the baseline's."""
     methods = results["methods"]
     base = methods[results["baseline"]].get("step_time")
+    if base is None:  # a benchmark counted in generations times no step
+        return
     for entry in methods.values():
-        if base is not None and "step_time" in entry:
+        if "step_time" in entry:
             entry["step_time_to_target"] = step_time.to_target(
                 entry["queries_to_target"]["per_seed"], entry["step_time"], base)
 
