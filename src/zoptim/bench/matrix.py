@@ -254,13 +254,8 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
             cells[m.label][seed] = cell
     results, curves = collect(cells, baseline)
     for m in methods:
-        cfg = _config(spec, m, m.grid[0] if m.evaluation else _chosen(m, tuning), seeds[0])
-        entry = results["methods"][m.label]
-        entry["memory"] = _kept(folder / m.label / "memory.json",
-                                lambda: _memory(cfg, not m.evaluation))
-        if results["cost"] == "queries" and not m.evaluation:
-            entry["step_time"] = _kept(folder / m.label / "step_time.json",
-                                       lambda: step_time.of_run(build(cfg)))
+        _measure_step(_config(spec, m, _chosen(m, tuning), seeds[0]), m, folder,
+                      results["methods"][m.label], timed=results["cost"] == "queries")
     _step_time_to_target(results)
     for label, entry in results["methods"].items():
         entry["settings"] = settings[label]
@@ -279,6 +274,17 @@ def _chosen(m: Method, tuning: dict) -> dict:
     if m.label not in tuning:
         return m.grid[0]
     return next(p for p in m.grid if point_name(p) == tuning[m.label]["chosen"])
+
+
+def _measure_step(cfg, m: Method, folder: Path, entry: dict, timed: bool) -> None:
+    """Add to a method's ``entry`` the memory of one step of ``cfg``'s run and, if ``timed``
+    and the method trains, its step's seconds a query on this machine; each kept in the
+    method's folder, so a finished benchmark measures nothing again."""
+    entry["memory"] = _kept(folder / m.label / "memory.json",
+                            lambda: _memory(cfg, not m.evaluation))
+    if timed and not m.evaluation:
+        entry["step_time"] = _kept(folder / m.label / "step_time.json",
+                                   lambda: step_time.of_run(build(cfg)))
 
 
 def _kept(path: Path, measure) -> dict:
