@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from zoptim.bench import step_time
+from zoptim.bench import matrix, step_time
 from zoptim.cli import main
 from zoptim.runs import machine
+from zoptim.runs.run import build
 
 from conftest import MR_PATH
 
@@ -40,7 +41,9 @@ steps = 2
 """
 
 
-def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
+def test_bench_runs_the_matrix_and_reports(tmp_path, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(matrix, "build", lambda cfg: built.append(cfg.method.name) or build(cfg))
     cfg = tmp_path / "bench.toml"
     cfg.write_text(CONFIG)
     out = tmp_path / "bench"
@@ -52,6 +55,8 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys):
     stamps = [path.stat().st_mtime_ns for path in kept]
     assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 0
     assert [path.stat().st_mtime_ns for path in kept] == stamps  # neither run nor timed again
+    # one run measured each method's memory and step time, once
+    assert built == ["mezo", "zo-muon"]
     results = json.loads((out / "results.json").read_text())
     mezo, muon = results["methods"]["mezo"], results["methods"]["zo-muon"]
     assert mezo["queries_to_target"]["per_seed"].keys() == {"0", "1"}

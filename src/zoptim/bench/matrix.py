@@ -49,6 +49,7 @@ keeps them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -279,12 +280,15 @@ def _chosen(m: Method, tuning: dict) -> dict:
 def _measure_step(cfg, m: Method, folder: Path, entry: dict, timed: bool) -> None:
     """Add to a method's ``entry`` the memory of one step of ``cfg``'s run and, if ``timed``
     and the method trains, its step's seconds a query on this machine; each kept in the
-    method's folder, so a finished benchmark measures nothing again."""
+    method's folder, so a finished benchmark measures nothing again. One run serves both,
+    built only if something is measured: memory first, on fresh weights; the step's time does
+    not depend on them."""
+    run = functools.cache(lambda: build(cfg))
     entry["memory"] = _kept(folder / m.label / "memory.json",
-                            lambda: _memory(cfg, not m.evaluation))
+                            lambda: _memory(run(), not m.evaluation))
     if timed and not m.evaluation:
         entry["step_time"] = _kept(folder / m.label / "step_time.json",
-                                   lambda: step_time.of_run(build(cfg)))
+                                   lambda: step_time.of_run(run()))
 
 
 def _kept(path: Path, measure) -> dict:
@@ -296,14 +300,13 @@ def _kept(path: Path, measure) -> dict:
     return row
 
 
-def _memory(cfg, update: bool) -> dict:
-    """The memory of one step of ``cfg``'s run (``bench.memory.of_run``) on its first training
-    batch, measured on fresh starting weights."""
+def _memory(run, update: bool) -> dict:
+    """The memory of one step of a built run (``bench.memory.of_run``) on its first training
+    batch."""
     from zoptim.bench import memory
     from zoptim.runs.run import batch
 
-    run = build(cfg)
-    if cfg.method.name == "grpo":
+    if run.cfg.method.name == "grpo":
         from zoptim.integrations.grpo import memory_of_step
 
         return memory_of_step(run, batch(run, 0))

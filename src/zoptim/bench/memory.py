@@ -83,7 +83,9 @@ def of_run(run, examples: list, update: bool = True) -> dict:
     parameters, the optimizer's persistent state and the step's transient peak (after one
     warm-up step); without ``update``, one evaluation of the loss under ``no_grad`` (a row that
     makes no update: zero-shot, in-context learning). The run's weights change."""
-    loss = lambda slices=None, **how: run.clf.loss(examples, slices, **how)  # noqa: E731
+    from zoptim.runs.run import step_loss
+
+    loss = step_loss(run, examples)
     if update:
         run.opt.step(loss)
         row = {"state": _state_bytes(run.opt), "transient": transient_peak(

@@ -24,7 +24,7 @@ import time
 import torch
 
 from zoptim.runs import config
-from zoptim.runs.run import batch, build
+from zoptim.runs.run import batch, build, step_loss
 
 
 def _run(method: str, settings: str, args):
@@ -56,12 +56,11 @@ def measure(args) -> dict:
 
     rows = {"inference, one batch": _seconds(decode(1), args.repeats),
             "inference, stacked batch": _seconds(decode(N), args.repeats),
-            "eggroll step": _seconds(lambda: egg.opt.step(
-                lambda slices=None, **how: clf.loss(examples, slices, **how)), args.repeats)}
+            "eggroll step": _seconds(lambda: egg.opt.step(step_loss(egg, examples)),
+                                     args.repeats)}
     del egg, clf
     es = _run("es", "lr = 0.0, eps = 1e-3", args)
-    rows["es step"] = _seconds(lambda: es.opt.step(
-        lambda slices=None, **how: es.clf.loss(examples, slices, **how)), args.repeats)
+    rows["es step"] = _seconds(lambda: es.opt.step(step_loss(es, examples)), args.repeats)
     one = rows["inference, one batch"]
     return {"members": N, "prompts": B, "prompt_tokens": sum(map(len, ids)) / B,
             "max_new_tokens": args.max_new_tokens, "rank": args.rank, "seconds": rows,

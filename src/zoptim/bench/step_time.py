@@ -19,10 +19,9 @@ def of_run(run, rounds: int = 5) -> dict:
     """The training step of a built run (``runs.run.build``) on its first batch: the median
     seconds of ``rounds`` steps after one untimed, the queries a step spends, their ratio, and
     the machine. The run's weights change."""
-    from zoptim.runs.run import batch
+    from zoptim.runs.run import batch, step_loss
 
-    examples = batch(run, 0)
-    loss = lambda slices=None, **how: run.clf.loss(examples, slices, **how)  # noqa: E731
+    loss = step_loss(run, batch(run, 0))
     opt = run.opt
     steps, queries = opt.steps, opt.queries
     seconds = median_seconds(lambda: opt.step(loss), rounds, warmup=1)

@@ -226,6 +226,12 @@ def batch(run: Run, step: int) -> list:
     return rng.sample(run.splits.train, batch_size(run.cfg, run.splits))
 
 
+def step_loss(run: Run, examples: list):
+    """The optimizer's closure for a step on ``examples``: the run's loss on them. Batched
+    queries call it with the number of slices to stack (and the method's own keywords)."""
+    return lambda slices=None, **how: run.clf.loss(examples, slices, **how)
+
+
 def _last_elapsed(path: Path) -> float:
     """The training time (``elapsed_s``) of the last step kept in ``metrics.jsonl``: where a
     resumed run's clock starts (0 for a new run)."""
@@ -507,8 +513,7 @@ class Training:
         examples = batch(self.run_, opt.steps)
         if self.par is not None:
             examples = self.par.shard(examples)
-        # Batched queries call the closure with the number of slices to stack.
-        loss = opt.step(lambda slices=None, **how: self.run_.clf.loss(examples, slices, **how))
+        loss = opt.step(step_loss(self.run_, examples))
         entry = self._settle()
         step, skipped = entry.step + 1, entry.skipped
         record = self._record(step - 1, loss, skipped)
