@@ -274,11 +274,13 @@ def test_grzo_refuses_a_metric_of_greedy_generations(model_tok):
 
 
 @pytest.mark.parametrize("kind, rows, lr, drop", [
-    ("generation", QA, 3e-5, 0.5), ("multiple_choice", MC_UNEVEN, 1e-4, 1.0)])
+    ("generation", QA, 3e-5, 0.5), ("multiple_choice", MC_UNEVEN, 3e-5, 1.0)])
 def test_grzo_steps_lower_the_training_loss(tiny, tmp_path, kind, rows, lr, drop):
     """GRZO on the tiny decoder's completions and multiple choice, batches of 4 of its 8
     training examples in turn: 60 steps lower their loss by more than ``drop`` (1.27 measured
-    on completions, from 10.78; 2.75 on multiple choice of 2 to 4 options, from 7.21)."""
+    on completions, from 10.78; 2.35 on multiple choice of 2 to 4 options, from 7.21, and 1.5
+    to 1.9 with the run's seed at 1 or 2). At lr 1e-4 multiple choice bounces: the loss after
+    60 steps ended between 4.5 and 6.5 over machines and seeds: too close to a drop of 1."""
     run = build_run(tiny, write_jsonl(tmp_path / "data.jsonl", rows), kind,
                     "method.name=\"grzo\"", f"method.settings={{lr = {lr}, eps = 1e-3}}")
     examples = run.splits.train
