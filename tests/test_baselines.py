@@ -9,7 +9,7 @@ import torch
 from zoptim.bench.matrix import BenchError, run as run_bench
 from zoptim.cli import main
 from zoptim.runs import config
-from zoptim.runs.run import audit, build
+from zoptim.runs.run import audit, build, step_loss
 
 from conftest import MR_PATH
 
@@ -51,7 +51,7 @@ def test_a_linear_probe_takes_batched_queries_with_the_in_place_values(tiny):
                      f"method.settings={{lr = 1e-3, eps = 1e-3, rank = 2, batched = "
                      f"{str(batched).lower()}}}")
         examples = run.splits.train[:4]
-        run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+        run.opt.step(step_loss(run, examples))
         values[batched] = run.opt.last_values
     assert values[True] == pytest.approx(values[False], rel=1e-5)
 

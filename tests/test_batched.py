@@ -200,7 +200,7 @@ def test_batched_mode_needs_the_model():
 @pytest.mark.parametrize("scheme", ["full", "lora"])
 def test_zoptim_train_runs_a_real_transformer_with_batched_queries(scheme):
     from zoptim.runs import config
-    from zoptim.runs.run import build
+    from zoptim.runs.run import build, step_loss
 
     from conftest import MR_PATH
 
@@ -220,7 +220,7 @@ def test_zoptim_train_runs_a_real_transformer_with_batched_queries(scheme):
                             **cfg.method.settings)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="batched queries")
-            opt.step(lambda slices=None: run.clf.loss(examples, slices))
+            opt.step(step_loss(run, examples))
         values[batched] = opt.last_values
     assert run.opt.batched is not None  # on by default in zoptim train
     assert values[True] == pytest.approx(values[False], abs=1e-5)

@@ -13,7 +13,7 @@ from zoptim.cli import main
 from zoptim.integrations.choices import ChoiceObjective
 from zoptim.integrations.completions import CompletionObjective
 from zoptim.runs import config
-from zoptim.runs.run import audit, build
+from zoptim.runs.run import audit, build, step_loss
 from zoptim.tasks.data import DataError, Example
 from zoptim.tasks.kinds import Choice, Completion, load_kind_file
 from zoptim.tasks.metrics import best_score, exact_match, normalize_answer, token_f1
@@ -204,7 +204,7 @@ def test_zeroth_order_steps_lower_the_training_loss_of_each_kind(tiny, tmp_path,
     with torch.no_grad():
         before = float(run.clf.loss(examples))
     for _ in range(60):
-        run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+        run.opt.step(step_loss(run, examples))
     with torch.no_grad():
         assert float(run.clf.loss(examples)) < before - 0.05
 
@@ -288,7 +288,7 @@ def test_grzo_steps_lower_the_training_loss(tiny, tmp_path, kind, rows, lr, drop
         before = float(run.clf.loss(examples))
     for step in range(60):
         half = examples[4 * (step % 2):4 * (step % 2) + 4]
-        run.opt.step(lambda slices=None: run.clf.loss(half, slices))
+        run.opt.step(step_loss(run, half))
     with torch.no_grad():
         after = float(run.clf.loss(examples))
     assert after < before - drop
@@ -305,7 +305,7 @@ def test_batched_queries_give_the_in_place_values_for_each_kind(tiny, tmp_path):
             assert type(run.opt.evaluator).__name__ == ("BatchedQueries" if batched
                                                          else "InPlace")
             examples = run.splits.train[:4]
-            run.opt.step(lambda slices=None: run.clf.loss(examples, slices))
+            run.opt.step(step_loss(run, examples))
             values[batched] = run.opt.last_values
         assert values[True] == pytest.approx(values[False], rel=1e-4), kind
 

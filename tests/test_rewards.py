@@ -8,7 +8,7 @@ import pytest
 from zoptim.cli import main
 from zoptim.runs import config
 from zoptim.runs.config import ConfigError
-from zoptim.runs.run import audit, build
+from zoptim.runs.run import audit, build, step_loss
 from zoptim.tasks.data import load_task
 
 # The tiny random decoder writes ':' over and over; this reward asks it not to.
@@ -104,7 +104,7 @@ def test_batched_queries_give_the_in_place_rewards(tiny, reward_dir, method, met
             if a != "--set"])
         run = build(cfg)
         examples = run.splits.train
-        run.opt.step(lambda slices=None, **how: run.clf.loss(examples, slices, **how))
+        run.opt.step(step_loss(run, examples))
         values[batched] = run.opt.last_values
     assert values["true"] == values["false"] and len(set(values["true"])) > 1
 
