@@ -144,7 +144,7 @@ def _queries_a_step(cfg) -> int:
     ("mr_minilm_ablations.toml", 9 * 3, 8000),
     ("mr_minilm_screen.toml", 11, 1600),
     ("mr_minilm_candidates.toml", 4 * 3, 1600),
-    ("mr_minilm_ablations_screen.toml", 9, 1600)])
+    ("mr_minilm_ablations_screen.toml", 9 * 3, 1600)])
 def test_the_minilm_configurations_validate_and_equalize_queries(name, cells, budget):
     from pathlib import Path
 
