@@ -144,8 +144,9 @@ def _queries_a_step(cfg) -> int:
     ("mr_minilm_ablations.toml", 9 * 3, 8000),
     ("mr_minilm_screen.toml", 11, 1600),
     ("mr_minilm_candidates.toml", 4 * 3, 1600),
-    ("mr_minilm_ablations_screen.toml", 9 * 3, 1600)])
-def test_the_minilm_configurations_validate_and_equalize_queries(name, cells, budget):
+    ("mr_minilm_ablations_screen.toml", 9 * 3, 1600),
+    ("mr_smollm2_proxy.toml", 3 + 4 * (3 + 2), 300)])  # zero-shot on each seed
+def test_the_classification_configurations_validate_and_equalize_queries(name, cells, budget):
     from pathlib import Path
 
     from zoptim.runs import config
@@ -155,7 +156,7 @@ def test_the_minilm_configurations_validate_and_equalize_queries(name, cells, bu
     found = list(_cells(config.read_file(path)))
     assert len(found) == cells
     for label, seed, point, cfg in found:
-        if cfg.method.name == "adamw":
+        if cfg.steps == 0 or cfg.method.name == "adamw":
             continue
         spent = cfg.steps * _queries_a_step(cfg)
         assert budget - 10 <= spent <= budget, (label, spent)
