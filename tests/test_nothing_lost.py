@@ -194,12 +194,18 @@ def test_ctrl_c_says_where_the_run_stands_and_resume_finishes_it(tmp_path):
     steps past where it stood, it ends where an uninterrupted run of as many steps does."""
     out = tmp_path / "run"
     line = [sys.executable, "-m", "zoptim.cli", *args(out, "steps=100000", "save_every=2")]
-    proc = subprocess.Popen(line, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a suite started in the background (`cmd &`) inherits SIGINT ignored; the run must not
+    proc = subprocess.Popen(line, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     path, deadline = out / "journal.jsonl", time.time() + 240
     while (not path.exists() or path.read_text().count("\n") < 3) and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate()
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the run went on after Ctrl-C") from None
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
