@@ -195,7 +195,7 @@ def test_the_vision_configuration_validates_and_equalizes_queries():
         assert 1990 <= budget <= 2000, (label, budget)
 
 
-def test_bench_tunes_each_method_on_the_first_seed_and_runs_the_best_point(tmp_path):
+def test_bench_tunes_on_the_selection_seed_and_reports_on_the_others(tmp_path):
     tuned = CONFIG.replace("settings = { lr = 1e-3, eps = 1e-2 }",
                            "settings = { eps = 1e-2 }\ngrid = { lr = [0.0, 1e-3] }")
     tuned = tuned.replace("settings = { lr = 1e-2, rank = 4, directions = 2 }",
@@ -218,7 +218,15 @@ def test_bench_tunes_each_method_on_the_first_seed_and_runs_the_best_point(tmp_p
         seed1 = json.loads((out / label / "seed-1" / "config.json").read_text())
         assert seed1["method"]["settings"]["lr"] == chosen_lr
         assert not (out / label / "seed-0").exists()  # seed 0 is the chosen grid cell
-    assert "Tuning (final dev accuracy" in (out / "report.md").read_text()
+        # the figures come from seed 1 alone, which no choice has seen
+        assert results["methods"][label]["final_dev"]["n"] == 1
+        assert list(results["methods"][label]["queries_to_target"]["per_seed"]) == ["1"]
+    assert results["selection_seed"] == 0 and results["seeds"] == [1]
+    report = (out / "report.md").read_text()
+    assert "Tuning (final dev accuracy" in report and "chosen on seed 0" in report
+    # a tuned benchmark needs a seed to report on
+    cfg.write_text(tuned.replace("seeds = [0, 1]", "seeds = [0]"))
+    assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 2
 
 
 def test_bench_refuses_unequal_tuning_budgets(tmp_path, capsys):

@@ -7,7 +7,8 @@
 - ``zoptim replay RUN`` / ``zoptim verify RUN``: redo a run from its journal and compare the
   weights with its checkpoint; verify also checks the data, the journal and every checkpoint
   file, and says what ``--resume`` would recover.
-- ``zoptim bench``: a matrix of methods x seeds, queries-to-target against a baseline, a report.
+- ``zoptim bench``: a matrix of methods x seeds, queries-to-target against a baseline, a report;
+  or (``kind = "fidelity"``) how well each method's step agrees with backpropagation.
 - ``zoptim demo``: small networks on scikit-learn's digits, methods side by side.
 - ``zoptim rank``: steer a colour by ranking candidates (ZO-RankSGD, a person as the oracle).
 """
@@ -72,8 +73,23 @@ def names(text: str) -> list[str]:
 
 
 def bench_command(args) -> int:
-    from zoptim.bench.matrix import run
+    """A matrix of methods x seeds, or, for a configuration of ``kind = "fidelity"``, the
+    estimator-fidelity measurement (``bench.fidelity``)."""
+    from zoptim.bench.matrix import BenchError, run
+    from zoptim.runs.config import read_file
 
+    kind = read_file(args.config).get("kind", "matrix")
+    if kind == "fidelity":
+        from zoptim.bench import fidelity
+
+        if args.only:
+            raise BenchError("--only selects cells of a matrix; a fidelity configuration "
+                             "measures all its methods")
+        fidelity.run(args.config, args.out)
+        return 0
+    if kind != "matrix":
+        raise BenchError(f"kind = {kind!r}: a benchmark is a \"matrix\" (the default) or "
+                         "\"fidelity\"")
     command = ["zoptim", "bench", "--config", args.config, "--out", str(args.out)]
     if args.only:
         command += ["--only", ",".join(args.only)]

@@ -37,9 +37,12 @@ training step timed on the machine writing the report (``bench.step_time``): its
 cost is a time-to-target ratio of one machine, whatever machines the cells ran on.
 
 A method with a ``grid`` is tuned: every point (the product of the listed values, added to its
-settings) runs on the first seed, the point with the best final dev accuracy is kept, and the
-other seeds run it; the first seed's result is the kept point's run. Every method must get a
-grid of the same size, so each has the same tuning budget.
+settings) runs on the selection seed (``selection_seed``, the first seed unless given), the
+point with the best final dev accuracy is kept, and the other seeds run it. Every method must
+get a grid of the same size, so each has the same tuning budget. Where any method is tuned,
+the reported figures come from the other seeds alone, which no choice has seen; the selection
+seed's cells appear in the tuning section only. Arrival at a target is read on smoothed dev
+curves (``bench.figures``), and the final test accuracy is the score a report leads with.
 
 Cells already finished (their ``summary.json`` has final figures) are not run again, so an
 interrupted benchmark continues where it stopped. ``only`` runs and reports some of the
@@ -59,7 +62,7 @@ from zoptim.runs import config as run_config, machine
 from zoptim.runs.checkpoints import write_json
 from zoptim.runs.run import Diverged, build, open_run, train
 from zoptim.bench import step_time
-from zoptim.bench.figures import load_curve, spread, to_target
+from zoptim.bench.figures import SMOOTH, load_curve, spread, to_target
 from zoptim.bench.plots import accuracy_plots
 
 
@@ -151,14 +154,26 @@ def _config(spec: dict, method: Method, point: dict, seed: int):
 
 
 def _layout(spec: dict) -> tuple[list[Method], list[int], str]:
-    """The methods, the seeds and the baseline's label, checked."""
-    methods, seeds = _methods(spec), spec.get("seeds") or [0]
+    """The methods, the seeds (the selection seed first) and the baseline's label, checked."""
+    methods, seeds = _methods(spec), list(spec.get("seeds") or [0])
     trained = [m.label for m in methods if not m.evaluation]
     baseline = spec.get("baseline", trained[0] if trained else None)
     if baseline not in trained:
         raise BenchError(f"baseline {baseline!r} is not one of the labels of the methods that "
                          f"train {trained}")
+    first = spec.get("selection_seed", seeds[0])
+    if first not in seeds:
+        raise BenchError(f"selection_seed {first!r} is not one of the seeds {seeds}")
+    seeds = [first] + [s for s in seeds if s != first]
+    if _tuned(methods) and len(seeds) < 2:
+        raise BenchError("a tuned benchmark reports on seeds its tuning has not seen: list at "
+                         "least one seed besides the selection seed")
     return methods, seeds, baseline
+
+
+def _tuned(methods: list[Method]) -> bool:
+    """Whether any method is tuned on the selection seed."""
+    return any(len(m.grid) > 1 for m in methods)
 
 
 def select(spec: dict, labels: list[str] | None) -> dict:
@@ -246,14 +261,20 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
             tuning[m.label] = {"tried": tried, "chosen": point_name(chosen), "seed": seeds[0]}
             cells[m.label] = {seeds[0]: folder / m.label / "grid" / point_name(chosen)}
             rest = seeds[1:]
-        else:
-            chosen, cells[m.label], rest = m.grid[0], {}, seeds
+        else:  # nothing to choose: the selection seed's cell would be left out anyway
+            chosen, cells[m.label], rest = m.grid[0], {}, seeds[1:] if _tuned(methods) else seeds
         settings[m.label] = {**m.settings, **chosen}
         for seed in rest:
             cell = folder / m.label / f"seed-{seed}"
             _run_cell(_config(spec, m, chosen, seed), cell, log, f"{m.label} seed {seed}")
             cells[m.label][seed] = cell
-    results, curves = collect(cells, baseline)
+    # where anything was chosen on the selection seed, its cells are left out of the figures
+    reported = {label: {seed: cell for seed, cell in by_seed.items()
+                        if not (_tuned(methods) and seed == seeds[0])}
+                for label, by_seed in cells.items()}
+    results, curves = collect(reported, baseline)
+    results["selection_seed"] = seeds[0] if _tuned(methods) else None
+    results["seeds"] = sorted({seed for by_seed in reported.values() for seed in by_seed})
     for m in methods:
         _measure_step(_config(spec, m, _chosen(m, tuning), seeds[0]), m, folder,
                       results["methods"][m.label], timed=results["cost"] == "queries")
@@ -417,15 +438,26 @@ def _report_header(results: dict) -> list[str]:
     return ["# Benchmark report\n",
             f"Command: `{' '.join(env['command'])}`; zoptim {env['zoptim']}, torch {env['torch']}, "
             f"Python {env['python']}; {env['machine']}.\n",
-            "Median [min, max] over seeds. The target of a "
-            f"seed is {base}'s final dev {score} on it; a ratio is the {cost} (or seconds) a "
-            f"method needed to first reach it over {base}'s. A seed that never reached it "
-            "counts in the median as above every ratio.\n",
+            f"Median [min, max] over seeds {_seeds_text(results)}. The target of a seed is "
+            f"{base}'s final dev {score} on it, smoothed over its last {SMOOTH} evaluations; a "
+            f"ratio is the {cost} (or seconds) a method needed to reach it and stay there (its "
+            f"curve smoothed likewise) over {base}'s. A seed that never reached it counts in "
+            "the median as above every ratio.\n",
             "Memory is one step's: parameters, optimizer state and the step's transient peak "
             "(for a row that makes no update, one forward without gradients).\n",
             f"| method | {cost} to target / {base} | time to target / {base} | time at step "
             f"cost / {base} | final dev | final test | {cost} | memory (MiB) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+
+def _seeds_text(results: dict) -> str:
+    """The seeds a report's figures come from, and the one its choices were made on."""
+    seeds = ", ".join(str(s) for s in results.get("seeds", []))
+    chosen = results.get("selection_seed")
+    if chosen is None:
+        return seeds
+    return (f"{seeds}; every setting was chosen on seed {chosen}, whose cells are in the "
+            "tuning section alone")
 
 
 def _report_rows(results: dict) -> list[str]:

@@ -249,6 +249,15 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
     def transforms(self, group: dict) -> list[Transform]:
         return []
 
+    def step_memory(self, group: dict) -> float:
+        """How many steps' worth of squared displacement a step's noise causes over a run, as
+        the group's transforms carry it into later steps (``Transform.memory``; 1 for a plain
+        step): what ``lr = "auto"`` multiplies one step's measured cost by."""
+        chain, memory = self.transforms(group), 1.0
+        for i, t in enumerate(chain):
+            memory *= t.memory(chain[i + 1:])
+        return memory
+
     def coefficients(self, group: dict, dirs) -> list[float]:
         """Per-direction gradient coefficients of a group's tensors: ``diff / eps``, averaged
         (``diff`` alone where the estimator's are normalized, so already free of ``eps``)."""
@@ -524,10 +533,12 @@ def split_matrices(params, defaults: dict, vector_settings: Callable[[dict], dic
 
 
 def _halves(group: dict, defaults: dict, vector_settings) -> list[dict]:
-    """A group's matrices and its vectors, as two groups (an empty one dropped)."""
+    """A group's matrices and its vectors, as two groups (an empty one dropped). A group
+    marked ``dense`` (embeddings, say) goes to the vectors' side whatever its tensors' shape."""
     ps = list(group["params"])
     rest = {k: v for k, v in group.items() if k != "params"}
-    halves = (([p for p in ps if p.dim() >= 2], {"matrix": True}),
-              ([p for p in ps if p.dim() < 2],
+    dense = bool(rest.get("dense", False))
+    halves = (([p for p in ps if p.dim() >= 2 and not dense], {"matrix": True}),
+              ([p for p in ps if p.dim() < 2 or dense],
                {**vector_settings({**defaults, **rest}), "matrix": False}))
     return [{**rest, **extra, "params": half} for half, extra in halves if half]

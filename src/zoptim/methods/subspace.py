@@ -5,6 +5,8 @@ queries)."""
 
 from __future__ import annotations
 
+import torch
+
 from zoptim.engine import settings
 from zoptim.engine.optimizer import ZOOptimizer
 from zoptim.evaluators.batched import BatchedQueries
@@ -136,11 +138,14 @@ class SubspaceMeZO(LowRankMethod):
     @settings.renamed(queries="directions")
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 1, vector_lr: float = 1e-7,
-                 weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
-                 foreach: bool | None = None, model=None, batched: bool | None = None,
-                 max_slices: int | None = None, **extra):
+                 dense_embeddings: bool = True, weight_decay: float = 0.0,
+                 noise: str = "gaussian", seed: int | None = None, foreach: bool | None = None,
+                 model=None, batched: bool | None = None, max_slices: int | None = None,
+                 **extra):
         settings.unknown(type(self), extra, self.own_settings)
         settings.check("directions", directions)
+        if dense_embeddings and model is not None:
+            params = dense_embedding_groups(params, model)
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       vector_lr=vector_lr, weight_decay=weight_decay,
                                       noise=noise, **extra),
@@ -254,3 +259,33 @@ class ZOMOPI(ZOMuon):
 
 def _vector_lr(group: dict) -> dict:
     return {"lr": group["vector_lr"]}
+
+
+def embedding_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The vocabulary-sized tables of a model: every ``nn.Embedding``'s weight and the output
+    layer of a language model (``get_output_embeddings()``, often the same tensor, tied)."""
+    found = {id(m.weight): m.weight for m in model.modules()
+             if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        head = getattr(m, "get_output_embeddings", lambda: None)()
+        if head is not None and getattr(head, "weight", None) is not None:
+            found.setdefault(id(head.weight), head.weight)
+    return list(found.values())
+
+
+def dense_embedding_groups(params, model: torch.nn.Module) -> list[dict]:
+    """``params`` (tensors or groups) with the model's embedding tables moved to groups of
+    their own marked ``dense``: they take the vectors' dense step, not the subspace."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    tables = {id(t) for t in embedding_weights(model)}
+    out = []
+    for group in groups:
+        ps = [group["params"]] if isinstance(group["params"], torch.Tensor) else \
+            list(group["params"])
+        rest = {k: v for k, v in group.items() if k != "params"}
+        kept = [p for p in ps if id(p) not in tables]
+        moved = [p for p in ps if id(p) in tables]
+        out += [{**rest, "params": kept}] if kept else []
+        out += [{**rest, "params": moved, "dense": True}] if moved else []
+    return out

@@ -70,6 +70,14 @@ class StateStack:
 class Transform:
     carried: tuple[str, ...] = ()
     restarted: tuple[str, ...] = ()
+    # Whether the output's size is set by the transform, not by the estimate's (a sign, a
+    # polar factor): an average before it then repeats a step's noise in the steps after.
+    normalizes = False
+
+    def memory(self, later: list["Transform"]) -> float:
+        """How many steps' worth a step's noise moves the weights over the run, given the
+        transforms ``later`` in the chain (1: it moves them once, in its own step)."""
+        return 1.0
 
     def stacked(self, G: torch.Tensor, state: StateStack) -> torch.Tensor:
         """The update directions of a stack of estimates ``(L, ...)``."""
@@ -90,6 +98,18 @@ class Momentum(Transform):
     def __init__(self, beta: float, dampening: float = 0.0, nesterov: bool = False):
         self.beta, self.dampening, self.nesterov = beta, dampening, nesterov
 
+    def memory(self, later):
+        """An estimate's noise enters the buffer and decays by ``beta`` a step: it moves the
+        weights ``(1 - dampening) / (1 - beta)`` times over (heavy ball: ``1 / (1 - beta)``),
+        so ``((1 - dampening) / (1 - beta))^2`` in squared size; an average (``dampening =
+        beta``) moves them once. A normalizing transform after the average keeps each step's
+        size while the average makes successive steps alike: their noise then adds up as
+        ``(1 + beta) / (1 - beta)`` steps' would."""
+        b = self.beta
+        if any(t.normalizes for t in later):
+            return (1.0 + b) / (1.0 - b)
+        return ((1.0 - self.dampening) / (1.0 - b)) ** 2
+
     def stacked(self, G, state):
         buf = state.get("momentum_buffer")
         if buf is None:
@@ -101,6 +121,8 @@ class Momentum(Transform):
 
 class Sign(Transform):
     """Elementwise sign of the estimate (ZO-signSGD, Liu et al., ICLR 2019)."""
+
+    normalizes = True
 
     def stacked(self, G, state):
         return G.sign_()
@@ -169,6 +191,8 @@ class Orthogonalize(Transform):
     """Replace a matrix estimate by its orthogonal polar factor: Newton-Schulz or SVD. A stack
     of estimates is orthogonalized in one batched iteration."""
 
+    normalizes = True
+
     def __init__(self, method: str = "newton_schulz", steps: int = 5):
         if method not in ("newton_schulz", "svd"):
             raise ValueError(f"orthogonalization must be 'newton_schulz' or 'svd', got {method!r}")
@@ -193,6 +217,8 @@ class PartialOrthogonalize(Transform):
     vectors, an SVD of the small estimate, so no random start is drawn. ``V`` lives on the
     estimate's column side, which a redraw of ZO-Muon's ``P`` (the row side) leaves in
     place: it is kept across redraws rather than restarted."""
+
+    normalizes = True
 
     def __init__(self, k: int):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:

@@ -58,9 +58,12 @@ class TaskConfig(_Strict):
 
 
 class MethodConfig(_Strict):
+    """The method and its settings (the keyword arguments of its class; the class's defaults
+    for the rest). A zeroth-order method trained on a loss calibrates its learning rate
+    before the first step (``lr = "auto"``, ``runs.calibration``) unless one is given."""
+
     name: str = "zo-muon"
-    settings: dict[str, Any] = {"lr": 1e-2, "eps": 1e-3, "rank": 32, "resample_every": 100,
-                                "directions": 4}
+    settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class GuardConfig(_Strict):
@@ -108,6 +111,7 @@ class TrainConfig(_Strict):
         _check_kind(self.task)
         _check_gradient_free(self)
         _check_per_example(self)
+        _default_rate(self)
         if not images:
             _check_label_words(self.task)
         return self
@@ -128,6 +132,35 @@ def _check_gradient_free(cfg: "TrainConfig") -> None:
                          "(es, zo-muon, mezo, ...)")
     if cfg.task.kind == "reward" and "spike" not in cfg.guard.model_fields_set:
         cfg.guard = cfg.guard.model_copy(update={"spike": 0.0})
+
+
+def _default_rate(cfg: "TrainConfig") -> None:
+    """A zeroth-order method trained on a loss calibrates its rates unless one is given
+    (``lr = "auto"``, ``runs.calibration``); anything else needs rates of its own, or takes
+    its class's defaults."""
+    from zoptim import METHODS
+
+    settings, name = cfg.method.settings, cfg.method.name
+    cls = METHODS.get(name)
+    lossy = cfg.task.kind != "reward" and cfg.task.objective == "loss"
+    # a method that evaluates again after its step chooses among steps of its own rate
+    calibrates = cls is not None and not cls.evaluates_after_update
+    if "lr" not in settings and calibrates and lossy:
+        settings["lr"] = "auto"
+    if not auto_rate(settings):
+        return
+    if not calibrates:
+        raise ValueError(f"method {name!r} takes a learning rate: \"auto\" calibrates the "
+                         "zeroth-order methods that step once a step")
+    if not lossy:
+        raise ValueError("a rate of \"auto\" is scaled to the task's loss; a reward or a metric "
+                         "of generations has none: give a learning rate")
+
+
+def auto_rate(settings: dict) -> bool:
+    """Whether a method's settings ask for calibrated rates (``lr`` or another rate
+    ``"auto"``)."""
+    return any(v == "auto" for k, v in settings.items() if k == "lr" or k.endswith("_lr"))
 
 
 def _check_per_example(cfg: "TrainConfig") -> None:
@@ -330,8 +363,9 @@ def _check_method(method: MethodConfig) -> None:
     if taken:
         raise ConfigError(f"method.settings: {', '.join(taken)} is set by the run (from the "
                           "model and batch_size), not in the settings")
+    given = {k: v for k, v in method.settings.items() if v != "auto"}
     try:
-        cls(dummy.parameters(), **method.settings, **extra)
+        cls(dummy.parameters(), **given, **extra)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"method.settings: {err}") from err
 

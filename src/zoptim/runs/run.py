@@ -13,6 +13,8 @@ A run folder holds:
 - ``checkpoint-<step>/`` (trainable weights and optimizer state, see ``checkpoints``;
   ``checkpoint-0`` holds the starting weights until the first save) and ``latest.json``
   naming the newest complete one,
+- ``calibration.json`` where the method's ``lr`` is ``"auto"``: what the calibration measured
+  and the rates it chose (``runs.calibration``); its queries count in the run's,
 - ``summary.json`` (the score before and after, queries, wall time). Scores are the task's
   ``metric`` (accuracy; exact match or F1 for generation), kept as ``dev_acc`` and
   ``test_acc`` whatever the metric, and named in ``summary.json``.
@@ -49,6 +51,7 @@ from zoptim.integrations.schemes import apply_scheme
 from zoptim.methods import batch_arguments, model_arguments
 from zoptim.noise import compiles as noise_compiles
 from zoptim.runs import config, folder as run_folder, journal, machine
+from zoptim.runs.calibration import Calibration, check as calibration_check
 from zoptim.runs.checkpoints import (CheckpointError, check_checkpoint, load_checkpoint,
                                      load_weights, save_checkpoint, write_json)
 from zoptim.runs.config import TrainConfig
@@ -73,6 +76,7 @@ class Interrupted(RunError):
 
 
 NON_FINITE = "the update made weights non-finite"
+CALIBRATION = "calibration.json"  # lr = "auto": what the calibration measured and chose
 
 
 def _parallel(cfg: TrainConfig):
@@ -98,6 +102,19 @@ class Run:
     clf: torch.nn.Module  # the objective: loss(examples, slices), score(examples), metric
     params: dict[str, torch.nn.Parameter]
     opt: torch.optim.Optimizer
+    # lr = "auto": the calibration the optimizer's rates come from, or ``None`` while it is
+    # still to be done (the optimizer then holds the method's default rates)
+    calibration: Calibration | None = None
+
+    @property
+    def uncalibrated(self) -> bool:
+        return config.auto_rate(self.cfg.method.settings) and self.calibration is None
+
+    def optimizer(self, settings: dict, seed: int, name: str | None = None):
+        """A new optimizer over the run's parameters, built as the run builds its own: of the
+        run's method (or ``name``) with ``settings`` and ``seed``."""
+        return new_optimizer(name or self.cfg.method.name, self.clf, self.params,
+                             batch_size(self.cfg, self.splits), settings, seed)
 
 
 def _language_model(cfg: TrainConfig):
@@ -186,9 +203,11 @@ def _demonstrations(cfg: TrainConfig, splits: Splits, images: bool) -> Splits:
         raise RunError(f"task.demonstrations: {err}") from None
 
 
-def build(cfg: TrainConfig) -> Run:
+def build(cfg: TrainConfig, calibration: Calibration | None = None) -> Run:
     """Everything a run needs, at its starting weights (adapters and new heads are initialized
-    from ``cfg.seed``)."""
+    from ``cfg.seed``). A method whose ``lr`` is ``"auto"`` takes its rates and its spent
+    queries from ``calibration`` (``runs.calibration``), or its default rates until it is
+    calibrated (``calibrate``)."""
     t = cfg.task
     splits = load_task(t.name, t.path, train=t.train, dev=t.dev, test=t.test, seed=t.seed,
                        shots=t.shots, text_column=t.text_column, label_column=t.label_column,
@@ -206,12 +225,49 @@ def build(cfg: TrainConfig) -> Run:
         raise RunError(str(err)) from err
     params = {n: p for n, p in clf.named_parameters() if p.requires_grad}
     _check_rank(cfg, params)
-    # The method and its settings were checked when the configuration was built.
-    cls = config.method_class(cfg.method.name)
-    opt = cls(list(params.values()), seed=cfg.seed, **cfg.method.settings,
-              **model_arguments(cls, clf),
-              **batch_arguments(cls, batch_size(cfg, splits)))
-    return Run(cfg, splits, clf, params, opt)
+    opt = new_optimizer(cfg.method.name, clf, params, batch_size(cfg, splits),
+                        _settings(cfg, calibration), cfg.seed)
+    if calibration is not None:
+        opt.queries = calibration.queries
+    return Run(cfg, splits, clf, params, opt, calibration)
+
+
+def _settings(cfg: TrainConfig, calibration: Calibration | None) -> dict:
+    """The method's settings as the optimizer takes them: ``lr = "auto"`` replaced by the
+    calibrated rates, or left to the method's default until they are known."""
+    settings = {k: v for k, v in cfg.method.settings.items() if v != "auto"}
+    return settings if calibration is None else {**settings, **calibration.settings}
+
+
+def new_optimizer(name: str, clf, params: dict, examples: int, settings: dict, seed: int):
+    """An optimizer of method ``name`` with ``settings`` over ``params``, given the model
+    (``clf``) or the batch's size (``examples``) where the method takes them."""
+    cls = config.method_class(name)
+    return cls(list(params.values()), seed=seed, **settings, **model_arguments(cls, clf),
+               **batch_arguments(cls, examples))
+
+
+def calibrate(run: Run, log=print) -> Calibration:
+    """Choose the rates of a run whose ``lr`` is ``"auto"`` (``runs.calibration``): the run's
+    optimizer is built again with them, the calibration's queries counted, as ``build`` does
+    from a recorded calibration. The weights are left as they were."""
+    from zoptim.runs import calibration as cal
+
+    settings = _settings(run.cfg, None)
+    try:
+        found = cal.calibrate(
+            lambda seed, rates: run.optimizer({**settings, **rates}, seed),
+            lambda ex: step_loss(run, ex),
+            lambda ex: float(run.clf.loss(ex)), list(run.params.values()), run.splits.train,
+            steps=run.cfg.steps, batch_size=batch_size(run.cfg, run.splits), seed=run.cfg.seed,
+            keys=cal.calibrated_keys(run.cfg.method.settings, run.opt.defaults))
+    except cal.CalibrationError as err:
+        raise RunError(str(err)) from None
+    run.opt = run.optimizer(_settings(run.cfg, found), run.cfg.seed)
+    run.opt.queries = found.queries
+    run.calibration = found
+    log(found.line())
+    return found
 
 
 def batch_size(cfg: TrainConfig, splits: Splits) -> int:
@@ -342,7 +398,7 @@ class Training:
     def run(self) -> dict:
         try:
             had_run = self.open_folder()
-            self.build()
+            self.build(had_run)
             with self._lock(had_run):
                 self.restore(had_run)
                 self.write_start(had_run)
@@ -376,8 +432,13 @@ class Training:
                                "resume it with the same one (only steps may change)")
         return had_run
 
-    def build(self) -> None:
-        self.run_ = build(self.cfg)
+    def build(self, had_run: bool) -> None:
+        """The run, its rates calibrated (``lr = "auto"``): a run already started takes the
+        calibration it recorded, a new one calibrates now (every process alike: the
+        calibration is a function of the seed and the data)."""
+        self.run_ = build(self.cfg, read_calibration(self.folder) if had_run else None)
+        if self.run_.uncalibrated:
+            calibrate(self.run_, self.log)
         if self.par is not None:
             self.par.attach(self.run_.opt)
 
@@ -444,7 +505,8 @@ class Training:
                 saved = load_checkpoint(self.run_.params, self.run_.opt, candidate)
             except CheckpointError as err:
                 self.log(f"warning: {err}; trying an earlier checkpoint")
-                self.run_ = build(self.cfg)  # a half-loaded checkpoint leaves nothing behind
+                # a half-loaded checkpoint leaves nothing behind
+                self.run_ = build(self.cfg, self.run_.calibration)
                 if self.par is not None:
                     self.par.attach(self.run_.opt)
                 self.run_.opt.guard = self.guard.decide
@@ -462,6 +524,9 @@ class Training:
             _barrier()  # every rank has read the journal before the lead cuts it
         if not self.lead:
             return
+        # before config.json names a run; a run that lost it recalibrated, to the same rates
+        if self.run_.calibration is not None and not (self.folder / CALIBRATION).exists():
+            write_json(self.folder / CALIBRATION, self.run_.calibration.record())
         if not had_run or _saved_config(self.folder).steps != self.cfg.steps:
             write_json(self.folder / "config.json", json.loads(self.cfg.model_dump_json()))
         if not had_run:
@@ -477,6 +542,10 @@ class Training:
             test0 = run.clf.score(run.splits.test, self.cfg.eval_batch_size)
             self.summary = {"metric": run.clf.metric, "before": {"dev_acc": dev0,
                                                                  "test_acc": test0}}
+            if run.calibration is not None:
+                c = run.calibration
+                self.summary["calibration"] = {"settings": c.settings, "queries": c.queries,
+                                               "share": c.share, "draws": c.draws}
             write_json(self.folder / "summary.json", self.summary)
             self.log(f"before: dev {dev0:.4f}  test {test0:.4f}  ({len(run.params)} tensors, "
                      f"{sum(p.numel() for p in run.params.values()):,} trainable parameters)")
@@ -643,6 +712,17 @@ def _load(run: Run, checkpoint: Path | None) -> dict:
                        "checkpoint or its starting weights") from err
 
 
+def read_calibration(folder: Path) -> Calibration | None:
+    """The calibration a run recorded (``lr = "auto"``), or ``None`` where it has none."""
+    path = folder / CALIBRATION
+    if not path.exists():
+        return None
+    try:
+        return Calibration.from_record(json.loads(path.read_text()))
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is damaged ({err}); the run's rates cannot be known") from err
+
+
 def _saved_config(folder: Path) -> TrainConfig:
     if not (folder / "config.json").is_file():
         raise RunError(f"{folder} holds no run (no config.json)")
@@ -663,7 +743,7 @@ def _latest(folder: Path) -> Path | None:
 def open_run(folder: str | Path) -> tuple[Run, Path]:
     """The run of a folder at its latest checkpoint, its data checked to be the run's."""
     folder = Path(folder)
-    run = build(_saved_config(folder))
+    run = build(_saved_config(folder), read_calibration(folder))
     check_data(folder, run.splits)
     checkpoint = _latest(folder)
     if checkpoint is None:
@@ -735,8 +815,14 @@ def audit(folder: str | Path) -> Audit:
     not run) against the newest whole checkpoint it reaches, bit for bit."""
     folder = Path(folder)
     cfg = _saved_config(folder)
-    run = build(cfg)
     result = Audit()
+    recorded = read_calibration(folder)
+    if recorded is not None and (problem := calibration_check(recorded)) is not None:
+        result.problems.append(f"{CALIBRATION}: {problem}")
+    if recorded is None and config.auto_rate(cfg.method.settings):
+        result.problems.append(f"{CALIBRATION} is missing: the run's rates are not known "
+                               "(--resume calibrates again)")
+    run = build(cfg, recorded)
     try:
         check_data(folder, run.splits)
     except RunError as err:

@@ -1,0 +1,394 @@
+"""Estimator fidelity: does a method's step go downhill on this model, and how far should it go?
+
+At a checkpoint (the starting model, and points along a run), for each method and each of
+``draws`` independent draws of its step on one training batch, this measures:
+
+- the cosine between the step's update direction ``d`` (what the step subtracts, per unit of
+  the learning rate) and the backpropagated gradient of the same batch, and of a held-out
+  batch (training examples outside it), over the whole model and per kind of tensor
+  (embeddings, attention, MLP, norms and biases, output head); mean and spread over draws,
+  and the cosine of the draws' mean direction (what is left of the signal once the noise
+  averages out over steps);
+- the held-out loss change of one step, ``L_H(theta - lr d) - L_H(theta)``, on a grid of
+  learning rates (each method's reference rate times ``lr_factors``), over the first
+  ``curve_draws`` draws: the rate with the most descent per query can be read off;
+- the size of ``d`` against the weights, per kind, at that rate.
+
+Backpropagation is the measuring stick only. It needs the gradients of two batches, a copy of
+the weights and one direction beside the model (about five times the weights' memory, plus a
+backward pass's activations), which on this project's CPU machines covers models up to a few
+hundred million parameters (SmolLM2-135M measured here).
+
+A configuration (TOML or YAML) holds what ``zoptim bench`` takes for a matrix (``[base]``, the
+run settings; ``[[methods]]``, each with its ``settings`` and a reference ``lr``) and
+``kind = "fidelity"``::
+
+    kind = "fidelity"
+    draws = 64            # direction draws per method and point (cosines)
+    curve_draws = 16      # of which the held-out loss is measured along the lr grid
+    heldout = 64          # held-out training examples
+    lr_factors = [0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0]
+    [along]               # optional: points along a run of this method
+    name = "mezo"
+    settings = { lr = 3e-5, eps = 1e-3 }
+    steps = [100, 300]    # measured at these steps as well as at the start
+
+Run it as ``zoptim bench --config F --out D`` or ``python -m zoptim.bench.fidelity --config F
+--out D``; it writes ``fidelity.json`` and ``fidelity.png``. A point already measured (its
+entry in ``fidelity.json`` has every method) is not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zoptim.noise import mix
+from zoptim.runs import config as run_config
+from zoptim.runs.checkpoints import write_json
+from zoptim.runs.directions import group_rates, losses_along, update_direction
+from zoptim.runs.run import Run, batch, build, open_run, step_loss, train
+
+KINDS = ("embeddings", "attention", "mlp", "norms and biases", "head", "other")
+ALL = "all"
+LR_FACTORS = (0.01, 10 ** -1.5, 0.1, 10 ** -0.5, 1.0, 10 ** 0.5, 10.0)
+_ATTENTION = ("attn", "attention")
+_MLP = ("mlp", "intermediate", "output.dense", "ffn", "fc1", "fc2", "dense_h_to_4h",
+        "dense_4h_to_h")
+_HEAD = ("head.", "lm_head", "classifier", "score.")
+
+
+def tensor_kind(name: str, p: torch.Tensor) -> str:
+    """The kind of a parameter, by its name and shape: vectors are norms and biases; matrices
+    are embeddings, attention, MLP, the output head, or other."""
+    if p.dim() < 2:
+        return "norms and biases"
+    if "embed" in name:
+        return "embeddings"
+    if name.startswith(_HEAD) or any(f".{h}" in name for h in _HEAD):
+        return "head"
+    if any(a in name for a in _ATTENTION):
+        return "attention"
+    if any(m in name for m in _MLP):
+        return "mlp"
+    return "other"
+
+
+def mean_loss(run: Run, examples: list, chunk: int) -> torch.Tensor:
+    """The mean loss over ``examples``, ``chunk`` at a time (differentiable)."""
+    total = 0.0
+    for i in range(0, len(examples), chunk):
+        part = examples[i:i + chunk]
+        total = total + run.clf.loss(part) * len(part)
+    return total / len(examples)
+
+
+def gradient(run: Run, examples: list, chunk: int) -> list[torch.Tensor]:
+    """The backpropagated gradient of the mean loss over ``examples``, one tensor a parameter."""
+    params = list(run.params.values())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(mean_loss(run, examples, chunk), params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def _dots(a: list[torch.Tensor], b: list[torch.Tensor], kinds: list[str]) -> dict:
+    """Per kind (and over all), the sums of ``a.b``, ``a.a`` and ``b.b`` in float64."""
+    out: dict[str, list[float]] = {}
+    for x, y, kind in zip(a, b, kinds):
+        x64, y64 = x.double().flatten(), y.double().flatten()
+        terms = (float(x64 @ y64), float(x64 @ x64), float(y64 @ y64))
+        for key in (kind, ALL):
+            acc = out.setdefault(key, [0.0, 0.0, 0.0])
+            for j in range(3):
+                acc[j] += terms[j]
+    return out
+
+
+def cosines(a: list[torch.Tensor], b: list[torch.Tensor], kinds: list[str]) -> dict[str, float]:
+    """The cosine between ``a`` and ``b`` per kind of tensor and over all (NaN where either is
+    zero)."""
+    out = {}
+    for key, (ab, aa, bb) in _dots(a, b, kinds).items():
+        out[key] = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else float("nan")
+    return out
+
+
+def norms(a: list[torch.Tensor], kinds: list[str]) -> dict[str, float]:
+    """The Euclidean norm of ``a`` per kind and over all."""
+    return {key: math.sqrt(aa) for key, (_, aa, _) in _dots(a, a, kinds).items()}
+
+
+def summary(values: list[float]) -> dict:
+    """Mean, standard deviation, min and max of the finite values, and their count."""
+    xs = [v for v in values if math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "min": min(xs),
+            "max": max(xs), "n": len(xs)}
+
+
+class Point:
+    """One checkpoint of a run, ready to be measured: its training batch, held-out batch, the
+    weights as they are (``origin``) and both backpropagated gradients."""
+
+    def __init__(self, run: Run, step: int, heldout: int, seed: int):
+        self.run, self.step = run, step
+        self.names = list(run.params)
+        self.params = [p for p in run.params.values()]
+        self.kinds = [tensor_kind(n, p) for n, p in run.params.items()]
+        self.chunk = run.cfg.eval_batch_size
+        self.batch = batch(run, step)
+        inside = {id(e) for e in self.batch}
+        rest = [e for e in run.splits.train if id(e) not in inside]
+        rng = random.Random(f"fidelity:{seed}:{step}")
+        self.heldout = rng.sample(rest, min(heldout, len(rest)))
+        self.origin = [p.detach().clone() for p in self.params]
+        started = time.perf_counter()
+        self.grad_batch = gradient(run, self.batch, self.chunk)
+        self.grad_heldout = gradient(run, self.heldout, self.chunk)
+        self.backprop_s = time.perf_counter() - started
+        with torch.no_grad():
+            self.loss_heldout = float(mean_loss(run, self.heldout, self.chunk))
+
+    def heldout_loss(self) -> float:
+        with torch.no_grad():
+            return float(mean_loss(self.run, self.heldout, self.chunk))
+
+    def describe(self) -> dict:
+        return {"step": self.step, "batch": len(self.batch), "heldout": len(self.heldout),
+                "heldout_loss": self.loss_heldout, "backprop_s": self.backprop_s,
+                "parameters": {k: sum(p.numel() for p, kk in zip(self.params, self.kinds)
+                                      if kk == k) for k in KINDS if k in self.kinds},
+                "gradient_norm": {"batch": norms(self.grad_batch, self.kinds),
+                                  "heldout": norms(self.grad_heldout, self.kinds)},
+                # the ceiling of any estimate of the batch's gradient on held-out data
+                "cos_batch_heldout": cosines(self.grad_batch, self.grad_heldout, self.kinds),
+                "weight_norm": norms(self.origin, self.kinds)}
+
+
+def measure_method(point: Point, name: str, settings: dict, draws: int, curve_draws: int,
+                   lr_factors: list[float], seed: int) -> dict:
+    """One method's fidelity at ``point`` (see the module's docstring)."""
+    lr = float(settings["lr"])
+    lrs = [lr * f for f in lr_factors]
+    closure = step_loss(point.run, point.batch)
+    same, held, per_draw_norms, curves, slopes, bends = [], [], [], [], [], []
+    mean_d = [torch.zeros_like(p) for p in point.params]
+    queries, seconds = 0, 0.0
+    for k in range(draws):
+        opt = point.run.optimizer(settings, mix(seed, k), name)
+        started = time.perf_counter()
+        d = update_direction(opt, closure, point.params, point.origin)
+        seconds += time.perf_counter() - started
+        # the step as the method takes it, per unit of its lr: each group at its rate's share
+        torch._foreach_mul_(d, [r / lr for r in group_rates(opt, point.params)])
+        queries += opt.queries
+        same.append(cosines(d, point.grad_batch, point.kinds))
+        held.append(cosines(d, point.grad_heldout, point.kinds))
+        per_draw_norms.append(norms(d, point.kinds))
+        torch._foreach_add_(mean_d, d, alpha=1.0 / draws)
+        if k < curve_draws:
+            # the curve, and the mirror point of the reference rate: the slope and the
+            # curvature along d (``-lr s + lr^2 c / 2`` and its mirror image)
+            losses = losses_along(point.heldout_loss, point.params, point.origin, d,
+                                  lrs + [-lr])
+            curves.append([v - point.loss_heldout for v in losses[:-1]])
+            at = losses[lrs.index(lr)] if lr in lrs else losses_along(
+                point.heldout_loss, point.params, point.origin, d, [lr])[0]
+            slopes.append((losses[-1] - at) / (2 * lr))
+            bends.append((at + losses[-1] - 2 * point.loss_heldout) / lr**2)
+    keys = sorted(same[0], key=lambda key: (key != ALL, key))
+    per_query = queries / draws
+    change = [summary([c[i] for c in curves]) for i in range(len(lrs))]
+    best = min(range(len(lrs)), key=lambda i: change[i]["mean"]) if curves else None
+    d_norm = {key: statistics.fmean(n[key] for n in per_draw_norms) for key in keys}
+    w_norm = norms(point.origin, point.kinds)
+    return {
+        "name": name, "settings": settings, "queries_per_step": per_query,
+        "seconds_per_step": seconds / draws, "draws": draws,
+        "cos_batch": {key: summary([c[key] for c in same]) for key in keys},
+        "cos_heldout": {key: summary([c[key] for c in held]) for key in keys},
+        "cos_mean_direction": {
+            "batch": cosines(mean_d, point.grad_batch, point.kinds),
+            "heldout": cosines(mean_d, point.grad_heldout, point.kinds)},
+        "direction_norm": d_norm,
+        "descent": {
+            "lr": lrs, "curve_draws": len(curves),
+            "loss_change": change,
+            "descent_per_query": [None if c["mean"] is None else -c["mean"] / per_query
+                                  for c in change],
+            "share_descending": [statistics.fmean(cv[i] < 0 for cv in curves) if curves
+                                 else None for i in range(len(lrs))]},
+        # the one step's quadratic model from the slope s and curvature c: the best rate
+        # s / c and the most one step can descend, s^2 / 2c, per query
+        "one_step": _one_step(slopes, bends, per_query),
+        "best_lr": None if best is None else lrs[best],
+        "best_descent_per_query": None if best is None else -change[best]["mean"] / per_query,
+        # how far one step at the best rate moves each kind of tensor, against its size
+        "relative_update_at_best": None if best is None else {
+            key: lrs[best] * d_norm[key] / w_norm[key] for key in keys if w_norm.get(key)},
+    }
+
+
+def _one_step(slopes: list[float], bends: list[float], per_query: float) -> dict:
+    """The held-out descent's slope ``s`` and curvature ``c`` along the step over the draws,
+    and what they give: the rate of the most descent, ``s / c``, and that descent per
+    query, ``s^2 / (2 c q)`` (the slope's mean, so its spread over draws says how sure)."""
+    out = {"slope": summary(slopes), "curvature": summary(bends)}
+    s, c = out["slope"]["mean"], out["curvature"]["mean"]
+    ok = s is not None and c is not None and c > 0
+    out["rate"] = s / c if ok and s > 0 else None
+    out["descent_per_query"] = s * s / (2 * c * per_query) if ok and s > 0 else None
+    return out
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+def _spec_methods(spec: dict) -> list[dict]:
+    methods = spec.get("methods") or []
+    if not methods:
+        raise ValueError("the fidelity configuration lists no [[methods]]")
+    out = []
+    for m in methods:
+        label = m.get("label", m.get("name"))
+        if "name" not in m or "lr" not in (m.get("settings") or {}):
+            raise ValueError(f"method {label!r}: give its name and settings.lr (the reference "
+                             "rate the lr grid is scaled from)")
+        out.append({"label": label, "name": m["name"], "settings": dict(m["settings"])})
+    labels = [m["label"] for m in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"method labels must be unique: {labels}")
+    return out
+
+
+def _base_config(spec: dict, method: dict, steps: int = 0):
+    data = json.loads(json.dumps(spec.get("base", {})))
+    data.update(steps=steps, seed=int(spec.get("seed", 0)))
+    data["method"] = {"name": method["name"], "settings": method["settings"]}
+    data.setdefault("guard", {"spike": 0.0})
+    return run_config.build(data)
+
+
+def _points(spec: dict, out: Path, log):
+    """``(step, run)`` for the start and each point along the run of ``[along]``, trained in
+    ``out/along`` (resumed where it stopped)."""
+    first = _spec_methods(spec)[0]
+    yield 0, build(_base_config(spec, first))
+    along = spec.get("along")
+    if not along:
+        return
+    folder = out / "along"
+    method = {"name": along["name"], "settings": dict(along.get("settings", {}))}
+    for step in sorted(int(s) for s in along.get("steps", [])):
+        cfg = _base_config(spec, method, steps=step)
+        cfg = cfg.model_copy(update={"save_every": step, "eval_every": step})
+        log(f"along: {along['name']} to step {step}")
+        train(cfg, folder, resume=folder.exists(), progress=False, log=lambda *_: None)
+        run, _ = open_run(folder)
+        yield step, run
+
+
+def run(config_path: str | Path, out: str | Path, log=print, spec: dict | None = None) -> dict:
+    """Measure every method at every point of a fidelity configuration; write
+    ``fidelity.json`` (after each method, so an interrupted run keeps what it measured) and
+    ``fidelity.png``."""
+    spec = spec if spec is not None else run_config.read_file(config_path)
+    methods = _spec_methods(spec)
+    draws, curve_draws = int(spec.get("draws", 64)), int(spec.get("curve_draws", 16))
+    factors = [float(f) for f in spec.get("lr_factors", LR_FACTORS)]
+    heldout, seed = int(spec.get("heldout", 64)), int(spec.get("seed", 0))
+    if draws < 2 or not 0 <= curve_draws <= draws:
+        raise ValueError("draws must be at least 2, and curve_draws between 0 and draws")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "fidelity.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(config=str(config_path), draws=draws, curve_draws=curve_draws,
+                   lr_factors=factors, base=spec.get("base", {}))
+    results.setdefault("points", {})
+    for step, point_run in _points(spec, out, log):
+        entry = results["points"].setdefault(str(step), {"methods": {}})
+        if all(m["label"] in entry["methods"] for m in methods):
+            continue
+        point = Point(point_run, step, heldout, seed)
+        entry.update(point.describe())
+        for m in methods:
+            if m["label"] in entry["methods"]:
+                continue
+            log(f"step {step}: {m['label']} ({draws} draws)")
+            entry["methods"][m["label"]] = measure_method(point, m["name"], m["settings"], draws,
+                                                          curve_draws, factors, mix(seed, step))
+            write_json(path, results)
+    write_json(path, results)
+    plot(results, out / "fidelity.png")
+    log(f"fidelity: {path}")
+    return results
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Per point, the held-out cosine per kind of tensor (mean and standard deviation over
+    draws) and the held-out descent per query against the learning rate, one line a method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = results["points"]
+    fig, axes = plt.subplots(len(points), 2, figsize=(13, 4.2 * len(points)), squeeze=False)
+    for row, (step, entry) in zip(axes, points.items()):
+        methods = entry["methods"]
+        kinds = [k for k in (ALL, *KINDS) if any(k in m["cos_heldout"] for m in methods.values())]
+        width = 0.8 / max(1, len(methods))
+        for i, (label, m) in enumerate(methods.items()):
+            xs = [j + i * width for j in range(len(kinds))]
+            stats = [m["cos_heldout"].get(k, {}) for k in kinds]
+            row[0].bar(xs, [s.get("mean") or 0.0 for s in stats], width,
+                       yerr=[s.get("std") or 0.0 for s in stats], label=label, color=f"C{i % 10}")
+            lrs, dpq = m["descent"]["lr"], m["descent"]["descent_per_query"]
+            if any(v is not None for v in dpq):
+                row[1].plot(lrs, [math.nan if v is None else v for v in dpq], marker="o",
+                            label=label, color=f"C{i % 10}")
+        row[0].set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], kinds, fontsize=8)
+        row[0].axhline(0, color="black", linewidth=0.5)
+        row[0].set_ylabel("cosine with held-out gradient")
+        row[0].set_title(f"step {step}: update direction against backpropagation")
+        row[0].legend(fontsize=7)
+        row[1].set_xscale("log")
+        row[1].set_yscale("symlog", linthresh=1e-5)
+        row[1].axhline(0, color="black", linewidth=0.5)
+        row[1].set_xlabel("learning rate")
+        row[1].set_ylabel("held-out loss decrease per query")
+        row[1].set_title(f"step {step}: one step's held-out descent")
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zoptim.bench.fidelity",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="TOML or YAML fidelity configuration")
+    parser.add_argument("--out", required=True, help="folder for fidelity.json and fidelity.png")
+    args = parser.parse_args(argv)
+    try:
+        run(args.config, args.out)
+    except (ValueError, OSError) as err:
+        print(f"fidelity: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

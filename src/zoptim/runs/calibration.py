@@ -1,0 +1,245 @@
+"""``lr = "auto"``: a zeroth-order method's learning rate, calibrated on the model before the
+first step.
+
+What one step does to a held-out loss is ``-lr s + lr^2 c / 2``: ``s = g . d``, the descent
+along the method's update direction ``d``, and ``c = d^T H d``, the curvature along it, what the
+step's noise costs. The fidelity benchmark (``bench.fidelity``) measured both on MiniLM and
+SmolLM2: ``s`` is smaller than its own spread from one draw to the next (the gradients of two
+batches of 16 are nearly orthogonal on MiniLM at the start), so resolving it takes hundreds of
+draws, far more than a calibration can spend; ``c`` is steady from draw to draw and the same
+whatever the rate it is measured at. So the calibration measures ``c`` and sets the rate from
+what the run can afford to pay for its noise:
+
+    lr = sqrt(2 phi L0 / (T c))
+
+the rate at which the curvature cost summed over the run's ``T`` steps, ``T lr^2 c / 2``, is
+``phi`` of the starting held-out loss ``L0``. ``phi`` (``PHI``) was chosen on MiniLM's tuned
+grids (``benchmarks/calibration.toml``). Every rate of the method (``lr``, and ``vector_lr``
+where it has one) is scaled together, keeping their ratios as configured.
+
+Each draw takes one step of a throwaway copy of the method on a training batch (``d``, from
+``runs.directions``), then evaluates the held-out batch at ``theta - lr' d`` and ``theta + lr'
+d``: ``L(-) + L(+) - 2 L0 = lr'^2 c``, the descent cancelled exactly. The probe rate ``lr'`` is
+three times the estimate of the draws before it (the method's own default for the first); a
+rise too small to resolve is probed again ten times further. The held-out batch is as large
+as a training batch, so every evaluation is one query, and all of them count in the run's
+budget. Draws: as many as 5% of the run's queries pay for, between 4 and 16. Every value
+evaluated is kept (``Calibration.values``), so that the choice can be recomputed from the
+record (``check``), as a journal lets a run be replayed.
+
+The rule needs a loss: reward tasks and metrics of generations keep a given rate.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from zoptim.noise import mix
+from zoptim.runs.directions import group_rates, losses_along, update_direction
+
+PHI = 0.06
+BUDGET_SHARE = 0.05
+MIN_DRAWS, MAX_DRAWS = 4, 16
+# A probe aims at a rise of PROBE_RISE of L0 (both sides): far above float32's rounding, and
+# near enough for the loss to bend as a quadratic (SmolLM2's flattens out past 1e-3 of L0
+# along MeZO's steps, and its tuned rate agrees with the bend measured near). A rise more
+# than RESOLVED times off its aim is probed again, nearer or further, at most RETRIES times.
+PROBE_RISE = 2e-4
+RESOLVED = 4.0
+RETRIES = 3
+_SALT = 0xCA11B  # separates the calibration's seeds from the run's
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class Calibration:
+    """What a calibration measured and chose. ``values`` holds, per draw, the step's own
+    values, then per calibrated rate each probe's ``[rate, L(-), L(+)]``; ``heldout_loss`` is
+    ``L0``; ``curvature[key]`` the draws' curvatures along the part that ``key`` steps."""
+    settings: dict  # the calibrated rates, by setting (lr, vector_lr, ...)
+    queries: int
+    draws: int
+    steps: int  # the run's steps T the rates were chosen for
+    step_queries: int  # the queries one step of the method spends
+    phi: float
+    heldout_loss: float
+    curvature: dict[str, list[float]]
+    # per rate: how many steps' worth a step's noise costs over the run (momentum's repeats,
+    # ``ZOOptimizer.step_memory``), by which its measured curvature is multiplied
+    memory: dict[str, float] = field(default_factory=dict)
+    values: list[list] = field(default_factory=list)
+
+    @property
+    def lr(self) -> float:
+        return self.settings["lr"]
+
+    @property
+    def share(self) -> float:
+        """The calibration's part of the run's queries."""
+        return self.queries / max(1, self.queries + self.steps * self.step_queries)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, data: dict) -> "Calibration":
+        return cls(**data)
+
+    def line(self) -> str:
+        rates = ", ".join(f"{k} {v:.3g}" for k, v in self.settings.items())
+        return (f"lr auto: {rates} (from the curvature along {self.draws} draws of the "
+                f"method's step; {self.queries} queries, {self.share:.1%} of the run's)")
+
+
+def rate(curvature: list[float], heldout_loss: float, steps: int, phi: float) -> float:
+    """``sqrt(2 phi L0 / (T c))`` with ``c`` the mean curvature of the draws."""
+    c = statistics.fmean(curvature)
+    if not (math.isfinite(c) and c > 0):
+        raise CalibrationError(f"the loss shows no curvature along the method's steps (mean "
+                               f"{c:.3g}): the calibration cannot choose a rate; give one "
+                               "(method.settings.lr)")
+    return math.sqrt(2.0 * phi * heldout_loss / (max(1, steps) * c))
+
+
+def rates(curvature: dict[str, list[float]], memory: dict[str, float], heldout_loss: float,
+          steps: int, phi: float) -> dict[str, float]:
+    """Every calibrated rate, the noise budget ``phi`` shared equally among them, each
+    part's curvature counted ``memory`` times."""
+    return {key: rate([x * memory.get(key, 1.0) for x in c], heldout_loss, steps,
+                      phi / len(curvature)) for key, c in curvature.items()}
+
+
+def calibrated_keys(settings: dict, defaults: dict) -> list[str]:
+    """The rate settings a calibration chooses: those set to ``"auto"``, and, where ``lr``
+    is, every other rate of the method (``*_lr`` in its ``defaults``) that is not given."""
+    auto = settings.get("lr") == "auto"
+    keys = [k for k in defaults if k == "lr" or k.endswith("_lr")]
+    return [k for k in keys if settings.get(k, "auto" if auto else None) == "auto"]
+
+
+def _probe(loss, params, origin, d, lr: float, l0: float, aim: float, record: list) -> float:
+    """The curvature along ``d`` from the held-out loss at ``theta -/+ lr d``, probed nearer
+    or further until the rise ``L(-) + L(+) - 2 L0`` is within ``RESOLVED`` times ``aim``;
+    each probe's values go to ``record``."""
+    for attempt in range(RETRIES + 1):
+        minus, plus = losses_along(loss, params, origin, d, [lr, -lr])
+        record.append([lr, minus, plus])
+        rise = minus + plus - 2.0 * l0
+        if not math.isfinite(rise) or attempt == RETRIES or \
+                aim / RESOLVED <= abs(rise) <= aim * RESOLVED:
+            return rise / lr**2
+        # as far as a quadratic would put the aim, within a factor of ten
+        lr *= min(10.0, max(0.1, math.sqrt(aim / max(abs(rise), 1e-30))))
+    raise AssertionError("unreachable")
+
+
+# Rates a draw's optimizer is built with, one per calibrated setting, so that each group's
+# rate names the setting it comes from (the step itself is taken at rate 1 everywhere).
+def _sentinels(keys: list[str]) -> dict[str, float]:
+    return {key: 1.0 + i + 0.123456789 for i, key in enumerate(keys)}
+
+
+def _parts(opt, params: list, sentinels: dict[str, float]) -> dict[str, list[int]]:
+    """For each calibrated rate setting, the indices of ``params`` its groups step."""
+    rates = group_rates(opt, params)
+    return {key: [i for i, r in enumerate(rates) if r == value]
+            for key, value in sentinels.items()}
+
+
+def _memory(opt, sentinels: dict[str, float]) -> dict[str, float]:
+    """Per calibrated rate, the step memory of its groups (the largest)."""
+    return {key: max((opt.step_memory(g) for g in opt.param_groups if g["lr"] == value),
+                     default=1.0) for key, value in sentinels.items()}
+
+
+def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], Callable],
+              loss_of: Callable[[list], float], params: list, train: list, *, steps: int,
+              batch_size: int, seed: int, keys: list[str] | None = None) -> Calibration:
+    """Choose the rates of a run of ``steps`` steps (see the module's docstring).
+
+    Args:
+        make: ``make(seed, rates)`` builds a throwaway optimizer of the run's method over
+            ``params``, with ``rates`` (settings) over the run's own.
+        closure_of: the run's closure (the training loss) on a list of examples.
+        loss_of: the mean loss of a list of examples, without gradients.
+        params: the trained tensors, left exactly as they were found.
+        train: the training examples; the held-out batch and the draws' batches come from it.
+        steps: the run's steps ``T``.
+        batch_size: examples in a batch (held-out and draws).
+        seed: the run's seed; the calibration's draws derive from it.
+        keys: the rate settings to calibrate (``calibrated_keys``; ``["lr"]`` when ``None``).
+    """
+    rng = random.Random(f"calibration:{seed}")
+    heldout = rng.sample(train, min(batch_size, max(1, len(train) // 2)))
+    inside = {id(e) for e in heldout}
+    pool = [e for e in train if id(e) not in inside] or train
+    origin = [p.detach().clone() for p in params]
+    loss = lambda: loss_of(heldout)  # noqa: E731
+    with torch.no_grad():
+        l0 = float(loss())
+    if not (math.isfinite(l0) and l0 > 0):
+        raise CalibrationError(f"the held-out loss is {l0:.4g}: the calibration scales the rate "
+                               "to a positive loss; give a learning rate (method.settings.lr)")
+    keys = keys or ["lr"]
+    defaults = make(0, {}).defaults  # the first probe's guess: the method's own rates
+    sentinels = _sentinels(keys)
+    queries, values, budget, step_queries = 1, [], 0.0, 0
+    curvature: dict[str, list[float]] = {key: [] for key in keys}
+    memory: dict[str, float] = {}
+    k = 0
+    # draws until BUDGET_SHARE of the run's queries is spent, within MIN_DRAWS..MAX_DRAWS
+    while k < MIN_DRAWS or (k < MAX_DRAWS and queries + queries / k <= budget):
+        opt = make(mix(seed, _SALT, k), sentinels)
+        parts = _parts(opt, params, sentinels)
+        examples = random.Random(f"calibration:{seed}:{k}").sample(pool, min(batch_size, len(pool)))
+        d = update_direction(opt, closure_of(examples), params, origin)
+        if not all(bool(torch.isfinite(t).all()) for t in d):
+            raise CalibrationError("a step of the method is not finite on this model at its "
+                                   "default settings: give a learning rate and check eps")
+        record = [list(opt.last_values)]
+        aim = PROBE_RISE * l0
+        for key, idx in parts.items():
+            # probe where the draws so far put the aimed rise (the method's own default rate
+            # first)
+            so_far = curvature[key]
+            c = statistics.fmean(so_far) if so_far else 0.0
+            at = math.sqrt(aim / c) if c > 0 else defaults[key]
+            probes: list = []
+            so_far.append(_probe(loss, [params[i] for i in idx], [origin[i] for i in idx],
+                                 [d[i] for i in idx], at, l0, aim, probes))
+            record.append(probes)
+            queries += 2 * len(probes)
+        values.append(record)
+        queries += opt.queries
+        if k == 0:
+            memory = _memory(opt, sentinels)
+            step_queries = opt.queries
+            budget = BUDGET_SHARE * steps * step_queries
+        k += 1
+    return Calibration(settings=rates(curvature, memory, l0, steps, PHI), queries=queries,
+                       draws=k, steps=steps, step_queries=step_queries, phi=PHI,
+                       heldout_loss=l0, curvature=curvature, memory=memory, values=values)
+
+
+def check(cal: Calibration) -> str | None:
+    """Whether a recorded calibration's choice follows from its recorded values: ``None``, or
+    what differs."""
+    curvature = {key: [] for key in cal.curvature}
+    for record in cal.values:
+        for key, probes in zip(curvature, record[1:]):
+            lr, minus, plus = probes[-1]
+            curvature[key].append((minus + plus - 2.0 * cal.heldout_loss) / lr**2)
+    if curvature != cal.curvature:
+        return "its curvatures do not follow from its recorded losses"
+    if rates(curvature, cal.memory, cal.heldout_loss, cal.steps, cal.phi) != cal.settings:
+        return "its rates do not follow from its curvatures"
+    return None
