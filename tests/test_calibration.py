@@ -10,7 +10,7 @@ import zoptim
 from zoptim.cli import main
 from zoptim.runs import calibration, config
 from zoptim.runs.directions import losses_along, update_direction
-from zoptim.runs.run import CALIBRATION, audit, train
+from zoptim.runs.run import CALIBRATION, Interrupted, Training, audit, train
 
 from conftest import MR_PATH
 
@@ -56,7 +56,7 @@ def test_calibration_measures_the_curvature_along_the_steps_and_applies_its_rule
                              [origin])[0]
         assert c == pytest.approx(float((a * d * d).sum()), rel=1e-6)
     c = sum(found.curvature["lr"]) / found.draws
-    assert found.lr == pytest.approx(math.sqrt(2 * calibration.PHI * float(loss()) / (500 * c)))
+    assert found.lr == pytest.approx(math.sqrt(2 * calibration.PHI * float(loss().detach()) / (500 * c)))
     assert list(found.settings) == ["lr"]
     # one held-out loss, then per draw the step's 2 queries and 2 per probe
     probes = sum(len(record[1]) for record in found.values)
@@ -81,13 +81,14 @@ def test_a_record_whose_choice_does_not_follow_from_its_values_is_found():
     assert "curvatures" in calibration.check(altered)
 
 
-def test_a_flat_loss_is_refused_with_what_to_do():
+def test_a_loss_that_does_not_bend_up_keeps_the_methods_default_rate():
     x = torch.nn.Parameter(torch.zeros(8, dtype=torch.float64))
     flat = lambda: (x * 0).sum() + 1.0  # noqa: E731
-    with pytest.raises(calibration.CalibrationError, match="give one"):
-        calibration.calibrate(lambda seed, rates: zoptim.MeZO([x], **rates, seed=seed),
-                              lambda ex: flat, lambda ex: float(flat()), [x], list(range(32)),
-                              steps=10, batch_size=4, seed=0)
+    found = calibration.calibrate(lambda seed, rates: zoptim.MeZO([x], **rates, seed=seed),
+                                  lambda ex: flat, lambda ex: float(flat()), [x], list(range(32)),
+                                  steps=10, batch_size=4, seed=0)
+    assert found.settings == {"lr": zoptim.MeZO([x]).defaults["lr"]} and found.kept == ["lr"]
+    assert "the method's default" in found.line() and calibration.check(found) is None
 
 
 def test_each_rate_of_a_method_is_calibrated_on_the_part_it_steps():
@@ -133,12 +134,20 @@ def test_a_zeroth_order_method_without_a_rate_calibrates_it():
     assert "lr" not in reward.method.settings  # the method's own default
 
 
+def test_a_run_of_no_steps_calibrates_nothing(tmp_path, tiny):
+    sets = SETTINGS + [f"model.name={json.dumps(str(tiny))}", "steps=0"]
+    summary = train(config.load(None, sets), tmp_path / "zero", progress=False,
+                    log=lambda *_: None)
+    assert summary["after"]["queries"] == 0 and not (tmp_path / "zero" / CALIBRATION).exists()
+
+
 SETTINGS = ["task.train=32", "task.dev=16", "task.test=16", f"task.path={json.dumps(MR_PATH)}",
             "batch_size=8", "eval_every=2", "save_every=2", "eval_batch_size=16",
             'method.name="mezo"', "method.settings.eps=1e-3"]
 
 
-def test_an_auto_rate_run_records_its_calibration_resumes_and_replays(tmp_path, tiny, capsys):
+def test_an_auto_rate_run_records_its_calibration_resumes_and_replays(tmp_path, tiny, capsys,
+                                                                      monkeypatch):
     sets = SETTINGS + [f"model.name={json.dumps(str(tiny))}"]
     whole = config.load(None, sets + ["steps=4"])
     logged = []
@@ -154,9 +163,19 @@ def test_an_auto_rate_run_records_its_calibration_resumes_and_replays(tmp_path, 
     metrics = [json.loads(ln) for ln in (tmp_path / "whole" / "metrics.jsonl").read_text()
                .splitlines()]
     assert metrics[0]["queries"] == found["queries"] + 2
-    # stopped halfway and resumed: the same weights, the calibration not done again
-    train(config.load(None, sets + ["steps=2"]), tmp_path / "split", progress=False,
-          log=lambda *_: None)
+    # interrupted after 2 of its 4 steps and resumed: the same weights, the calibration
+    # (chosen for 4 steps) not done again
+    step = Training.step
+
+    def interrupt(self, out, bar):
+        if self.run_.opt.steps == 2:
+            raise KeyboardInterrupt
+        step(self, out, bar)
+
+    monkeypatch.setattr(Training, "step", interrupt)
+    with pytest.raises(Interrupted):
+        train(whole, tmp_path / "split", progress=False, log=lambda *_: None)
+    monkeypatch.setattr(Training, "step", step)
     first = (tmp_path / "split" / CALIBRATION).read_bytes()
     again = []
     train(whole, tmp_path / "split", resume=True, progress=False, log=again.append)

@@ -127,8 +127,19 @@ class SubspaceMeZO(LowRankMethod):
         params: tensors or parameter groups.
         directions: random directions a step (``queries`` in zoptim 0.1), two evaluations
             each.
-        vector_lr: the learning rate of the vectors' dense MeZO steps; the authors' code
-            fixes it at 1e-7 for language models and 1e-4 for ViTs; 0 freezes them.
+        vector_lr: the learning rate of the dense MeZO steps of vectors (and of a language
+            model's output layer, see ``dense_head``); the authors' code fixes it at 1e-7 for
+            language models and 1e-4 for ViTs; 0 freezes them.
+        dense_head: given the model, a language model's output layer (its vocabulary table,
+            ``get_output_embeddings()``, often tied to the input embedding) takes the dense
+            step at ``vector_lr`` instead of the subspace, as Muon leaves heads and embeddings
+            to another optimizer; its steps are then evaluated in place, unless ``batched``
+            says otherwise. Against the authors' code, which gives it a subspace like any
+            matrix: ``P`` then spans ``rank`` of the vocabulary's rows at random, and the few
+            rows a prompt classifier reads (its label words') receive almost nothing: on
+            SmolLM2 the tied table carries half the gradient and took none of the step's
+            signal (``benchmarks/results/fidelity``). Input-only embeddings keep the subspace
+            (MiniLM's took a fair share of the signal there).
         {common}
     """
 
@@ -138,14 +149,17 @@ class SubspaceMeZO(LowRankMethod):
     @settings.renamed(queries="directions")
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 1, vector_lr: float = 1e-7,
-                 dense_embeddings: bool = True, weight_decay: float = 0.0,
+                 dense_head: bool = True, weight_decay: float = 0.0,
                  noise: str = "gaussian", seed: int | None = None, foreach: bool | None = None,
                  model=None, batched: bool | None = None, max_slices: int | None = None,
                  **extra):
         settings.unknown(type(self), extra, self.own_settings)
         settings.check("directions", directions)
-        if dense_embeddings and model is not None:
-            params = dense_embedding_groups(params, model)
+        if dense_head and model is not None:
+            params, moved = dense_head_groups(params, model)
+            # batched queries perturb activations, and a dense vocabulary table has no
+            # low-rank form to apply there: such a step is evaluated in place
+            batched = False if moved and batched is None else batched
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       vector_lr=vector_lr, weight_decay=weight_decay,
                                       noise=noise, **extra),
@@ -261,11 +275,10 @@ def _vector_lr(group: dict) -> dict:
     return {"lr": group["vector_lr"]}
 
 
-def embedding_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The vocabulary-sized tables of a model: every ``nn.Embedding``'s weight and the output
-    layer of a language model (``get_output_embeddings()``, often the same tensor, tied)."""
-    found = {id(m.weight): m.weight for m in model.modules()
-             if isinstance(m, torch.nn.Embedding)}
+def output_tables(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The output layers of the language models in ``model`` (``get_output_embeddings()``:
+    a vocabulary table, often the input embedding's own, tied)."""
+    found = {}
     for m in model.modules():
         head = getattr(m, "get_output_embeddings", lambda: None)()
         if head is not None and getattr(head, "weight", None) is not None:
@@ -273,13 +286,14 @@ def embedding_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def dense_embedding_groups(params, model: torch.nn.Module) -> list[dict]:
-    """``params`` (tensors or groups) with the model's embedding tables moved to groups of
-    their own marked ``dense``: they take the vectors' dense step, not the subspace."""
+def dense_head_groups(params, model: torch.nn.Module) -> tuple[list[dict], bool]:
+    """``params`` (tensors or groups) with the model's output tables moved to groups of their
+    own marked ``dense`` (they take the vectors' dense step, not the subspace), and whether
+    any was moved."""
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-    tables = {id(t) for t in embedding_weights(model)}
-    out = []
+    tables = {id(t) for t in output_tables(model)}
+    out, moved_any = [], False
     for group in groups:
         ps = [group["params"]] if isinstance(group["params"], torch.Tensor) else \
             list(group["params"])
@@ -288,4 +302,5 @@ def dense_embedding_groups(params, model: torch.nn.Module) -> list[dict]:
         moved = [p for p in ps if id(p) in tables]
         out += [{**rest, "params": kept}] if kept else []
         out += [{**rest, "params": moved, "dense": True}] if moved else []
-    return out
+        moved_any = moved_any or bool(moved)
+    return out, moved_any

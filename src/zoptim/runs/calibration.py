@@ -1,33 +1,39 @@
-"""``lr = "auto"``: a zeroth-order method's learning rate, calibrated on the model before the
+"""``lr = "auto"``: a zeroth-order method's learning rates, calibrated on the model before the
 first step.
 
 What one step does to a held-out loss is ``-lr s + lr^2 c / 2``: ``s = g . d``, the descent
-along the method's update direction ``d``, and ``c = d^T H d``, the curvature along it, what the
-step's noise costs. The fidelity benchmark (``bench.fidelity``) measured both on MiniLM and
-SmolLM2: ``s`` is smaller than its own spread from one draw to the next (the gradients of two
-batches of 16 are nearly orthogonal on MiniLM at the start), so resolving it takes hundreds of
-draws, far more than a calibration can spend; ``c`` is steady from draw to draw and the same
-whatever the rate it is measured at. So the calibration measures ``c`` and sets the rate from
-what the run can afford to pay for its noise:
+along the method's update direction ``d``, and ``c = d^T H d``, the curvature along it, what
+the step's noise costs. The fidelity benchmark (``bench.fidelity``) measured both: on MiniLM
+``s`` is smaller than its own spread from one draw to the next (the gradients of two batches of
+16 are nearly orthogonal at the start), so resolving it takes hundreds of draws, more than a
+calibration can spend; ``c`` is steady from draw to draw and, near enough, the same whatever
+the rate it is measured at. So the calibration measures ``c`` and sets each rate from what the
+run can afford to pay for its noise:
 
-    lr = sqrt(2 phi L0 / (T c))
+    lr = sqrt(2 (phi / K) L0 / (T m c))
 
-the rate at which the curvature cost summed over the run's ``T`` steps, ``T lr^2 c / 2``, is
-``phi`` of the starting held-out loss ``L0``. ``phi`` (``PHI``) was chosen on MiniLM's tuned
-grids (``benchmarks/calibration.toml``). Every rate of the method (``lr``, and ``vector_lr``
-where it has one) is scaled together, keeping their ratios as configured.
+the rate at which the curvature cost summed over the run's ``T`` steps, ``T m lr^2 c / 2``, is
+``phi / K`` of the starting held-out loss ``L0``: ``K`` is the number of rates calibrated (ZO-Muon
+has two: ``lr`` for its matrices, ``vector_lr`` for its dense part), each costed on the part it
+steps; ``m`` is how many steps' worth a step's noise moves the weights over the run
+(``ZOOptimizer.step_memory``: 1 for a plain step, ``(1 + beta) / (1 - beta)`` for momentum
+before an orthogonalization). ``phi`` (``PHI``) was chosen on MiniLM's tuned grids (the
+selection seed's); the decoder's are the check (``benchmarks/results/calibration``).
 
 Each draw takes one step of a throwaway copy of the method on a training batch (``d``, from
-``runs.directions``), then evaluates the held-out batch at ``theta - lr' d`` and ``theta + lr'
-d``: ``L(-) + L(+) - 2 L0 = lr'^2 c``, the descent cancelled exactly. The probe rate ``lr'`` is
-three times the estimate of the draws before it (the method's own default for the first); a
-rise too small to resolve is probed again ten times further. The held-out batch is as large
-as a training batch, so every evaluation is one query, and all of them count in the run's
-budget. Draws: as many as 5% of the run's queries pay for, between 4 and 16. Every value
-evaluated is kept (``Calibration.values``), so that the choice can be recomputed from the
-record (``check``), as a journal lets a run be replayed.
+``runs.directions``), then evaluates a held-out batch at ``theta - lr' d_k`` and ``theta + lr'
+d_k`` for each part ``k``: ``L(-) + L(+) - 2 L0 = lr'^2 c_k``, the descent cancelled exactly.
+The probe rate ``lr'`` aims at a small rise (``PROBE_RISE`` of ``L0``), where the loss still bends
+as a quadratic; a rise far off its aim is probed again nearer or further. The held-out batch is
+as large as a training batch, so every evaluation is one query, and all of them count in the
+run's budget: draws go on while they cost at most 5% of the run's queries (4 at least, 16 at
+most). Every value evaluated is kept (``Calibration.values``), so that the choice can be
+recomputed from the record (``check``), as a journal lets a run be replayed.
 
-The rule needs a loss: reward tasks and metrics of generations keep a given rate.
+Where the calibration is weak: far from a minimum the curvature along random steps is mixed
+in sign (SmolLM2 at the start), and its mean needs the full 16 draws; a run of a few hundred
+queries affords 4. The rule needs a loss: reward tasks and metrics of generations take given
+rates.
 """
 
 from __future__ import annotations
@@ -76,7 +82,14 @@ class Calibration:
     # per rate: how many steps' worth a step's noise costs over the run (momentum's repeats,
     # ``ZOOptimizer.step_memory``), by which its measured curvature is multiplied
     memory: dict[str, float] = field(default_factory=dict)
+    # the method's own rates, kept by a part whose curvature came out not positive
+    defaults: dict[str, float] = field(default_factory=dict)
     values: list[list] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[str]:
+        """The rates left at the method's default: their parts showed no curvature."""
+        return [k for k, c in self.curvature.items() if _mean(c, self.memory.get(k, 1.0)) is None]
 
     @property
     def lr(self) -> float:
@@ -95,27 +108,31 @@ class Calibration:
         return cls(**data)
 
     def line(self) -> str:
-        rates = ", ".join(f"{k} {v:.3g}" for k, v in self.settings.items())
+        rates = ", ".join(f"{k} {v:.3g}" + (" (the method's default: no curvature seen)"
+                                             if k in self.kept else "")
+                          for k, v in self.settings.items())
         return (f"lr auto: {rates} (from the curvature along {self.draws} draws of the "
                 f"method's step; {self.queries} queries, {self.share:.1%} of the run's)")
 
 
-def rate(curvature: list[float], heldout_loss: float, steps: int, phi: float) -> float:
-    """``sqrt(2 phi L0 / (T c))`` with ``c`` the mean curvature of the draws."""
-    c = statistics.fmean(curvature)
-    if not (math.isfinite(c) and c > 0):
-        raise CalibrationError(f"the loss shows no curvature along the method's steps (mean "
-                               f"{c:.3g}): the calibration cannot choose a rate; give one "
-                               "(method.settings.lr)")
-    return math.sqrt(2.0 * phi * heldout_loss / (max(1, steps) * c))
+def _mean(curvature: list[float], memory: float) -> float | None:
+    """The draws' mean curvature times ``memory``, or ``None`` where it is not positive."""
+    c = statistics.fmean(curvature) * memory if curvature else math.nan
+    return c if math.isfinite(c) and c > 0 else None
 
 
 def rates(curvature: dict[str, list[float]], memory: dict[str, float], heldout_loss: float,
-          steps: int, phi: float) -> dict[str, float]:
-    """Every calibrated rate, the noise budget ``phi`` shared equally among them, each
-    part's curvature counted ``memory`` times."""
-    return {key: rate([x * memory.get(key, 1.0) for x in c], heldout_loss, steps,
-                      phi / len(curvature)) for key, c in curvature.items()}
+          steps: int, phi: float, defaults: dict[str, float]) -> dict[str, float]:
+    """Every calibrated rate, ``sqrt(2 (phi / K) L0 / (T m c))``: the noise budget ``phi``
+    shared equally among the ``K`` rates, each part's curvature counted ``memory`` times. A
+    part whose mean curvature is not positive (a loss that bends down or not at all along
+    its steps, which says nothing of their cost) keeps the method's default rate."""
+    out = {}
+    for key, c in curvature.items():
+        mean = _mean(c, memory.get(key, 1.0))
+        out[key] = defaults[key] if mean is None else \
+            math.sqrt(2.0 * phi / len(curvature) * heldout_loss / (max(1, steps) * mean))
+    return out
 
 
 def calibrated_keys(settings: dict, defaults: dict) -> list[str]:
@@ -211,8 +228,8 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
             # probe where the draws so far put the aimed rise (the method's own default rate
             # first)
             so_far = curvature[key]
-            c = statistics.fmean(so_far) if so_far else 0.0
-            at = math.sqrt(aim / c) if c > 0 else defaults[key]
+            c = _mean(so_far, 1.0)
+            at = defaults[key] if c is None else math.sqrt(aim / c)
             probes: list = []
             so_far.append(_probe(loss, [params[i] for i in idx], [origin[i] for i in idx],
                                  [d[i] for i in idx], at, l0, aim, probes))
@@ -225,9 +242,11 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
             step_queries = opt.queries
             budget = BUDGET_SHARE * steps * step_queries
         k += 1
-    return Calibration(settings=rates(curvature, memory, l0, steps, PHI), queries=queries,
+    own = {key: float(defaults[key]) for key in keys}
+    return Calibration(settings=rates(curvature, memory, l0, steps, PHI, own), queries=queries,
                        draws=k, steps=steps, step_queries=step_queries, phi=PHI,
-                       heldout_loss=l0, curvature=curvature, memory=memory, values=values)
+                       heldout_loss=l0, curvature=curvature, memory=memory, defaults=own,
+                       values=values)
 
 
 def check(cal: Calibration) -> str | None:
@@ -240,6 +259,7 @@ def check(cal: Calibration) -> str | None:
             curvature[key].append((minus + plus - 2.0 * cal.heldout_loss) / lr**2)
     if curvature != cal.curvature:
         return "its curvatures do not follow from its recorded losses"
-    if rates(curvature, cal.memory, cal.heldout_loss, cal.steps, cal.phi) != cal.settings:
+    if rates(curvature, cal.memory, cal.heldout_loss, cal.steps, cal.phi,
+             cal.defaults) != cal.settings:
         return "its rates do not follow from its curvatures"
     return None

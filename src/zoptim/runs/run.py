@@ -437,7 +437,7 @@ class Training:
         calibration it recorded, a new one calibrates now (every process alike: the
         calibration is a function of the seed and the data)."""
         self.run_ = build(self.cfg, read_calibration(self.folder) if had_run else None)
-        if self.run_.uncalibrated:
+        if self.run_.uncalibrated and self.cfg.steps > 0:  # a run of no steps needs no rate
             calibrate(self.run_, self.log)
         if self.par is not None:
             self.par.attach(self.run_.opt)
@@ -819,7 +819,7 @@ def audit(folder: str | Path) -> Audit:
     recorded = read_calibration(folder)
     if recorded is not None and (problem := calibration_check(recorded)) is not None:
         result.problems.append(f"{CALIBRATION}: {problem}")
-    if recorded is None and config.auto_rate(cfg.method.settings):
+    if recorded is None and config.auto_rate(cfg.method.settings) and cfg.steps > 0:
         result.problems.append(f"{CALIBRATION} is missing: the run's rates are not known "
                                "(--resume calibrates again)")
     run = build(cfg, recorded)
