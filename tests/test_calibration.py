@@ -56,7 +56,8 @@ def test_calibration_measures_the_curvature_along_the_steps_and_applies_its_rule
                              [origin])[0]
         assert c == pytest.approx(float((a * d * d).sum()), rel=1e-6)
     c = sum(found.curvature["lr"]) / found.draws
-    assert found.lr == pytest.approx(math.sqrt(2 * calibration.PHI * float(loss().detach()) / (500 * c)))
+    l0 = float(loss().detach())
+    assert found.lr == pytest.approx(math.sqrt(2 * calibration.PHI * l0 / (500 * c)))
     assert list(found.settings) == ["lr"]
     # one held-out loss, then per draw the step's 2 queries and 2 per probe
     probes = sum(len(record[1]) for record in found.values)
