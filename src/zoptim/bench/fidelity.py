@@ -26,6 +26,7 @@ run settings; ``[[methods]]``, each with its ``settings`` and a reference ``lr``
     kind = "fidelity"
     draws = 64            # direction draws per method and point (cosines)
     curve_draws = 16      # of which the held-out loss is measured along the lr grid
+                          # (a method may set its own draws: ES's step is 30 queries)
     heldout = 64          # held-out training examples
     lr_factors = [0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0]
     [along]               # optional: points along a run of this method
@@ -262,7 +263,8 @@ def _spec_methods(spec: dict) -> list[dict]:
         if "name" not in m or "lr" not in (m.get("settings") or {}):
             raise ValueError(f"method {label!r}: give its name and settings.lr (the reference "
                              "rate the lr grid is scaled from)")
-        out.append({"label": label, "name": m["name"], "settings": dict(m["settings"])})
+        out.append({"label": label, "name": m["name"], "settings": dict(m["settings"]),
+                    "draws": m.get("draws")})
     labels = [m["label"] for m in out]
     if len(set(labels)) != len(labels):
         raise ValueError(f"method labels must be unique: {labels}")
@@ -323,9 +325,11 @@ def run(config_path: str | Path, out: str | Path, log=print, spec: dict | None =
         for m in methods:
             if m["label"] in entry["methods"]:
                 continue
-            log(f"step {step}: {m['label']} ({draws} draws)")
-            entry["methods"][m["label"]] = measure_method(point, m["name"], m["settings"], draws,
-                                                          curve_draws, factors, mix(seed, step))
+            n = int(m["draws"] or draws)  # a costly step (a population) may take fewer
+            log(f"step {step}: {m['label']} ({n} draws)")
+            entry["methods"][m["label"]] = measure_method(point, m["name"], m["settings"], n,
+                                                          min(curve_draws, n), factors,
+                                                          mix(seed, step))
             write_json(path, results)
     write_json(path, results)
     plot(results, out / "fidelity.png")

@@ -115,14 +115,15 @@ def _method(m: dict) -> Method:
 
 
 def _check_methods(methods: list[Method]) -> None:
-    """Fail unless the labels are unique and every method's grid has the same size."""
+    """Fail unless the labels are unique and every tuned method's grid has the same size (a
+    row without a grid, at given or calibrated rates, is not tuned)."""
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise BenchError(f"method labels must be unique: {labels}")
-    sizes = {m.label: len(m.grid) for m in methods if not m.evaluation}
+    sizes = {m.label: len(m.grid) for m in methods if not m.evaluation and len(m.grid) > 1}
     if len(set(sizes.values())) > 1:
-        raise BenchError(f"every method must get the same tuning budget, but the grids have "
-                         f"{sizes} points; give each method a grid of the same size")
+        raise BenchError(f"every tuned method must get the same tuning budget, but the grids "
+                         f"have {sizes} points; give each a grid of the same size")
 
 
 def _methods(spec: dict) -> list[Method]:
@@ -275,6 +276,7 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     results, curves = collect(reported, baseline)
     results["selection_seed"] = seeds[0] if _tuned(methods) else None
     results["seeds"] = sorted({seed for by_seed in reported.values() for seed in by_seed})
+    _selection_ratios(tuning, cells, baseline, results["cost"])
     for m in methods:
         _measure_step(_config(spec, m, _chosen(m, tuning), seeds[0]), m, folder,
                       results["methods"][m.label], timed=results["cost"] == "queries")
@@ -289,6 +291,18 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     (folder / "report.md").write_text(report(results, [p.name for p in plots]))
     log(f"report: {folder / 'report.md'}")
     return results
+
+
+def _selection_ratios(tuning: dict, cells: dict, baseline: str, cost: str) -> None:
+    """Each tuned method's chosen point's cost to target on the selection seed, against the
+    baseline's: what a choice between rows (a method's variants) may be made on."""
+    if baseline not in tuning:
+        return
+    seed = tuning[baseline]["seed"]
+    base = {seed: load_curve(cells[baseline][seed] / "metrics.jsonl")}
+    for label, t in tuning.items():
+        ours = {seed: load_curve(cells[label][seed] / "metrics.jsonl")}
+        t[f"{cost}_to_target"] = to_target(ours, base, cost)[0][seed]
 
 
 def _chosen(m: Method, tuning: dict) -> dict:
@@ -524,7 +538,10 @@ def _tuning_line(label: str, tuning: dict) -> str:
     """One tuned method's grid points and their dev accuracy, the chosen one in bold."""
     points = [f"**{p}: {acc:.3f}**" if p == tuning["chosen"] else f"{p}: {acc:.3f}"
               for p, acc in tuning["tried"].items()]
-    return f"- {label}: " + "; ".join(points)
+    ratio = next((v for k, v in tuning.items() if k.endswith("_to_target")), "absent")
+    arrival = "" if ratio == "absent" else \
+        f" (chosen point's cost to target: {'not reached' if ratio is None else f'{ratio:.2f}'})"
+    return f"- {label}: " + "; ".join(points) + arrival
 
 
 def _report_tuning(results: dict) -> list[str]:
@@ -533,7 +550,9 @@ def _report_tuning(results: dict) -> list[str]:
     if not tuned:
         return []
     return ["", "Tuning (final dev accuracy of each grid point on seed "
-            f"{next(iter(tuned.values()))['tuning']['seed']}; the chosen point is in bold):", "",
+            f"{next(iter(tuned.values()))['tuning']['seed']}, the chosen point in bold, and "
+            f"its {results.get('cost', 'queries')} to target over {results['baseline']}'s on "
+            "that seed: what a choice among rows may be made on):", "",
             *(_tuning_line(label, m["tuning"]) for label, m in tuned.items())]
 
 

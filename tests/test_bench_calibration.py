@@ -1,0 +1,42 @@
+"""lr = "auto" against a kept benchmark's tuned grids (bench.calibration)."""
+
+import json
+
+from zoptim.bench import calibration
+from zoptim.cli import main
+
+from test_bench_matrix import CONFIG
+
+
+def test_each_tuned_row_is_calibrated_for_its_own_run_and_set_beside_its_grid(tmp_path):
+    tuned = CONFIG.replace("settings = { lr = 1e-3, eps = 1e-2 }",
+                           "settings = { eps = 1e-2 }\ngrid = { lr = [1e-4, 1e-3] }")
+    tuned = tuned.replace("settings = { lr = 1e-2, rank = 4, directions = 2 }",
+                          "settings = { rank = 4, directions = 2 }\ngrid = { lr = [1e-2, 3e-2] }")
+    bench = tmp_path / "bench.toml"
+    bench.write_text(tuned)
+    assert main(["bench", "--config", str(bench), "--out", str(tmp_path / "bench")]) == 0
+    spec = tmp_path / "calibration.toml"
+    spec.write_text(f"""
+[[benchmarks]]
+config = {json.dumps(str(bench))}
+results = {json.dumps(str(tmp_path / "bench" / "results.json"))}
+labels = ["mezo", "zo-muon"]
+role = "selection"
+""")
+    out = tmp_path / "out"
+    done = calibration.run(spec, out, log=lambda *_: None)
+    rows = {r["label"]: r for r in done["rows"]}
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    for label in ("mezo", "zo-muon"):
+        r, tuning = rows[label], results["methods"][label]["tuning"]
+        assert r["steps"] == {"mezo": 3, "zo-muon": 2}[label] and r["role"] == "selection"
+        assert [p["dev"] for p in r["grid"]] == list(tuning["tried"].values())
+        assert r["ratio"]["lr"] == r["auto"]["lr"] / r["tuned"]["lr"] > 0
+        assert r["within"] == (1 / 3 <= r["ratio"]["lr"] <= 3) and r["queries"] > 0
+    # ZO-Muon's grid held vector_lr at its default: only lr was calibrated
+    assert set(rows["zo-muon"]["auto"]) == {"lr"}
+    report = (out / "report.md").read_text()
+    assert "| bench | selection | zo-muon | 2 |" in report and "selection: " in report
+    # rows already calibrated are kept
+    assert calibration.run(spec, out, log=lambda *_: None) == done
