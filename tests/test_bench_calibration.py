@@ -5,16 +5,12 @@ import json
 from zoptim.bench import calibration
 from zoptim.cli import main
 
-from test_bench_matrix import CONFIG
+from test_bench_matrix import tuned_config
 
 
 def test_each_tuned_row_is_calibrated_for_its_own_run_and_set_beside_its_grid(tmp_path):
-    tuned = CONFIG.replace("settings = { lr = 1e-3, eps = 1e-2 }",
-                           "settings = { eps = 1e-2 }\ngrid = { lr = [1e-4, 1e-3] }")
-    tuned = tuned.replace("settings = { lr = 1e-2, rank = 4, directions = 2 }",
-                          "settings = { rank = 4, directions = 2 }\ngrid = { lr = [1e-2, 3e-2] }")
     bench = tmp_path / "bench.toml"
-    bench.write_text(tuned)
+    bench.write_text(tuned_config("[1e-4, 1e-3]", "[1e-2, 3e-2]"))
     assert main(["bench", "--config", str(bench), "--out", str(tmp_path / "bench")]) == 0
     spec = tmp_path / "calibration.toml"
     spec.write_text(f"""

@@ -131,6 +131,8 @@ def test_a_zeroth_order_method_without_a_rate_calibrates_it():
     with pytest.raises(config.ConfigError, match="reward"):
         config.load(None, ['task.name="countdown"', 'method.name="es"',
                            'method.settings.lr="auto"'])
+    with pytest.raises(config.ConfigError, match="only rates"):
+        config.load(None, ['method.settings.eps="auto"'])
     reward = config.load(None, ['task.name="countdown"', 'method.name="es"'])
     assert "lr" not in reward.method.settings  # the method's own default
 

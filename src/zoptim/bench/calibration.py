@@ -25,23 +25,20 @@ writes ``calibration.json`` and ``report.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from zoptim.bench import command
 from zoptim.bench.matrix import BenchError, Method, _config, _methods, point_name
+from zoptim.engine.settings import is_rate
 from zoptim.runs import config as run_config
 from zoptim.runs.checkpoints import write_json
 from zoptim.runs.run import build, calibrate
 
 WITHIN = 3.0  # the factor a calibrated rate is counted as close within
-
-
-def _is_rate(key: str) -> bool:
-    return key == "lr" or key.endswith("_lr")
 
 
 def _calibrated(spec: dict, method: Method, settings: dict, keys: set[str], seed: int):
@@ -50,7 +47,7 @@ def _calibrated(spec: dict, method: Method, settings: dict, keys: set[str], seed
     auto = {**settings, **{k: "auto" for k in keys}}
     run = build(_config(spec, replace(method, settings=auto), {}, seed))
     pinned = {k: v for k, v in run.opt.defaults.items()
-              if _is_rate(k) and k not in keys and k not in settings}
+              if is_rate(k) and k not in keys and k not in settings}
     if pinned:
         run = build(_config(spec, replace(method, settings={**auto, **pinned}), {}, seed))
     return run, calibrate(run, log=lambda *_: None)
@@ -135,17 +132,7 @@ def report(done: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zoptim.bench.calibration",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    try:
-        run(args.config, args.out)
-    except (ValueError, OSError) as err:
-        print(f"calibration: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return command.main("calibration", __doc__, run, argv)
 
 
 if __name__ == "__main__":

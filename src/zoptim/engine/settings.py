@@ -55,6 +55,12 @@ RULES = {
 }
 
 
+def is_rate(key: str) -> bool:
+    """Whether a setting is a learning rate (``lr``, ``vector_lr``, ...): what ``"auto"``
+    calibrates (``runs.calibration``)."""
+    return key == "lr" or key.endswith("_lr")
+
+
 def check(key: str, value) -> None:
     """Refuse a bad value of a known setting, naming it; unknown keys pass."""
     rule = RULES.get(key)

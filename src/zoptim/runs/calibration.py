@@ -46,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from zoptim.engine.settings import is_rate
 from zoptim.noise import mix
 from zoptim.runs.directions import group_rates, losses_along, update_direction
 
@@ -139,7 +140,7 @@ def calibrated_keys(settings: dict, defaults: dict) -> list[str]:
     """The rate settings a calibration chooses: those set to ``"auto"``, and, where ``lr``
     is, every other rate of the method (``*_lr`` in its ``defaults``) that is not given."""
     auto = settings.get("lr") == "auto"
-    keys = [k for k in defaults if k == "lr" or k.endswith("_lr")]
+    keys = [k for k in defaults if is_rate(k)]
     return [k for k in keys if settings.get(k, "auto" if auto else None) == "auto"]
 
 

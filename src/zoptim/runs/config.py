@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from zoptim.engine.settings import is_rate
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -141,6 +143,10 @@ def _default_rate(cfg: "TrainConfig") -> None:
     from zoptim import METHODS
 
     settings, name = cfg.method.settings, cfg.method.name
+    other = sorted(k for k, v in settings.items() if v == "auto" and not is_rate(k))
+    if other:
+        raise ValueError(f"method.settings.{other[0]} = \"auto\": only rates (lr, vector_lr, "
+                         "...) are calibrated; give a value")
     cls = METHODS.get(name)
     lossy = cfg.task.kind != "reward" and cfg.task.objective == "loss"
     # a method that evaluates again after its step chooses among steps of its own rate
@@ -160,7 +166,7 @@ def _default_rate(cfg: "TrainConfig") -> None:
 def auto_rate(settings: dict) -> bool:
     """Whether a method's settings ask for calibrated rates (``lr`` or another rate
     ``"auto"``)."""
-    return any(v == "auto" for k, v in settings.items() if k == "lr" or k.endswith("_lr"))
+    return any(v == "auto" for k, v in settings.items() if is_rate(k))
 
 
 def _check_per_example(cfg: "TrainConfig") -> None:
