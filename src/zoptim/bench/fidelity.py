@@ -422,7 +422,7 @@ def plot(results: dict, path: Path) -> Path | None:
         row[1].set_xlabel("learning rate")
         row[1].set_ylabel("held-out loss decrease per query")
         row[1].set_title(f"step {step}: one step's held-out descent")
-        if row[1].lines:  # no curve where no draw was measured along the rate
+        if row[1].get_legend_handles_labels()[0]:  # no curve where none was measured
             row[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
