@@ -10,7 +10,7 @@ import zoptim
 from zoptim.cli import main
 from zoptim.runs import calibration, config
 from zoptim.runs.directions import losses_along, update_direction
-from zoptim.runs.run import CALIBRATION, Interrupted, Training, audit, train
+from zoptim.runs.run import CALIBRATION, Interrupted, RunError, Training, audit, train
 
 from conftest import MR_PATH
 
@@ -57,7 +57,7 @@ def test_calibration_measures_the_curvature_along_the_steps_and_applies_its_rule
         assert c == pytest.approx(float((a * d * d).sum()), rel=1e-6)
     c = sum(found.curvature["lr"]) / found.draws
     l0 = float(loss().detach())
-    assert found.lr == pytest.approx(math.sqrt(2 * calibration.PHI * l0 / (500 * c)))
+    assert found.settings["lr"] == pytest.approx(math.sqrt(2 * calibration.PHI * l0 / (500 * c)))
     assert list(found.settings) == ["lr"]
     # one held-out loss, then per draw the step's 2 queries and 2 per probe
     probes = sum(len(record[1]) for record in found.values)
@@ -74,7 +74,7 @@ def test_a_record_whose_choice_does_not_follow_from_its_values_is_found():
     found = calibration.calibrate(mezo, lambda ex: loss, lambda ex: float(loss()), [x],
                                   list(range(64)), steps=100, batch_size=8, seed=0)
     altered = calibration.Calibration.from_record({**found.record(),
-                                                   "settings": {"lr": found.lr * 2}})
+                                                   "settings": {"lr": found.settings["lr"] * 2}})
     assert "rates do not follow" in calibration.check(altered)
     values = json.loads(json.dumps(found.values))
     values[0][1][-1][1] += 1.0
@@ -120,6 +120,52 @@ def test_each_rate_of_a_method_is_calibrated_on_the_part_it_steps():
     assert calibration.check(found) is None
 
 
+def test_a_rate_that_steps_no_tensor_is_left_alone():
+    """ZO-Muon over matrices alone: vector_lr steps nothing, so lr takes the whole budget."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 6) / 3)
+    xs, ys = torch.randn(64, 6), torch.randn(64, 8)
+    loss = lambda ex: lambda: ((xs[ex] @ w.T - ys[ex]) ** 2).mean()  # noqa: E731
+    muon = lambda seed, rates: zoptim.ZOMuon([w], rank=2, seed=seed, **rates)  # noqa
+    found = calibration.calibrate(muon, loss, lambda ex: float(loss(ex)()), [w], list(range(64)),
+                                  steps=200, batch_size=16, seed=0, keys=["lr", "vector_lr"])
+    assert list(found.settings) == list(found.curvature) == ["lr"]
+    c = sum(found.curvature["lr"]) / found.draws
+    assert found.settings["lr"] == pytest.approx(
+        math.sqrt(2 * calibration.PHI * found.heldout_loss / (200 * c)))
+    assert calibration.check(found) is None
+    with pytest.raises(calibration.CalibrationError, match="vector_lr"):
+        calibration.calibrate(muon, loss, lambda ex: float(loss(ex)()), [w], list(range(64)),
+                              steps=200, batch_size=16, seed=0, keys=["vector_lr"])
+
+
+def test_a_probe_whose_loss_is_not_finite_is_taken_nearer():
+    x = torch.nn.Parameter(torch.zeros(8, dtype=torch.float64))
+
+    def loss():  # a quadratic that overflows beyond 0.05 of the origin
+        return math.inf if float(x.abs().max()) > 0.05 else 1.0 + float((x * x).sum())
+
+    record = []
+    c = calibration._probe(loss, [x], [x.detach().clone()], [torch.ones(8, dtype=torch.float64)],
+                           1.0, 1.0, 2e-4, record)
+    assert [r[0] for r in record][:2] == [1.0, pytest.approx(0.1)]
+    assert c == pytest.approx(2 * 8) and math.isfinite(record[-1][1])
+    # a draw that never came out finite is left out of the mean, and the record still checks
+    assert calibration._mean([math.nan, 2.0, 4.0], 1.0) == 3.0
+    assert calibration._mean([math.nan], 1.0) is None
+
+
+def test_a_record_whose_queries_do_not_follow_is_found():
+    x, a, b, loss = quadratic()
+    mezo = lambda seed, rates: zoptim.MeZO([x], **{"lr": 1e-3, **rates}, seed=seed)  # noqa
+    found = calibration.calibrate(mezo, lambda ex: loss, lambda ex: float(loss()), [x],
+                                  list(range(64)), steps=100, batch_size=8, seed=0)
+    more = calibration.Calibration.from_record({**found.record(), "queries": found.queries + 1})
+    assert "queries" in calibration.check(more)
+    fewer = calibration.Calibration.from_record({**found.record(), "values": found.values[1:]})
+    assert "draws" in calibration.check(fewer)
+
+
 def test_a_zeroth_order_method_without_a_rate_calibrates_it():
     cfg = config.load(None, ['method.name="mezo"'])
     assert cfg.method.settings["lr"] == "auto"
@@ -133,15 +179,34 @@ def test_a_zeroth_order_method_without_a_rate_calibrates_it():
                            'method.settings.lr="auto"'])
     with pytest.raises(config.ConfigError, match="only rates"):
         config.load(None, ['method.settings.eps="auto"'])
+    # a rate the method does not take is refused, "auto" or not
+    with pytest.raises(config.ConfigError, match="vector_lr"):
+        config.load(None, ['method.name="mezo"', 'method.settings.vector_lr="auto"'])
     reward = config.load(None, ['task.name="countdown"', 'method.name="es"'])
     assert "lr" not in reward.method.settings  # the method's own default
 
 
-def test_a_run_of_no_steps_calibrates_nothing(tmp_path, tiny):
-    sets = SETTINGS + [f"model.name={json.dumps(str(tiny))}", "steps=0"]
-    summary = train(config.load(None, sets), tmp_path / "zero", progress=False,
+def test_a_run_of_no_steps_calibrates_nothing_until_it_is_resumed_with_steps(tmp_path, tiny):
+    sets = SETTINGS + [f"model.name={json.dumps(str(tiny))}"]
+    summary = train(config.load(None, sets + ["steps=0"]), tmp_path / "zero", progress=False,
                     log=lambda *_: None)
     assert summary["after"]["queries"] == 0 and not (tmp_path / "zero" / CALIBRATION).exists()
+    # resumed with steps: calibrated at its starting weights, its rates the ones its steps take
+    logged = []
+    summary = train(config.load(None, sets + ["steps=2"]), tmp_path / "zero", resume=True,
+                    progress=False, log=logged.append)
+    found = json.loads((tmp_path / "zero" / CALIBRATION).read_text())
+    assert any(line.startswith("lr auto: ") for line in logged)
+    assert summary["after"]["queries"] == found["queries"] + 4
+    fresh = train(config.load(None, sets + ["steps=2"]), tmp_path / "fresh", progress=False,
+                  log=lambda *_: None)
+    assert fresh["after"] == summary["after"]
+    assert audit(tmp_path / "zero").ok
+    # a run that took steps and lost its record is refused, not recalibrated
+    (tmp_path / "fresh" / CALIBRATION).unlink()
+    with pytest.raises(RunError, match="calibration.json is missing"):
+        train(config.load(None, sets + ["steps=4"]), tmp_path / "fresh", resume=True,
+              progress=False, log=lambda *_: None)
 
 
 SETTINGS = ["task.train=32", "task.dev=16", "task.test=16", f"task.path={json.dumps(MR_PATH)}",

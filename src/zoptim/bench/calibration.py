@@ -60,6 +60,9 @@ def row(spec: dict, label: str, results: dict, extra: dict) -> dict:
     if method is None or tuning is None:
         raise BenchError(f"row {label!r} is not a tuned row of the benchmark")
     keys = set(method.grid[0])
+    if not all(is_rate(k) for k in keys):
+        raise BenchError(f"row {label!r}: its grid is over {', '.join(sorted(keys))}; only a "
+                         "grid of rates is compared with the calibration")
     run, found = _calibrated(spec, method, {**method.settings, **extra}, keys, tuning["seed"])
     chosen = next(p for p in method.grid if point_name(p) == tuning["chosen"])
     auto = {k: found.settings[k] for k in keys}

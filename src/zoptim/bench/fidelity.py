@@ -209,7 +209,8 @@ def measure_method(point: Point, name: str, settings: dict, draws: int, curve_dr
     keys = sorted(same[0], key=lambda key: (key != ALL, key))
     per_query = queries / draws
     change = [summary([c[i] for c in curves]) for i in range(len(lrs))]
-    best = min(range(len(lrs)), key=lambda i: change[i]["mean"]) if curves else None
+    measured = [i for i in range(len(lrs)) if change[i]["mean"] is not None]
+    best = min(measured, key=lambda i: change[i]["mean"]) if measured else None
     d_norm = {key: statistics.fmean(n[key] for n in per_draw_norms) for key in keys}
     w_norm = norms(point.origin, point.kinds)
     return {
@@ -317,8 +318,12 @@ def run(config_path: str | Path, out: str | Path, log=print, spec: dict | None =
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fidelity.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results.update(config=str(config_path), draws=draws, curve_draws=curve_draws,
-                   lr_factors=factors, base=spec.get("base", {}))
+    settings = dict(draws=draws, curve_draws=curve_draws, lr_factors=factors,
+                    base=spec.get("base", {}))
+    if any(results.get(k, v) != v for k, v in settings.items()):
+        raise ValueError(f"{path} was measured with other draws, rates or base settings: "
+                         "choose another --out")
+    results.update(config=str(config_path), **settings)
     results.setdefault("points", {})
     for step, make in _points(spec, out, log):
         entry = results["points"].setdefault(str(step), {"methods": {}})

@@ -26,7 +26,7 @@ keys of a train config), the seeds, the baseline's label, and the methods::
     settings = { lr = 1e-2, rank = 32, directions = 4 }
     steps = 400          # optional: cells may differ in steps to equalize queries
     model = { scheme = "head" }   # optional: any run setting, merged into [base]
-    grid = { lr = [3e-3, 1e-2, 3e-2] }   # optional: tuned on the first seed
+    grid = { lr = [3e-3, 1e-2, 3e-2] }   # optional: tuned on the selection seed
 
 A method with ``steps = 0`` makes no update: it is an evaluation row, the starting model's
 scores (zero-shot; with ``task = { demonstrations = 16 }``, in-context learning), and takes
@@ -192,7 +192,7 @@ def select(spec: dict, labels: list[str] | None) -> dict:
 
 def _cells(spec: dict):
     """Every cell of the benchmark, validated: (label, seed, point, config). The tuning cells
-    (every grid point) run on the first seed; the other seeds run the chosen point."""
+    (every grid point) run on the selection seed; the other seeds run the chosen point."""
     methods, seeds, _ = _layout(spec)
     for m in methods:
         for point in m.grid:
@@ -240,8 +240,9 @@ def _record_divergence(cell: Path, reason: str) -> None:
 def run(config_path: str, out: str | Path, log=print, command: list[str] | None = None,
         only: list[str] | None = None) -> dict:
     """Run every cell not yet finished, then write ``results.json`` and ``report.md``. A method
-    with a grid is tuned first: each point runs on the first seed, the point with the best final
-    dev accuracy is kept (that cell is the first seed's result), and the other seeds run it.
+    with a grid is tuned first: each point runs on the selection seed, the point with the best
+    final dev accuracy is kept (its cell appears in the tuning section only), and the other
+    seeds run it.
     ``only``: the labels of the methods to run and report (all when None)."""
     spec = select(run_config.read_file(config_path), only)
     folder = Path(out)

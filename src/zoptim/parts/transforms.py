@@ -143,6 +143,13 @@ class Adam(Transform):
         self.b1, self.b2 = betas
         self.eps = eps
 
+    def memory(self, later):
+        """1: the first moment spreads an estimate's noise over the steps after it with
+        weights ``(1 - beta1) beta1^k`` that sum to one, and the second moment's divisor
+        changes slowly (over ``1 / (1 - beta2)`` steps), so the noise moves the weights once
+        in all, by what its first, bias-corrected step (``g / sqrt(g^2)``) measures."""
+        return 1.0
+
     def stacked(self, G, state):
         m = state.get("exp_avg")
         if m is None:

@@ -93,10 +93,6 @@ class Calibration:
         return [k for k, c in self.curvature.items() if _mean(c, self.memory.get(k, 1.0)) is None]
 
     @property
-    def lr(self) -> float:
-        return self.settings["lr"]
-
-    @property
     def share(self) -> float:
         """The calibration's part of the run's queries."""
         return self.queries / max(1, self.queries + self.steps * self.step_queries)
@@ -117,8 +113,10 @@ class Calibration:
 
 
 def _mean(curvature: list[float], memory: float) -> float | None:
-    """The draws' mean curvature times ``memory``, or ``None`` where it is not positive."""
-    c = statistics.fmean(curvature) * memory if curvature else math.nan
+    """The finite draws' mean curvature times ``memory``, or ``None`` where it is not
+    positive (or no draw's is finite)."""
+    finite = [c for c in curvature if math.isfinite(c)]
+    c = statistics.fmean(finite) * memory if finite else math.nan
     return c if math.isfinite(c) and c > 0 else None
 
 
@@ -147,16 +145,18 @@ def calibrated_keys(settings: dict, defaults: dict) -> list[str]:
 def _probe(loss, params, origin, d, lr: float, l0: float, aim: float, record: list) -> float:
     """The curvature along ``d`` from the held-out loss at ``theta -/+ lr d``, probed nearer
     or further until the rise ``L(-) + L(+) - 2 L0`` is within ``RESOLVED`` times ``aim``;
-    each probe's values go to ``record``."""
+    each probe's values go to ``record``. A rise that is not finite (a probe far too long)
+    is probed again ten times nearer; the last probe's curvature is returned, finite or not."""
     for attempt in range(RETRIES + 1):
         minus, plus = losses_along(loss, params, origin, d, [lr, -lr])
         record.append([lr, minus, plus])
         rise = minus + plus - 2.0 * l0
-        if not math.isfinite(rise) or attempt == RETRIES or \
-                aim / RESOLVED <= abs(rise) <= aim * RESOLVED:
+        if attempt == RETRIES or (math.isfinite(rise) and
+                                  aim / RESOLVED <= abs(rise) <= aim * RESOLVED):
             return rise / lr**2
         # as far as a quadratic would put the aim, within a factor of ten
-        lr *= min(10.0, max(0.1, math.sqrt(aim / max(abs(rise), 1e-30))))
+        lr *= min(10.0, max(0.1, math.sqrt(aim / max(abs(rise), 1e-30)))) \
+            if math.isfinite(rise) else 0.1
     raise AssertionError("unreachable")
 
 
@@ -194,7 +194,8 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
         steps: the run's steps ``T``.
         batch_size: examples in a batch (held-out and draws).
         seed: the run's seed; the calibration's draws derive from it.
-        keys: the rate settings to calibrate (``calibrated_keys``; ``["lr"]`` when ``None``).
+        keys: the rate settings to calibrate (``calibrated_keys``; ``["lr"]`` when ``None``);
+            one whose groups hold none of ``params`` steps nothing, and is left as it is.
     """
     rng = random.Random(f"calibration:{seed}")
     heldout = rng.sample(train, min(batch_size, max(1, len(train) // 2)))
@@ -207,17 +208,22 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
     if not (math.isfinite(l0) and l0 > 0):
         raise CalibrationError(f"the held-out loss is {l0:.4g}: the calibration scales the rate "
                                "to a positive loss; give a learning rate (method.settings.lr)")
-    keys = keys or ["lr"]
+    keys = ["lr"] if keys is None else keys
     defaults = make(0, {}).defaults  # the first probe's guess: the method's own rates
     sentinels = _sentinels(keys)
     queries, values, budget, step_queries = 1, [], 0.0, 0
-    curvature: dict[str, list[float]] = {key: [] for key in keys}
+    curvature: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
     k = 0
     # draws until BUDGET_SHARE of the run's queries is spent, within MIN_DRAWS..MAX_DRAWS
     while k < MIN_DRAWS or (k < MAX_DRAWS and queries + queries / k <= budget):
         opt = make(mix(seed, _SALT, k), sentinels)
         parts = _parts(opt, params, sentinels)
+        if k == 0:
+            curvature = {key: [] for key in keys if parts[key]}
+            if not curvature:
+                raise CalibrationError(f"no trained tensor is stepped at {', '.join(keys)}: "
+                                       "nothing to calibrate")
         examples = random.Random(f"calibration:{seed}:{k}").sample(pool, min(batch_size, len(pool)))
         d = update_direction(opt, closure_of(examples), params, origin)
         if not all(bool(torch.isfinite(t).all()) for t in d):
@@ -225,10 +231,10 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
                                    "default settings: give a learning rate and check eps")
         record = [list(opt.last_values)]
         aim = PROBE_RISE * l0
-        for key, idx in parts.items():
+        for key, so_far in curvature.items():
+            idx = parts[key]
             # probe where the draws so far put the aimed rise (the method's own default rate
             # first)
-            so_far = curvature[key]
             c = _mean(so_far, 1.0)
             at = defaults[key] if c is None else math.sqrt(aim / c)
             probes: list = []
@@ -239,11 +245,11 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
         values.append(record)
         queries += opt.queries
         if k == 0:
-            memory = _memory(opt, sentinels)
+            memory = _memory(opt, {key: sentinels[key] for key in curvature})
             step_queries = opt.queries
             budget = BUDGET_SHARE * steps * step_queries
         k += 1
-    own = {key: float(defaults[key]) for key in keys}
+    own = {key: float(defaults[key]) for key in curvature}
     return Calibration(settings=rates(curvature, memory, l0, steps, PHI, own), queries=queries,
                        draws=k, steps=steps, step_queries=step_queries, phi=PHI,
                        heldout_loss=l0, curvature=curvature, memory=memory, defaults=own,
@@ -253,12 +259,18 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
 def check(cal: Calibration) -> str | None:
     """Whether a recorded calibration's choice follows from its recorded values: ``None``, or
     what differs."""
+    if cal.draws != len(cal.values):
+        return f"it records {len(cal.values)} draws, not {cal.draws}"
+    probes = sum(len(p) for record in cal.values for p in record[1:])
+    if cal.queries != 1 + cal.draws * cal.step_queries + 2 * probes:
+        return "its queries do not follow from its draws and probes"
     curvature = {key: [] for key in cal.curvature}
     for record in cal.values:
-        for key, probes in zip(curvature, record[1:]):
-            lr, minus, plus = probes[-1]
+        for key, probed in zip(curvature, record[1:]):
+            lr, minus, plus = probed[-1]
             curvature[key].append((minus + plus - 2.0 * cal.heldout_loss) / lr**2)
-    if curvature != cal.curvature:
+    # repr: exact for floats, and a NaN (a probe that never came out finite) equals its own
+    if repr(curvature) != repr(cal.curvature):
         return "its curvatures do not follow from its recorded losses"
     if rates(curvature, cal.memory, cal.heldout_loss, cal.steps, cal.phi,
              cal.defaults) != cal.settings:

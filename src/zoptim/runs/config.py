@@ -369,7 +369,9 @@ def _check_method(method: MethodConfig) -> None:
     if taken:
         raise ConfigError(f"method.settings: {', '.join(taken)} is set by the run (from the "
                           "model and batch_size), not in the settings")
-    given = {k: v for k, v in method.settings.items() if v != "auto"}
+    # a rate to be calibrated stands in as 1: a setting the method does not take is refused
+    # whatever its value
+    given = {k: 1.0 if v == "auto" else v for k, v in method.settings.items()}
     try:
         cls(dummy.parameters(), **given, **extra)
     except (TypeError, ValueError) as err:

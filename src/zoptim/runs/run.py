@@ -434,11 +434,12 @@ class Training:
 
     def build(self, had_run: bool) -> None:
         """The run, its rates calibrated (``lr = "auto"``): a run already started takes the
-        calibration it recorded, a new one calibrates now (every process alike: the
-        calibration is a function of the seed and the data)."""
+        calibration it recorded (``restore`` calibrates one that recorded none at step 0), a
+        new one calibrates now (every process alike: the calibration is a function of the
+        seed and the data)."""
         self.run_ = build(self.cfg, read_calibration(self.folder) if had_run else None)
-        if self.run_.uncalibrated and self.cfg.steps > 0:  # a run of no steps needs no rate
-            calibrate(self.run_, self.log)
+        if not had_run and self.run_.uncalibrated and self.cfg.steps > 0:
+            calibrate(self.run_, self.log)  # a run of no steps needs no rate
         if self.par is not None:
             self.par.attach(self.run_.opt)
 
@@ -476,6 +477,8 @@ class Training:
         later, self.keep_journal = found.from_step(run.opt.steps) if replayable else \
             ([], found.end_before(run.opt.steps))
         roll_forward(run, later, self.guard)
+        self._calibrate_resumed()
+        run = self.run_
         if run.opt.steps > self.cfg.steps:
             raise RunError(f"the run is at step {run.opt.steps}; steps={self.cfg.steps} would go "
                            f"back: give --steps {run.opt.steps} or more")
@@ -489,6 +492,22 @@ class Training:
         self.dev = self.summary.get("last_dev_acc")
         self.log(f"resumed at step {run.opt.steps} ({run.opt.queries} queries): {start} + "
                  f"{len(later)} journalled steps")
+
+    def _calibrate_resumed(self) -> None:
+        """A resumed run of ``lr = "auto"`` with no recorded calibration: one that took no
+        step (it ran with ``steps = 0``) calibrates now, at its starting weights; one that
+        did lost the record of its rates, and is refused."""
+        run = self.run_
+        if not run.uncalibrated or self.cfg.steps == 0:
+            return
+        if run.opt.steps > 0:
+            raise RunError(f"{self.folder / CALIBRATION} is missing: the calibrated rates of "
+                           f"the run's {run.opt.steps} steps are not known, and a calibration "
+                           "now would not find them again; start the run in another folder")
+        calibrate(run, self.log)
+        run.opt.guard = self.guard.decide
+        if self.par is not None:
+            self.par.attach(run.opt)
 
     def _load_latest_good(self) -> str:
         """Load the newest checkpoint that is whole (``latest.json``'s first); where none is,
@@ -524,7 +543,7 @@ class Training:
             _barrier()  # every rank has read the journal before the lead cuts it
         if not self.lead:
             return
-        # before config.json names a run; a run that lost it recalibrated, to the same rates
+        # before config.json names a run (a run resumed from step 0 has just calibrated)
         if self.run_.calibration is not None and not (self.folder / CALIBRATION).exists():
             write_json(self.folder / CALIBRATION, self.run_.calibration.record())
         if not had_run or _saved_config(self.folder).steps != self.cfg.steps:
@@ -821,7 +840,7 @@ def audit(folder: str | Path) -> Audit:
         result.problems.append(f"{CALIBRATION}: {problem}")
     if recorded is None and config.auto_rate(cfg.method.settings) and cfg.steps > 0:
         result.problems.append(f"{CALIBRATION} is missing: the run's rates are not known "
-                               "(--resume calibrates again)")
+                               "(--resume calibrates again only a run that took no step)")
     run = build(cfg, recorded)
     try:
         check_data(folder, run.splits)
