@@ -36,3 +36,34 @@ role = "selection"
     assert "| bench | selection | zo-muon | 2 |" in report and "selection: " in report
     # rows already calibrated are kept
     assert calibration.run(spec, out, log=lambda *_: None) == done
+
+
+def test_a_benchmark_with_train_runs_each_row_at_its_calibrated_rates(tmp_path):
+    bench = tmp_path / "bench.toml"
+    bench.write_text(tuned_config("[1e-4, 1e-3]", "[1e-2, 3e-2]"))
+    assert main(["bench", "--config", str(bench), "--out", str(tmp_path / "bench"),
+                 "--only", "mezo"]) == 0
+    spec = tmp_path / "calibration.toml"
+    text = f"""
+[[benchmarks]]
+config = {json.dumps(str(bench))}
+results = {json.dumps(str(tmp_path / "bench" / "results.json"))}
+labels = ["mezo"]
+role = "check"
+"""
+    spec.write_text(text)
+    out = tmp_path / "out"
+    calibration.run(spec, out, log=lambda *_: None)
+    spec.write_text(text + "train = true\n")
+    done = calibration.run(spec, out, log=lambda *_: None)
+    (r,) = done["rows"]
+    cell = out / "bench" / "mezo"
+    summary = json.loads((cell / "summary.json").read_text())
+    recorded = json.loads((cell / "calibration.json").read_text())
+    # the run took 5% fewer steps than the grid's 3, after a calibration counted in its queries
+    assert r["trained"] == summary["after"] and summary["after"]["steps"] == 2
+    assert summary["after"]["queries"] == recorded["queries"] + 2 * 2
+    report = (out / "report.md").read_text()
+    assert "## Trained at the calibrated rates" in report
+    assert f"| {r['trained']['dev_acc']:.3f} | {r['tuned_dev']:.3f} |" in report
+    assert calibration.run(spec, out, log=lambda *_: None) == done

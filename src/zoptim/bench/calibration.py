@@ -13,10 +13,17 @@ the labels of the rows to read, and whether its grids chose the calibration's co
     role = "selection"
     # settings the kept cells ran with that the methods' defaults no longer give
     settings = { zo-muon = { dense_head = false } }
+    # also train each row at its calibrated rates on the selection seed, to the end
+    train = true
 
 Each row is calibrated on its selection seed's configuration with the grid's keys set to
 ``"auto"`` and every other rate pinned where the grid held it (the method's default unless
-the row sets it), so that the calibration chooses exactly what the grid chose among.
+the row sets it), so that the calibration chooses exactly what the grid chose among. A
+benchmark with ``train = true`` also runs each row so calibrated on the selection seed, as
+``zoptim train`` runs ``lr = "auto"`` (the calibration's queries in its count), with
+``BUDGET_SHARE`` fewer steps than the grid's cells, so that calibration and steps spend about
+their queries; its final dev accuracy stands beside the grid's best (cells under
+``DIR/<benchmark>/<label>``, resumable).
 
     python -m zoptim.bench.calibration --config benchmarks/calibration.toml --out DIR
 
@@ -32,29 +39,40 @@ from dataclasses import replace
 from pathlib import Path
 
 from zoptim.bench import command
-from zoptim.bench.matrix import BenchError, Method, _config, _methods, point_name
+from zoptim.bench.matrix import (BenchError, Method, _config, _methods, _run_cell,
+                                 point_name)
 from zoptim.engine.settings import is_rate
 from zoptim.runs import config as run_config
 from zoptim.runs.checkpoints import write_json
+from zoptim.runs.calibration import BUDGET_SHARE
 from zoptim.runs.run import build, calibrate
 
 WITHIN = 3.0  # the factor a calibrated rate is counted as close within
 
 
-def _calibrated(spec: dict, method: Method, settings: dict, keys: set[str], seed: int):
-    """The run of ``method`` on ``seed`` with ``keys`` set to ``"auto"`` and every other rate
-    pinned where the grid held it (as given, or the method's default), calibrated."""
-    auto = {**settings, **{k: "auto" for k in keys}}
-    run = build(_config(spec, replace(method, settings=auto), {}, seed))
-    pinned = {k: v for k, v in run.opt.defaults.items()
+def _auto(spec: dict, method: Method, settings: dict, keys: set[str], seed: int) -> Method:
+    """``method`` with ``keys`` set to ``"auto"`` and every other rate pinned where the grid
+    held it (as given, or the method's default)."""
+    auto = replace(method, settings={**settings, **{k: "auto" for k in keys}})
+    defaults = build(_config(spec, auto, {}, seed)).opt.defaults
+    pinned = {k: v for k, v in defaults.items()
               if is_rate(k) and k not in keys and k not in settings}
-    if pinned:
-        run = build(_config(spec, replace(method, settings={**auto, **pinned}), {}, seed))
-    return run, calibrate(run, log=lambda *_: None)
+    return replace(auto, settings={**auto.settings, **pinned})
 
 
-def row(spec: dict, label: str, results: dict, extra: dict) -> dict:
-    """One tuned row of a kept benchmark: its grid and the calibration's choice for it."""
+def _trained(spec: dict, method: Method, seed: int, cell: Path, log) -> dict:
+    """The final figures of ``method`` (rates "auto") trained on ``seed`` with BUDGET_SHARE
+    fewer steps than its grid's cells."""
+    steps = int(_config(spec, method, {}, seed).steps * (1 - BUDGET_SHARE))
+    shorter = replace(method, extra={**method.extra, "steps": steps})
+    return _run_cell(_config(spec, shorter, {}, seed), cell, log,
+                     f"{method.label} at lr = \"auto\", seed {seed}")["after"]
+
+
+def row(spec: dict, label: str, results: dict, extra: dict, cell: Path | None = None,
+        log=print) -> dict:
+    """One tuned row of a kept benchmark: its grid and the calibration's choice for it; with
+    ``cell``, also the row trained at that choice (in ``cell``)."""
     method = next((m for m in _methods(spec) if m.label == label), None)
     tuning = results["methods"].get(label, {}).get("tuning")
     if method is None or tuning is None:
@@ -63,7 +81,9 @@ def row(spec: dict, label: str, results: dict, extra: dict) -> dict:
     if not all(is_rate(k) for k in keys):
         raise BenchError(f"row {label!r}: its grid is over {', '.join(sorted(keys))}; only a "
                          "grid of rates is compared with the calibration")
-    run, found = _calibrated(spec, method, {**method.settings, **extra}, keys, tuning["seed"])
+    auto_method = _auto(spec, method, {**method.settings, **extra}, keys, tuning["seed"])
+    run = build(_config(spec, auto_method, {}, tuning["seed"]))
+    found = calibrate(run, log=lambda *_: None)
     chosen = next(p for p in method.grid if point_name(p) == tuning["chosen"])
     auto = {k: found.settings[k] for k in keys}
     ratios = {k: auto[k] / chosen[k] for k in keys}
@@ -74,7 +94,10 @@ def row(spec: dict, label: str, results: dict, extra: dict) -> dict:
             "within": all(1 / WITHIN <= r <= WITHIN for r in ratios.values()),
             "nearest_point": nearest, "nearest_dev": tuning["tried"][point_name(nearest)],
             "tuned_dev": tuning["tried"][tuning["chosen"]], "queries": found.queries,
-            "share": found.share, "draws": found.draws, "kept_default": found.kept}
+            "step_queries": found.step_queries, "share": found.share, "draws": found.draws,
+            "kept_default": found.kept,
+            "trained": None if cell is None else
+            _trained(spec, auto_method, tuning["seed"], cell, log)}
 
 
 def run(config_path: str | Path, out: str | Path, log=print) -> dict:
@@ -84,15 +107,21 @@ def run(config_path: str | Path, out: str | Path, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "calibration.json"
     done = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    seen = {(r["benchmark"], r["label"]) for r in done["rows"]}
+    # a row to be trained that was measured without training is measured again
+    seen = {(r["benchmark"], r["label"]): r for r in done["rows"]}
     for bench in spec.get("benchmarks") or []:
         bench_spec = run_config.read_file(bench["config"])
         results = json.loads(Path(bench["results"]).read_text())
         for label in bench["labels"]:
-            if (bench["config"], label) in seen:
+            kept = seen.get((bench["config"], label))
+            if kept is not None and (kept.get("trained") or not bench.get("train")):
                 continue
+            if kept is not None:
+                done["rows"].remove(kept)
             log(f"{bench['config']}: {label}")
-            entry = row(bench_spec, label, results, (bench.get("settings") or {}).get(label, {}))
+            cell = out / Path(bench["config"]).stem / label if bench.get("train") else None
+            entry = row(bench_spec, label, results, (bench.get("settings") or {}).get(label, {}),
+                        cell, log)
             done["rows"].append({"benchmark": bench["config"], "role": bench.get("role", "check"),
                                  **entry})
             write_json(path, done)
@@ -131,6 +160,22 @@ def report(done: dict) -> str:
             lines.append(f"\n{role}: {sum(r['within'] for r in mine)} of {len(mine)} rows within "
                          f"{WITHIN:g}x of the tuned rate; the grid point nearest the calibrated "
                          f"rate within 1 dev point of the tuned one in {close} of {len(mine)}.")
+    trained = [r for r in rows if r.get("trained")]
+    if trained:
+        lines += ["\n## Trained at the calibrated rates\n",
+                  "Each row trained on the selection seed at lr = \"auto\", calibration "
+                  "included, with 5% fewer steps than the grid's cells; its final dev accuracy "
+                  "beside the grid's best on the same seed.\n",
+                  "| benchmark | role | row | queries (grid's) | final dev: auto | grid's best | "
+                  "difference | within 1 point |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in trained:
+            t, grid_queries = r["trained"], r["steps"] * r["step_queries"]
+            diff = t["dev_acc"] - r["tuned_dev"]
+            lines.append(f"| {Path(r['benchmark']).stem} | {r['role']} | {r['label']} | "
+                         f"{t['queries']} ({grid_queries}) | {t['dev_acc']:.3f} | "
+                         f"{r['tuned_dev']:.3f} | {diff:+.3f} | {'yes' if diff >= -0.01 else 'no'} |")
+        lines.append(f"\n{sum(r['trained']['dev_acc'] - r['tuned_dev'] >= -0.01 for r in trained)}"
+                     f" of {len(trained)} trained rows end within 1 dev point of the grid's best.")
     return "\n".join(lines) + "\n"
 
 
