@@ -137,8 +137,8 @@ class SubspaceMeZO(LowRankMethod):
             says otherwise. Against the authors' code, which gives it a subspace like any
             matrix: ``P`` then spans ``rank`` of the vocabulary's rows at random, and the few
             rows a prompt classifier reads (its label words') receive almost nothing: on
-            SmolLM2 the tied table carries half the gradient and took none of the step's
-            signal (``benchmarks/results/fidelity``). Input-only embeddings keep the subspace
+            SmolLM2 the tied table carries half the gradient and took almost none of the
+            step's signal (``benchmarks/results/fidelity_smollm2``). Input-only embeddings keep the subspace
             (MiniLM's took a fair share of the signal there).
         {common}
     """
