@@ -138,8 +138,8 @@ class SubspaceMeZO(LowRankMethod):
             matrix: ``P`` then spans ``rank`` of the vocabulary's rows at random, and the few
             rows a prompt classifier reads (its label words') receive almost nothing: on
             SmolLM2 the tied table carries half the gradient and took almost none of the
-            step's signal (``benchmarks/results/fidelity_smollm2``). Input-only embeddings keep the subspace
-            (MiniLM's took a fair share of the signal there).
+            step's signal (``benchmarks/results/fidelity_smollm2``). Input-only embeddings
+            keep the subspace (MiniLM's took a fair share of the signal there).
         {common}
     """
 
