@@ -155,6 +155,18 @@ def test_a_probe_whose_loss_is_not_finite_is_taken_nearer():
     assert calibration._mean([math.nan], 1.0) is None
 
 
+def test_draws_that_disagree_make_the_line_say_the_rate_is_uncertain():
+    x, a, b, loss = quadratic()
+    mezo = lambda seed, rates: zoptim.MeZO([x], **{"lr": 1e-3, **rates}, seed=seed)  # noqa
+    found = calibration.calibrate(mezo, lambda ex: loss, lambda ex: float(loss()), [x],
+                                  list(range(64)), steps=100, batch_size=8, seed=0)
+    assert not found.uncertain("lr") and "uncertain" not in found.line()
+    # a decoder's draws at the start: mixed in sign, a mean below its standard error
+    mixed = calibration.Calibration.from_record(
+        {**found.record(), "curvature": {"lr": [-5.6e4, 3.2e4, -3.8e3, 7.7e4]}})
+    assert mixed.uncertain("lr") and "lr " in mixed.line() and "uncertain" in mixed.line()
+
+
 def test_a_record_whose_queries_do_not_follow_is_found():
     x, a, b, loss = quadratic()
     mezo = lambda seed, rates: zoptim.MeZO([x], **{"lr": 1e-3, **rates}, seed=seed)  # noqa

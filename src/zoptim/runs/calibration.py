@@ -106,10 +106,25 @@ class Calibration:
     def from_record(cls, data: dict) -> "Calibration":
         return cls(**data)
 
+    def uncertain(self, key: str) -> bool:
+        """Whether the draws leave ``key``'s mean curvature uncertain: its standard error is
+        more than half of it (draws of mixed sign, or too few). A rate from such a mean can
+        be several times off (MeZO's on the decoder's 300-query proxy)."""
+        c = [x for x in self.curvature[key] if math.isfinite(x)]
+        if len(c) < 2 or key in self.kept:
+            return False
+        return statistics.stdev(c) / math.sqrt(len(c)) > statistics.fmean(c) / 2
+
     def line(self) -> str:
-        rates = ", ".join(f"{k} {v:.3g}" + (" (the method's default: no curvature seen)"
-                                             if k in self.kept else "")
-                          for k, v in self.settings.items())
+        def said(k: str, v: float) -> str:
+            if k in self.kept:
+                return f"{k} {v:.3g} (the method's default: no curvature seen)"
+            if self.uncertain(k):
+                return f"{k} {v:.3g} (uncertain: the draws disagree; a short run may do better " \
+                       "with a rate of its own)"
+            return f"{k} {v:.3g}"
+
+        rates = ", ".join(said(k, v) for k, v in self.settings.items())
         return (f"lr auto: {rates} (from the curvature along {self.draws} draws of the "
                 f"method's step; {self.queries} queries, {self.share:.1%} of the run's)")
 
