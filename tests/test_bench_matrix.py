@@ -79,6 +79,11 @@ def test_bench_runs_the_matrix_and_reports(tmp_path, capsys, monkeypatch):
     assert mezo["step_time_to_target"]["per_seed"] == {"0": 1.0, "1": 1.0}
     assert muon["step_time_to_target"]["per_seed"].keys() == {"0", "1"}
     assert "time at step cost / mezo" in report and f"after another on {here}" in report
+    # a finished cell that another configuration would have run differently is refused, not
+    # reused: here MeZO's steps change
+    cfg.write_text(CONFIG.replace("steps = 3", "steps = 4"))
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--only", "mezo"]) == 2
+    assert "holds a finished run of another steps" in capsys.readouterr().err
 
 
 def test_time_at_step_cost_scales_each_seed_by_the_cost_of_a_query():

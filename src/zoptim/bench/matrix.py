@@ -210,8 +210,23 @@ def _finished(cell: Path) -> dict | None:
     return None
 
 
+def _check_same_run(cfg, cell: Path) -> None:
+    """Refuse a finished cell that ran another seed, method or number of steps than its place
+    in the benchmark now asks for (a changed ``selection_seed``, grid or config)."""
+    # read as the current code reads it, so that a default added since is no difference
+    saved = json.loads(run_config.build(json.loads((cell / "config.json").read_text()))
+                       .model_dump_json())
+    wanted = json.loads(cfg.model_dump_json())
+    differ = [k for k in ("seed", "steps", "method") if saved.get(k) != wanted[k]]
+    if differ:
+        raise BenchError(f"{cell} holds a finished run of another {', '.join(differ)} than the "
+                         "benchmark now asks for: move it away, or choose another --out")
+
+
 def _run_cell(cfg, cell: Path, log, what: str) -> dict:
     done = _finished(cell)
+    if done is not None:
+        _check_same_run(cfg, cell)
     if done is None:
         log(f"{what}: {cfg.steps} steps")
         try:
