@@ -3,9 +3,18 @@ from pathlib import Path
 import pytest
 import torch
 
-# The movie-review snippets shipped beside the checkout for tests and benchmarks.
-MR_PATH = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "vader-sentiment-snippets"
-              / "movieReviewSnippets_GroundTruth.txt")
+
+def _mr_file() -> str:
+    """The movie-review snippets, through the project's own pinned download into its cache
+    (the vaderSentiment archive on PyPI, checked against its SHA-256), as the mr task gets
+    them: a clean clone needs nothing beside it."""
+    from zoptim.tasks.data import MR_FILE, cache_dir, fetch_mr
+
+    file = cache_dir() / "mr" / MR_FILE
+    return str(file if file.exists() else fetch_mr(file.parent))
+
+
+MR_PATH = _mr_file()
 
 
 @pytest.fixture(scope="session")
