@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators.batched import per_slice, stack
 
 LOW_RANK = [(zoptim.ZOMuon, dict(rank=4, directions=3)), (zoptim.SubspaceMeZO, dict(rank=4)),
             (zoptim.LOZO, dict(rank=2)), (zoptim.SubZero, dict(rank=2)),
@@ -62,7 +62,7 @@ def reset(net, snapshot):
 @pytest.mark.parametrize("cls,settings", LOW_RANK, ids=lambda v: getattr(v, "__name__", ""))
 def test_batched_steps_match_in_place_steps(cls, settings, linear, monkeypatch):
     # a linear layer's perturbed slices through their own weights, or its output corrected
-    monkeypatch.setattr(zoptim.evaluators.batched, "_materializes",
+    monkeypatch.setattr(zoptim.engine.evaluators.batched, "_materializes",
                         lambda mod, x, slices: linear == "materialized")
     net = Net()
     closure = make_closure(net)

@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.evaluators.batched import per_slice, stack
-from zoptim.evaluators.distributed import Parallel
+from zoptim.engine.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators.distributed import Parallel
 
 STEPS = 3
 

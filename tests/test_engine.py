@@ -2,7 +2,6 @@
 table, and a skipped step (a redraw included) leaves parameters and state as they were."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import zoptim
-from zoptim.evaluators import EngineError, choose
+from zoptim.engine.evaluators import EngineError, choose
 from zoptim.parts.estimators import Central
 from zoptim.parts.spaces import LowRank, Projected
 from zoptim.parts.transforms import Adam, Momentum, newton_schulz
@@ -95,7 +94,7 @@ def test_foreach_writes_equal_tensor_by_tensor_writes(batched):
 
 
 def test_the_table_refuses_what_does_not_combine():
-    from zoptim.evaluators.offload import Offload, OffloadError
+    from zoptim.engine.evaluators.offload import Offload, OffloadError
 
     class TwoBlocks(torch.nn.Module):
         def __init__(self):
@@ -248,13 +247,3 @@ def test_momentum_state_is_one_stack_whose_rows_are_the_tensors_state():
     again.step(closure_of(twin))
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
-
-
-def test_the_0_1_module_paths_still_import():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import zoptim.batched as old
-    from zoptim.evaluators import batched
-
-    assert old is batched and old.stack is zoptim.stack
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught)

@@ -78,15 +78,3 @@ def test_estimate_is_unbiased_for_its_space(name):
     assert float(z.max()) < 5.0, f"max z-score {float(z.max()):.2f}"
     # The test has power: twice the target is far outside the tolerance.
     assert float(((mean - 2 * target).abs() / se.clamp_min(1e-12)).max()) > 5.0
-
-
-def test_the_0_1_names_still_build_the_same_parts():
-    from zoptim.parts.spaces import Dense, Space
-
-    with pytest.warns(DeprecationWarning):
-        old = estimators.Central(queries=3)
-    assert old.directions == 3 and estimators.Forward is estimators.OneSided
-    with pytest.warns(DeprecationWarning):
-        assert type(Space("rademacher")) is Dense
-    with pytest.warns(DeprecationWarning, match="directions"):
-        assert zoptim.MeZO([torch.nn.Parameter(torch.zeros(2))], queries=2).estimator.directions == 2

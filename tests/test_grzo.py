@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import zoptim
 from methods import eggroll_pairs
-from zoptim.evaluators import EngineError
-from zoptim.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators import EngineError
+from zoptim.engine.evaluators.batched import per_slice, stack
 
 B = 8
 
@@ -74,7 +74,7 @@ def test_each_example_is_evaluated_at_its_own_direction(linear, monkeypatch):
     # EGGROLL in place with antithetic pairs, pair b evaluated on example b alone, draws the
     # same directions (same seed, same spaces): its values are GRZO's per-example values at
     # +eps z_b and -eps z_b
-    monkeypatch.setattr(zoptim.evaluators.batched, "_materializes",
+    monkeypatch.setattr(zoptim.engine.evaluators.batched, "_materializes",
                         lambda mod, x, slices: linear == "materialized")
     net = Net()
     xb, yb = batch()

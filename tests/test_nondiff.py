@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.nondiff import (
+from zoptim.integrations.nondiff import (
     HardThreshold,
     Int8Linear,
     SpikingLIF,
@@ -90,7 +90,7 @@ def test_layers_compute_what_they_say():
     assert rate.tolist() == [0.5, 1.0, 0.0]
     layer = Int8Linear(4, 2)
     w = layer.weight.detach()
-    assert len(torch.unique(torch.round(zoptim.nondiff._int8(w) / (w.abs().max() / 127)))) <= 8
+    assert len(torch.unique(torch.round(zoptim.integrations.nondiff._int8(w) / (w.abs().max() / 127)))) <= 8
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     assert float(error_rate(logits, torch.tensor([0, 0, 0]))) == pytest.approx(1 / 3)
     assert float(one_minus_macro_f1(logits, torch.tensor([0, 1, 0]))) == 0.0

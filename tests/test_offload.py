@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.evaluators.batched import per_slice, stack
-from zoptim.evaluators.offload import Offload, OffloadError, find_blocks
+from zoptim.engine.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators.offload import Offload, OffloadError, find_blocks
 
 STEPS = 4
 

@@ -206,13 +206,13 @@ def test_grpo_trains_through_trl_on_the_same_prompts_and_reward(tiny, reward_dir
 
 
 def test_grpos_memory_counts_adamw_state_gradients_and_the_backward(tiny, reward_dir):
-    from zoptim.integrations.grpo import memory_of_step
+    from zoptim.bench.memory import grpo_step
     from zoptim.runs.run import batch
 
     run = build(config.load(None, [a for a in settings(tiny, method="grpo",
                                                        method_settings="{generations = 2}")
                                    if a != "--set"]))
-    row = memory_of_step(run, batch(run, 0))
+    row = grpo_step(run, batch(run, 0))
     params = sum(p.numel() * 4 for p in run.clf.parameters())
     tensors = len(list(run.clf.parameters()))
     # two moments and a gradient per parameter, and AdamW's step counters

@@ -1,14 +1,16 @@
 """zoptim: training and fine-tuning neural networks from forward evaluations alone.
 
-The pipeline of a step, each stage a package: ``noise`` (seeded, regenerable perturbations)
--> ``parts`` (estimators, spaces, transforms) -> ``engine`` (the step plan and the optimizer)
--> ``evaluators`` (in place, batched, offloaded, distributed) -> ``methods`` (the named
-compositions); ``runs`` trains from a configuration, ``bench`` measures.
+The pipeline, each stage a package that imports only the stages below it (checked by
+``lint-imports``): ``noise`` (seeded, regenerable perturbations) -> ``parts`` (estimators,
+spaces, transforms and the settings' rules) -> ``engine`` (the step plan, the evaluators that
+run a step's queries in place, batched, offloaded or distributed, and the optimizer) ->
+``methods`` (the named compositions) -> ``tasks`` (data, prompts, metrics, rewards) ->
+``integrations`` (models and libraries: transformers, peft, TRL, vision) -> ``runs``
+(training from a configuration) -> ``bench`` (measurements) -> ``cli``.
 """
 
-from zoptim import _moved
 from zoptim.engine.optimizer import ZOOptimizer
-from zoptim.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators.batched import per_slice, stack
 from zoptim.methods import (
     FZOO,
     GRZO,
@@ -37,7 +39,6 @@ from zoptim.methods import (
 )
 from zoptim.methods.polystep import PolyStep
 
-_moved.install()
 
 __version__ = "0.1.0"
 

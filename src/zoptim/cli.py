@@ -98,7 +98,7 @@ def bench_command(args) -> int:
 
 
 def demo_command(args) -> int:
-    from zoptim.demo import DEMO_SETTINGS, run
+    from zoptim.bench.demo import DEMO_SETTINGS, run
 
     unknown = [n for n in args.methods if n not in DEMO_SETTINGS]
     if unknown:
@@ -108,7 +108,7 @@ def demo_command(args) -> int:
 
 
 def rank_command(args) -> int:
-    from zoptim.rank_session import session
+    from zoptim.runs.rank_session import session
 
     def ask(prompt: str) -> str:
         try:

@@ -41,7 +41,7 @@ from pathlib import Path
 from zoptim.bench import command
 from zoptim.bench.matrix import (BenchError, Method, _config, _methods, _run_cell,
                                  point_name)
-from zoptim.engine.settings import is_rate
+from zoptim.parts.settings import is_rate
 from zoptim.runs import config as run_config
 from zoptim.runs.checkpoints import write_json
 from zoptim.runs.calibration import BUDGET_SHARE

@@ -358,9 +358,7 @@ def _memory(run, update: bool) -> dict:
     from zoptim.runs.run import batch
 
     if run.cfg.method.name == "grpo":
-        from zoptim.integrations.grpo import memory_of_step
-
-        return memory_of_step(run, batch(run, 0))
+        return memory.grpo_step(run, batch(run, 0))
     return memory.of_run(run, batch(run, 0), update)
 
 

@@ -154,3 +154,33 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def grpo_step(run, examples: list) -> dict:
+    """What a GRPO step holds, measured as ``bench.memory`` measures every row: the
+    parameters, AdamW's state and the gradients, and the transient peak of one backward
+    through the policy on one micro-batch of the step's ``len(examples) * generations``
+    sequences of prompt plus ``max_new_tokens`` completion tokens (sampling, under
+    ``no_grad``, holds less). The run's weights change."""
+    clf, method = run.clf, run.opt
+    new = run.cfg.task.max_new_tokens
+    prompts = [clf.prompt_ids(e) for e in examples for _ in range(method.generations)]
+    prompts = prompts[:method.micro_batch(len(examples))]  # one micro-batch's backward
+    width = max(len(p) for p in prompts) + new
+    g = torch.Generator().manual_seed(0)
+    ids = torch.full((len(prompts), width), clf.tokenizer.pad_token_id or 0)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left-padded as TRL pads, a sampled-like completion
+        ids[row, width - new - len(p):width - new] = torch.tensor(p)
+        ids[row, width - new:] = torch.randint(0, len(clf.tokenizer), (new,), generator=g)
+        mask[row, width - new - len(p):] = 1
+    model = clf.backbone.train()
+
+    def loss():  # the completion's log-probabilities, as TRL computes them
+        logits = model(input_ids=ids, attention_mask=mask,
+                       logits_to_keep=new + 1).logits[:, :-1]
+        return -logits.log_softmax(-1).gather(-1, ids[:, -new:, None]).mean()
+
+    row = first_order(model, loss, lr=method.lr)
+    row["total"] = row["params"] + row["state"] + row["transient"]
+    return row

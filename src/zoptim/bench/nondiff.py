@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import zoptim
 from zoptim.methods.deepzero import DeepZero
-from zoptim.demo import digits
-from zoptim.nondiff import HardThreshold, Int8Linear, use_surrogates
+from zoptim.bench.demo import digits
+from zoptim.integrations.nondiff import HardThreshold, Int8Linear, use_surrogates
 from zoptim.methods.polystep import PolyStep
 
 NETWORKS = ("tanh", "hard-threshold", "int8")

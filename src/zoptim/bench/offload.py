@@ -3,7 +3,7 @@
 For each shape an OPT model is built with random weights in half precision in CPU memory, then
 trained with MeZO, side by side in one run:
 
-- offloaded (``zoptim.evaluators.offload``): its decoder layers stream from pinned CPU
+- offloaded (``zoptim.engine.evaluators.offload``): its decoder layers stream from pinned CPU
   memory, once per step; the step's peak GPU memory and time,
 - resident, where the model fits the GPU: the same step with every weight on the GPU.
 
@@ -21,7 +21,7 @@ import sys
 import torch
 
 import zoptim
-from zoptim.evaluators.offload import Offload
+from zoptim.engine.evaluators.offload import Offload
 
 from zoptim.bench.opt_shapes import (
     add_shape_options,

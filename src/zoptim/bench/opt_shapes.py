@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import zoptim
-from zoptim.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators.batched import per_slice, stack
 
 from zoptim.bench.step_cost import median_seconds
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import zoptim
-from zoptim.evaluators.distributed import Parallel
+from zoptim.engine.evaluators.distributed import Parallel
 
 from zoptim.bench.step_cost import load_minilm, make_loss
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import zoptim
-from zoptim.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators.batched import per_slice, stack
 
 
 # all-MiniLM-L6-v2's architecture, for timing without its weights (cost does not depend on them)

@@ -21,10 +21,11 @@ from typing import Callable
 
 import torch
 
-from zoptim.engine import settings
+from zoptim.parts import settings
 from zoptim.engine.plan import Draw, Slot, StepPlan, TensorSet, Undo
-from zoptim.evaluators import EngineError, Evaluator, check_ask, choose
-from zoptim.evaluators.in_place import InPlace, seeds_of
+from zoptim.engine.evaluators import EngineError, Evaluator, check_ask, choose
+from zoptim.engine.evaluators.batched import BatchedQueries
+from zoptim.engine.evaluators.in_place import InPlace, seeds_of
 from zoptim.noise import mix
 from zoptim.parts.spaces import Dense, Space
 from zoptim.parts.transforms import Transform
@@ -121,7 +122,7 @@ class Probe:
         return value
 
     def evaluate_points(self, points: list) -> tuple[list[float], list[tuple[int, float]]]:
-        """The objective at each point and the shifts left applied (see ``evaluators``)."""
+        """The objective at each point and the shifts left applied (see ``engine.evaluators``)."""
         ev = self._evaluated(points, self.closure)
         return [self._record(v) for v in ev.values], ev.left
 
@@ -129,7 +130,7 @@ class Probe:
         """Per-example points: point ``i`` perturbs example ``i`` of the batch alone, the
         batch evaluated once (one query, whatever its size), and the value of point ``i`` is
         its example's (the closure's ``per_slice`` value of example ``i``). Each value is
-        recorded, so the step replays. Batched queries only (``evaluators.batched``)."""
+        recorded, so the step replays. Batched queries only (``engine.evaluators.batched``)."""
         ev = self._evaluated(points, self.closure, self.evaluator.evaluate_rows)
         return [self._record(v, count=int(i == 0)) for i, v in enumerate(ev.values)], ev.left
 
@@ -149,7 +150,7 @@ class Probe:
         point's loss. Every per-example value is recorded (one query a point), so a step that
         asks for them once replays from its record. Not across processes, each of which
         holds only its own points' values."""
-        from zoptim.evaluators.distributed import Distributed
+        from zoptim.engine.evaluators.distributed import Distributed
 
         if isinstance(self.evaluator, Distributed):
             raise EngineError("per-example values are not gathered across processes: run "
@@ -207,7 +208,7 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
 
     Args:
         params: tensors or parameter groups (dicts), as for any ``torch.optim`` optimizer.
-        defaults: the method's settings, checked by ``engine.settings``.
+        defaults: the method's settings, checked by ``parts.settings``.
         estimator: how evaluations become directional derivatives (``parts.estimators``).
         seed: every direction derives from it (random when ``None``).
         foreach: write each set of same-shaped tensors with one lifted ``bmm`` and one
@@ -271,6 +272,18 @@ class ZOOptimizer(Counted, torch.optim.Optimizer):
         self._engines.update(engines)
         self.evaluator = choose(self, **self._engines)
         self._plan = None
+
+    def batch_queries(self, model: torch.nn.Module | None, batched: bool | None = None,
+                      max_slices: int | None = None) -> None:
+        """Evaluate each step's queries as one forward pass of ``model`` on a stacked batch
+        (``engine.evaluators.batched``), for a method that can (``uses_model``). ``batched``:
+        ``None`` batches when a model is given, ``False`` keeps in-place evaluation, ``True``
+        requires the model; ``max_slices`` bounds the queries stacked in one pass."""
+        settings.check("max_slices", max_slices)
+        if batched and model is None:
+            raise ValueError("batched queries need the model the closure runs: pass model=")
+        if model is not None and batched is not False:
+            self.use(batched=BatchedQueries(model, max_slices))
 
     @property
     def batched(self):

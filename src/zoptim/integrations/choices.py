@@ -8,17 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoptim.evaluators.batched import each_row
+from zoptim.engine.evaluators.batched import each_row
 from zoptim.integrations.classifier import accuracy
-from zoptim.integrations.sequences import Sequences, split_space
-from zoptim.tasks.kinds import Choice
-
-
-def option_text(context: str, option: str) -> tuple[str, str]:
-    """(context, continuation) for one option: a space between them unless one is there."""
-    if not (context[-1:].isspace() or option[:1].isspace()):
-        option = " " + option
-    return split_space(context, option)
+from zoptim.integrations.sequences import Sequences
+from zoptim.tasks.kinds import Choice, option_text
 
 
 class ChoiceObjective(torch.nn.Module):
@@ -37,7 +30,7 @@ class ChoiceObjective(torch.nn.Module):
 
     def option_scores(self, examples: list[Choice], slices: int = 1) -> torch.Tensor:
         """``(slices, examples, most options)`` log-likelihoods, ``-inf`` past an example's
-        last option. Under per-example points (``evaluators.batched.each_row``) the batch is
+        last option. Under per-example points (``engine.evaluators.batched.each_row``) the batch is
         not stacked (the first dimension is 1) and every example takes as many rows as the
         one with most options, its first option repeated as padding, so that its rows are
         one slice."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoptim.evaluators.batched import per_slice, stack
+from zoptim.engine.evaluators.batched import per_slice, stack
 from zoptim.tasks import Example, Prompt
 
 

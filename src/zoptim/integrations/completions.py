@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.evaluators.batched import per_slice
+from zoptim.engine.evaluators.batched import per_slice
 from zoptim.integrations.decoding import greedy
-from zoptim.integrations.sequences import Sequences, split_space
-from zoptim.tasks.kinds import Completion
+from zoptim.integrations.sequences import Sequences
+from zoptim.tasks.kinds import Completion, split_space
 from zoptim.tasks.metrics import METRICS, best_score
 
 STOP = "\n"  # where a plain prompt's answer ends, as MeZO cuts SQuAD and DROP answers

@@ -2,7 +2,7 @@
 evaluation, a metric as the objective and a reward's rollouts share.
 
 Prompts are sorted by length and decoded in batches padded on the left. Under batched
-queries (``slices > 1``) each batch is stacked once per slice (``evaluators.batched.stack``)
+queries (``slices > 1``) each batch is stacked once per slice (``engine.evaluators.batched.stack``)
 and decoded in one pass, every slice's rows through its own perturbation.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.evaluators.batched import each_row, stack
+from zoptim.engine.evaluators.batched import each_row, stack
 from zoptim.integrations.sequences import left_padded
 
 

@@ -1,26 +1,16 @@
-"""The first-order baseline of reward-only fine-tuning: GRPO (Shao et al., 2024, "DeepSeekMath",
-arXiv 2402.03300) through TRL's ``GRPOTrainer``, run by ``zoptim train`` with
-``method.name = "grpo"`` on a reward task, on the same model, prompts and reward as the
-zeroth-order methods, and writing what their runs write (``summary.json``, ``metrics.jsonl``),
-so that ``zoptim bench`` puts them side by side.
+"""GRPO (Shao et al., 2024, "DeepSeekMath", arXiv 2402.03300) through TRL's ``GRPOTrainer``:
+the adapter that hands TRL the task's prompts and reward and writes each step's record as a
+zoptim run writes it. ``runs.grpo`` runs it as the first-order baseline of reward tasks.
 
 A step samples ``generations`` completions for each of ``batch_size`` prompts (at
 ``temperature``), scores them with the task's reward, normalizes the rewards within each
 prompt's group and takes one AdamW step on the policy-gradient loss (TRL's defaults
-otherwise: its ``loss_type``, no KL term unless ``beta`` is given). Its budget is counted in
-generations, ``steps * batch_size * generations``, against a zeroth-order step's
-``queries * batch_size``. Before and after, and every ``eval_every`` steps, the dev prompts
-are scored greedily, as every reward run is.
-
-An interrupted GRPO run starts again from its first step (TRL's own checkpoints are not
-kept); the final weights are not saved.
+otherwise: its ``loss_type``, no KL term unless ``beta`` is given).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -28,8 +18,6 @@ import torch
 from transformers import TrainerCallback
 
 from zoptim.methods.first_order import GRPO
-from zoptim.runs.checkpoints import write_json
-from zoptim.runs.run import build
 
 
 def _dataset(prompts: list):
@@ -96,82 +84,20 @@ class _Records(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-def train(cfg, out: str | Path, *, resume: bool = False, progress: bool = True,
-          log=print) -> dict:
-    """``zoptim train`` with ``method.name = "grpo"`` (see the module's docstring); a finished
-    run is not run again."""
+def trainer(run, method: GRPO, folder: Path, progress: bool):
+    """TRL's ``GRPOTrainer`` on ``run``'s model, training prompts and reward, and the callback
+    that writes ``folder / "metrics.jsonl"`` (its ``dev`` holds the last dev reward)."""
     from trl import GRPOTrainer
 
-    folder = Path(out)
-    summary_path = folder / "summary.json"
-    if resume and summary_path.exists() and "after" in json.loads(summary_path.read_text()):
-        return json.loads(summary_path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    run = build(cfg)
-    method: GRPO = run.opt
-    write_json(folder / "config.json", json.loads(cfg.model_dump_json()))
-    write_json(folder / "split.json", run.splits.record)
-    (folder / "metrics.jsonl").write_text("")  # an interrupted run starts again
-    clf, size = run.clf, cfg.eval_batch_size
-    before = {"dev_acc": clf.score(run.splits.dev, size),
-              "test_acc": clf.score(run.splits.test, size)}
-    summary = {"metric": clf.metric, "before": before}
-    write_json(summary_path, summary)
-    log(f"before: dev {before['dev_acc']:.4f}  test {before['test_acc']:.4f}")
+    clf = run.clf
     clf.tokenizer.padding_side = "left"
     records = _Records(run, method, folder / "metrics.jsonl")
-    trainer = GRPOTrainer(model=clf.backbone, reward_funcs=_reward_function(clf, run.splits.train),
-                          args=_config(cfg, method, folder, progress),
-                          train_dataset=_dataset(run.splits.train),
-                          processing_class=clf.tokenizer, callbacks=[records])
+    grpo = GRPOTrainer(model=clf.backbone, reward_funcs=_reward_function(clf, run.splits.train),
+                       args=_config(run.cfg, method, folder, progress),
+                       train_dataset=_dataset(run.splits.train),
+                       processing_class=clf.tokenizer, callbacks=[records])
     if not progress:  # TRL then prints every step's log: the run's records are the output
         from transformers import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    shutil.rmtree(folder / "trl", ignore_errors=True)  # TRL's output folder, left empty
-    clf.backbone.eval()
-    after = {"dev_acc": records.dev if records.dev is not None else clf.score(run.splits.dev,
-                                                                              size),
-             "test_acc": clf.score(run.splits.test, size), "steps": cfg.steps,
-             "queries": cfg.steps, "skipped_steps": 0,
-             "generations": cfg.steps * cfg.batch_size * method.generations}
-    summary.update(after=after, wall_s=wall, command=["zoptim", *sys.argv[1:]])
-    write_json(summary_path, summary)
-    log(f"after:  dev {after['dev_acc']:.4f}  test {after['test_acc']:.4f}  ({cfg.steps} steps, "
-        f"{after['generations']} generations)")
-    return summary
-
-
-def memory_of_step(run, examples: list) -> dict:
-    """What a GRPO step holds, measured as ``bench.memory`` measures every row: the
-    parameters, AdamW's state and the gradients, and the transient peak of one backward
-    through the policy on one micro-batch of the step's ``len(examples) * generations``
-    sequences of prompt plus ``max_new_tokens`` completion tokens (sampling, under
-    ``no_grad``, holds less). The run's weights change."""
-    from zoptim.bench.memory import first_order
-
-    clf, method = run.clf, run.opt
-    new = run.cfg.task.max_new_tokens
-    prompts = [clf.prompt_ids(e) for e in examples for _ in range(method.generations)]
-    prompts = prompts[:method.micro_batch(len(examples))]  # one micro-batch's backward
-    width = max(len(p) for p in prompts) + new
-    g = torch.Generator().manual_seed(0)
-    ids = torch.full((len(prompts), width), clf.tokenizer.pad_token_id or 0)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):  # left-padded as TRL pads, a sampled-like completion
-        ids[row, width - new - len(p):width - new] = torch.tensor(p)
-        ids[row, width - new:] = torch.randint(0, len(clf.tokenizer), (new,), generator=g)
-        mask[row, width - new - len(p):] = 1
-    model = clf.backbone.train()
-
-    def loss():  # the completion's log-probabilities, as TRL computes them
-        logits = model(input_ids=ids, attention_mask=mask,
-                       logits_to_keep=new + 1).logits[:, :-1]
-        return -logits.log_softmax(-1).gather(-1, ids[:, -new:, None]).mean()
-
-    row = first_order(model, loss, lr=method.lr)
-    row["total"] = row["params"] + row["state"] + row["transient"]
-    return row
+        grpo.remove_callback(PrinterCallback)
+    return grpo, records

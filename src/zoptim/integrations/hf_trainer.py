@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from zoptim import METHODS, model_arguments
+from zoptim.methods import METHODS, model_arguments
 
 
 class _SharedGroups(torch.optim.Optimizer):

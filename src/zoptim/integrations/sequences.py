@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoptim.evaluators.batched import stack
+from zoptim.engine.evaluators.batched import stack
 
 
 @dataclass
@@ -29,12 +29,6 @@ class Rows:
     mask: torch.Tensor
     target: torch.Tensor
     scored: torch.Tensor
-
-
-def split_space(context: str, continuation: str) -> tuple[str, str]:
-    """Move the white space that ends ``context`` to the start of ``continuation``."""
-    stripped = context.rstrip()
-    return stripped, context[len(stripped):] + continuation
 
 
 def takes_positions(model) -> bool:
@@ -100,7 +94,7 @@ class Sequences:
     def log_likelihoods(model, rows: Rows, slices: int = 1,
                         group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row (of the batch stacked ``slices`` times; as it is under per-example
-        points, ``group`` consecutive rows an example, see ``evaluators.batched.stack``): the
+        points, ``group`` consecutive rows an example, see ``engine.evaluators.batched.stack``): the
         summed log-probability ``model`` gives its continuation tokens, and their number."""
         ids, mask = rows.ids, rows.mask
         if slices > 1:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoptim.evaluators.batched import stack
+from zoptim.engine.evaluators.batched import stack
 from zoptim.integrations.classifier import accuracy, cross_entropy
 from zoptim.integrations.models import ModelError
 

@@ -29,7 +29,7 @@ import math
 import torch
 from torch.func import functional_call, vmap
 
-from zoptim.engine import settings
+from zoptim.parts import settings
 from zoptim.engine.optimizer import Counted
 from zoptim.noise import mix, noise
 

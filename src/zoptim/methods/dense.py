@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.engine import settings
+from zoptim.parts import settings
 from zoptim.engine.optimizer import ZOOptimizer, split_matrices
 from zoptim.parts.estimators import JVP, Central, StdNormalized, ThreePoint
 from zoptim.parts.spaces import Dense, HessianScaled, Masked
@@ -44,14 +44,13 @@ class MeZO(ZOOptimizer):
     Args:
         params: tensors or parameter groups (dicts with per-group settings).
         {common}
-        directions: random directions a step (``queries`` in zoptim 0.1); each costs two
+        directions: random directions a step; each costs two
             evaluations.
     """
 
     # Settings a subclass adds to the groups (passed through ``extra``); anything else is a typo.
     own_settings: tuple[str, ...] = ()
 
-    @settings.renamed(queries="directions")
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  directions: int = 1, noise: str = "gaussian", seed: int | None = None,
                  foreach: bool | None = None, **extra):

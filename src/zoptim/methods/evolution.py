@@ -61,7 +61,7 @@ class EGGROLL(LowRankMethod):
     The update is assembled from the members' factors, ``[z_1 A_1, ..., z_N A_N]
     [B_1, ..., B_N]^T / (N sqrt(r))``: one product a set of matrices, no dense noise. Given
     the model, the population is evaluated as slices of one stacked batch, each layer adding
-    ``eps (x B_n) A_n^T / sqrt(r)`` to its output (``evaluators.batched``), chunked by
+    ``eps (x B_n) A_n^T / sqrt(r)`` to its output (``engine.evaluators.batched``), chunked by
     ``max_slices``.
 
     Read against the authors' JAX code (ESHyperscale/HyperscaleES, ``noiser/eggroll.py``):

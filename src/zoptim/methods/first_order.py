@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.engine import settings
+from zoptim.parts import settings
 from zoptim.engine.optimizer import Counted, skip_non_finite
 
 
@@ -23,15 +23,14 @@ class FirstOrderAdamW(Counted, torch.optim.AdamW):
         params: tensors or parameter groups.
         lr: learning rate.
         betas: the moments' decays.
-        adam_eps: Adam's denominator term (``eps`` in ``torch.optim.AdamW`` and in zoptim
-            0.1; renamed since ``eps`` is the perturbation scale everywhere else here).
+        adam_eps: Adam's denominator term (``eps`` in ``torch.optim.AdamW``; named apart
+            since ``eps`` is the perturbation scale everywhere else here).
         weight_decay: decoupled weight decay.
         seed: recorded with the state (the step itself is deterministic).
     """
 
     replayable = False  # a step needs its gradient, which the recorded loss cannot give
 
-    @settings.renamed(eps="adam_eps")
     def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), adam_eps: float = 1e-8,
                  weight_decay: float = 0.0, *, seed: int | None = None):
         settings.checked(dict(lr=lr, betas=betas, adam_eps=adam_eps, weight_decay=weight_decay))
@@ -65,7 +64,7 @@ class FirstOrderAdamW(Counted, torch.optim.AdamW):
 class GRPO:
     """GRPO's settings (Shao et al., 2024, "DeepSeekMath", arXiv 2402.03300), the first-order
     baseline of reward tasks: checked where every method's are, trained by TRL's
-    ``GRPOTrainer`` (``integrations.grpo``), not stepped by the training loop.
+    ``GRPOTrainer`` (``runs.grpo``), not stepped by the training loop.
 
     Args:
         params: unused (the run trains its model's trainable parameters).
@@ -101,5 +100,5 @@ class GRPO:
 
 
 BASELINES = {"adamw": FirstOrderAdamW}
-# Baselines trained by their own loop on a reward task (``integrations.grpo``).
+# Baselines trained by their own loop on a reward task (``runs.grpo``).
 REWARD_BASELINES = {"grpo": GRPO}

@@ -24,7 +24,7 @@ class GRZO(LowRankMethod):
     (``parts.estimators.GroupRelative``): ``B`` directions a step instead of MeZO's one.
 
     The perturbations live on activations, so this method needs the model and batched queries
-    (``evaluators.batched``, ``evaluate_rows``): the closure is called as ``closure(slices)``
+    (``engine.evaluators.batched``, ``evaluate_rows``): the closure is called as ``closure(slices)``
     for a stacked batch, and while it runs ``stack`` leaves its batch as it is, each example
     one slice. A batch must hold exactly ``examples`` examples, the same number of rows each
     (one for classification and SFT's teacher-forced completions; for multiple choice, as
@@ -40,7 +40,7 @@ class GRZO(LowRankMethod):
     paper's, no dense tensor drawn, at ``O(r (m + n))`` a token instead of another product
     with a dense ``U``. Vectors (biases, norms) take dense per-example noise. Served: the
     weights and biases of ``nn.Linear``, ``nn.Embedding`` weights, ``nn.LayerNorm``, and
-    small heads (see ``evaluators.batched``).
+    small heads (see ``engine.evaluators.batched``).
 
     Args:
         params: tensors or parameter groups.

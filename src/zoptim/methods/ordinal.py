@@ -3,7 +3,7 @@ compare the candidates instead of scoring them (``ask``/``tell``)."""
 
 from __future__ import annotations
 
-from zoptim.engine import settings
+from zoptim.parts import settings
 from zoptim.engine.optimizer import ZOOptimizer
 from zoptim.parts.estimators import Comparison, Ranking
 

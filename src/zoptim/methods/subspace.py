@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from zoptim.engine import settings
+from zoptim.parts import settings
 from zoptim.engine.optimizer import ZOOptimizer
-from zoptim.evaluators.batched import BatchedQueries
 from zoptim.methods.dense import COMMON_ARGS, add_split_group
 from zoptim.parts.estimators import Central, OneSided
 from zoptim.parts.spaces import Dense, LowRank, Projected, TwoSided
@@ -18,7 +17,7 @@ from zoptim.parts.transforms import Momentum, Orthogonalize, PartialOrthogonaliz
 BATCHING_ARGS = """
         model: the module the closure runs. Given it, a step evaluates all its points in
             one forward pass on a stacked batch, the perturbations applied to activations
-            (``zoptim.evaluators.batched``): the closure is then called as
+            (``zoptim.engine.evaluators.batched``): the closure is then called as
             ``closure(slices)`` and returns one loss per slice. A model the mode cannot
             serve falls back to in-place evaluation with a warning naming the parameter.
         batched: ``False`` keeps in-place evaluation although the model is given; ``True``
@@ -44,12 +43,8 @@ class LowRankMethod(ZOOptimizer):
     def __init__(self, params, defaults, estimator, vector_settings, *, seed, foreach,
                  model=None, batched: bool | None = None, max_slices: int | None = None):
         self._vector_settings = vector_settings
-        settings.check("max_slices", max_slices)
         super().__init__(params, defaults, estimator, seed=seed, foreach=foreach)
-        if batched and model is None:
-            raise ValueError("batched queries need the model the closure runs: pass model=")
-        if model is not None and batched is not False:
-            self.use(batched=BatchedQueries(model, max_slices))
+        self.batch_queries(model, batched, max_slices)
 
     def add_param_group(self, param_group: dict) -> None:
         # Every group, at construction or later, is split into its matrices and its vectors.
@@ -125,7 +120,7 @@ class SubspaceMeZO(LowRankMethod):
 
     Args:
         params: tensors or parameter groups.
-        directions: random directions a step (``queries`` in zoptim 0.1), two evaluations
+        directions: random directions a step, two evaluations
             each.
         vector_lr: the learning rate of the dense MeZO steps of vectors (and of a language
             model's output layer, see ``dense_head``); the authors' code fixes it at 1e-7 for
@@ -146,7 +141,6 @@ class SubspaceMeZO(LowRankMethod):
     matrix_space = Projected
     own_settings: tuple[str, ...] = ()
 
-    @settings.renamed(queries="directions")
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 1, vector_lr: float = 1e-7,
                  dense_head: bool = True, weight_decay: float = 0.0,
@@ -194,7 +188,7 @@ class ZOMuon(SubspaceMeZO):
 
     Args:
         params: tensors or parameter groups.
-        directions: random directions a step (``queries`` in zoptim 0.1 and in the paper),
+        directions: random directions a step (``queries`` in the paper),
             one evaluation each plus one baseline.
         ortho: ``"newton_schulz"`` (5 quintic steps, Muon's) or ``"svd"`` (exact).
         ns_steps: Newton-Schulz iterations.
@@ -206,7 +200,6 @@ class ZOMuon(SubspaceMeZO):
 
     own_settings = ("ortho", "ns_steps", "momentum")
 
-    @settings.renamed(queries="directions")
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 4, ortho: str = "newton_schulz",
                  ns_steps: int = 5, momentum: float = 0.0, **kw):

@@ -3,7 +3,7 @@
 An estimator names the points it needs, each ``None`` (the current parameters) or
 ``(seed, scale)`` (every parameter moved by ``scale * eps * z(seed)``), and the probe evaluates
 them (``probe.evaluate_points``, one query each) through the optimizer's evaluator
-(``zoptim.evaluators``: in place, batched, offloaded, distributed). ``probe.directional`` gives
+(``zoptim.engine.evaluators``: in place, batched, offloaded, distributed). ``probe.directional`` gives
 a forward-mode derivative instead. It returns:
 
 - the loss to report,
@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from zoptim.engine import settings
+from zoptim.parts import settings
 from zoptim.noise import mix
 
 
@@ -65,7 +65,6 @@ class Central:
 
     forward_mode = False
 
-    @settings.renamed(queries="directions")
     def __init__(self, directions: int = 1):
         self.directions = _count(directions)
 
@@ -80,11 +79,10 @@ class Central:
 class OneSided:
     """One-sided differences against one baseline: ``f(x + eps z_i) - f(x)`` for
     ``directions`` directions, ``directions + 1`` evaluations (ZO-Muon's multi-query
-    estimator). Called ``Forward`` in zoptim 0.1 (not forward-mode: that is ``JVP``)."""
+    estimator). (Not forward-mode: that is ``JVP``.)"""
 
     forward_mode = False
 
-    @settings.renamed(queries="directions")
     def __init__(self, directions: int = 4):
         self.directions = _count(directions)
 
@@ -94,7 +92,6 @@ class OneSided:
         return base, [Direction(s, v - base) for s, v in zip(seeds, values)], pending
 
 
-Forward = OneSided  # the 0.1 name
 
 
 class StdNormalized(OneSided):

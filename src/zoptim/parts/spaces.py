@@ -31,7 +31,6 @@ is carried over by ``transfer``. Tensors of more than two dimensions are viewed 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -72,18 +71,9 @@ class Space:
     ``perturb_`` (a mask, a scaling), not drawn as plain noise of the coordinates' shape: the
     step plan then moves the tensor on its own. ``Factored`` spaces are low-rank products of
     factors kept in the state, moved as stacks.
-
-    ``Space("gaussian")``, zoptim 0.1's name of the dense space, still builds a ``Dense``.
     """
 
     own_perturbation = False
-
-    def __new__(cls, *args, **kwargs):
-        if cls is Space:  # the 0.1 name of the dense space
-            warnings.warn("Space(...) is the base class now; use Dense(...) for dense noise",
-                          DeprecationWarning, stacklevel=2)
-            return super().__new__(Dense)
-        return super().__new__(cls)
 
     def __init__(self, noise_kind: str = "gaussian"):
         self.noise_kind = noise_kind

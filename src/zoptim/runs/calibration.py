@@ -48,7 +48,7 @@ from typing import Callable
 
 import torch
 
-from zoptim.engine.settings import is_rate
+from zoptim.parts.settings import is_rate
 from zoptim.noise import mix
 from zoptim.runs.directions import group_rates, losses_along, update_direction
 

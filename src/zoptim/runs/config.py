@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from zoptim.engine.settings import is_rate
+from zoptim.parts.settings import is_rate
 
 
 class _Strict(BaseModel):
@@ -80,7 +80,7 @@ class GuardConfig(_Strict):
 
 class ParallelConfig(_Strict):
     """Under ``torchrun``: ``data`` ranks split each batch, the others (``world / data``)
-    split each step's evaluations (``zoptim.evaluators.distributed``). Ignored in a single process."""
+    split each step's evaluations (``zoptim.engine.evaluators.distributed``). Ignored in a single process."""
 
     data: int = Field(1, ge=1)
 
@@ -140,7 +140,7 @@ def _default_rate(cfg: "TrainConfig") -> None:
     """A zeroth-order method trained on a loss calibrates its rates unless one is given
     (``lr = "auto"``, ``runs.calibration``); anything else needs rates of its own, or takes
     its class's defaults."""
-    from zoptim import METHODS
+    from zoptim.methods import METHODS
 
     settings, name = cfg.method.settings, cfg.method.name
     other = sorted(k for k, v in settings.items() if v == "auto" and not is_rate(k))
@@ -172,7 +172,7 @@ def auto_rate(settings: dict) -> bool:
 def _check_per_example(cfg: "TrainConfig") -> None:
     """Refuse per-example directions (GRZO) where an example's loss is not a forward pass of
     its own rows, a batch too small for a group, or a batch split across processes."""
-    from zoptim import METHODS
+    from zoptim.methods import METHODS
 
     name = cfg.method.name
     if not getattr(METHODS.get(name), "per_example_directions", False):
@@ -345,7 +345,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def method_class(name: str):
     """The optimizer class of a run's ``method.name``: a zeroth-order method, or a first-order
     baseline that sets the ceiling (``adamw``; ``grpo`` on a reward task)."""
-    from zoptim import METHODS
+    from zoptim.methods import METHODS
     from zoptim.methods.first_order import BASELINES, REWARD_BASELINES
 
     methods = {**METHODS, **BASELINES, **REWARD_BASELINES}

@@ -85,7 +85,7 @@ def _parallel(cfg: TrainConfig):
         return None
     import torch.distributed as dist
 
-    from zoptim.evaluators.distributed import Parallel
+    from zoptim.engine.evaluators.distributed import Parallel
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")  # runs train on the CPU; the reductions are scalars
@@ -713,9 +713,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     """Run (or, with ``resume``, continue) the fine-tune of ``cfg`` in folder ``out``. A resumed
     run loads the latest checkpoint, redoes the journalled steps after it, and continues: its
     final weights equal an uninterrupted run's, bit for bit on the CPU. GRPO, the reward
-    tasks' first-order baseline, is trained by TRL instead (``integrations.grpo``)."""
+    tasks' first-order baseline, is trained by TRL instead (``runs.grpo``)."""
     if cfg.method.name == "grpo":
-        from zoptim.integrations import grpo
+        from zoptim.runs import grpo
 
         return grpo.train(cfg, out, resume=resume, progress=progress, log=log)
     return Training(cfg, out, resume=resume, progress=progress, log=log).run()

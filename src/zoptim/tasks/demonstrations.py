@@ -10,7 +10,7 @@ import random
 from dataclasses import replace
 
 from zoptim.tasks.data import Example, Splits
-from zoptim.tasks.kinds import Choice, Completion
+from zoptim.tasks.kinds import Choice, Completion, option_text
 from zoptim.tasks.prompts import Prompt
 
 SEPARATOR = "\n\n"
@@ -22,8 +22,6 @@ def _solved(demo, prompt: Prompt | None) -> str:
         return prompt.template.replace("{text}", demo.text).replace(
             "{label}", prompt.label_words[demo.label])
     if isinstance(demo, Choice):
-        from zoptim.integrations.choices import option_text
-
         return "".join(option_text(demo.context, demo.options[demo.label]))
     return _plain(demo.prompt) + demo.completion
 

@@ -43,6 +43,20 @@ class Completion:
         return not isinstance(self.prompt, str)
 
 
+# How an example's text splits into the context and the part that is scored.
+def split_space(context: str, continuation: str) -> tuple[str, str]:
+    """Move the white space that ends ``context`` to the start of ``continuation``."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def option_text(context: str, option: str) -> tuple[str, str]:
+    """(context, continuation) for one option: a space between them unless one is there."""
+    if not (context[-1:].isspace() or option[:1].isspace()):
+        option = " " + option
+    return split_space(context, option)
+
+
 def _text(where: str, row: dict, key: str) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from zoptim.evaluators import Evaluator
+from zoptim.engine.evaluators import Evaluator
 
 
 class Parallel:
@@ -37,7 +37,7 @@ class Parallel:
 
     def __init__(self, perturbation: int | None = None, data: int = 1, group=None):
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("zoptim.evaluators.distributed needs torch.distributed initialized "
+            raise RuntimeError("zoptim.engine.evaluators.distributed needs torch.distributed initialized "
                                "first (init_process_group; torchrun sets the rank and world "
                                "size)")
         self.group = group

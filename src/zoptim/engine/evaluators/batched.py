@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from zoptim.engine.plan import Draw, HeldSet, OwnSet, StepPlan, TensorSet
-from zoptim.evaluators import Evaluation, Evaluator, Recorded
-from zoptim.evaluators.in_place import seeds_of
+from zoptim.engine.evaluators import Evaluation, Evaluator, Recorded
+from zoptim.engine.evaluators.in_place import seeds_of
 from zoptim.noise import mix
 
 RECOMPUTE_MAX_NUMEL = 1 << 23  # 8M entries: OPT's position table fits, a vocabulary does not
@@ -363,13 +363,13 @@ def _stacked(mod, t: torch.Tensor, slices: int, rows: list) -> torch.Tensor:
         if rows[0] is None:
             raise ValueError(f"batched queries: {type(mod).__name__} meets a tensor shared "
                              "by the whole batch; stack the batch with "
-                             "zoptim.evaluators.batched.stack so that its size is known")
+                             "zoptim.engine.evaluators.batched.stack so that its size is known")
         return t.expand(rows[0], *t.shape[1:])
     if not torch.is_tensor(t) or t.shape[0] % slices:
         raise ValueError(
             f"batched queries: {type(mod).__name__} got a batch of "
             f"{t.shape[0] if torch.is_tensor(t) else '?'} rows, not a multiple of {slices}; "
-            "the closure must stack its batch once per slice (zoptim.evaluators.batched.stack)")
+            "the closure must stack its batch once per slice (zoptim.engine.evaluators.batched.stack)")
     return t
 
 

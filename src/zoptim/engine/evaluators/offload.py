@@ -6,7 +6,7 @@ The parameters of the model's repeated blocks (a transformer's layer list, found
 live in CPU memory (pinned when the working device is a GPU); everything else stays on the
 working device. A step's evaluation points are evaluated in one pass over the model on a batch
 stacked once per point (the closure API of batched queries: ``closure(slices)``, see
-``zoptim.evaluators.batched``). Each block, when its turn comes:
+``zoptim.engine.evaluators.batched``). Each block, when its turn comes:
 
 1. arrives on the working device (uploaded on a side stream while the previous block computes),
 2. applies the previous step's update and this step's preparation, deferred until now,
@@ -27,9 +27,9 @@ from collections import Counter
 import torch
 
 from zoptim.engine.plan import Draw
-from zoptim.evaluators import EngineError, Evaluation, Evaluator
-from zoptim.evaluators.batched import one_per_slice
-from zoptim.evaluators.in_place import seeds_of
+from zoptim.engine.evaluators import EngineError, Evaluation, Evaluator
+from zoptim.engine.evaluators.batched import one_per_slice
+from zoptim.engine.evaluators.in_place import seeds_of
 
 
 class OffloadError(EngineError):
@@ -383,7 +383,7 @@ class _Walk:
             if not stacked or total % n:
                 raise OffloadError(f"offloading: {type(unit.module).__name__} got {total} "
                                    f"rows, not a multiple of the {n} points; stack the batch "
-                                   "with zoptim.evaluators.batched.stack")
+                                   "with zoptim.engine.evaluators.batched.stack")
             rows = total // n
             outs = []
             for k, point in enumerate(self.points):

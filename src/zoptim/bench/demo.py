@@ -9,7 +9,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zoptim import METHODS, batch_arguments, model_arguments, per_slice, stack
+from zoptim.engine.evaluators.batched import per_slice, stack
+from zoptim.methods import METHODS, batch_arguments, model_arguments
 
 # Settings that work for the demo's MLP (found by a small grid on one seed).
 DEMO_SETTINGS = {

@@ -3,9 +3,7 @@ run configurations are all checked here, and a bad value is refused with its key
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from numbers import Real
 
 from zoptim.noise import NOISE_KINDS
@@ -80,20 +78,3 @@ def unknown(cls, extra: dict, own: tuple[str, ...]) -> None:
     bad = sorted(set(extra) - set(own))
     if bad:
         raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {bad[0]!r}")
-
-
-def renamed(**old_to_new):
-    """Accept a setting's zoptim 0.1 name in a constructor, with a ``DeprecationWarning``."""
-    def wrap(init):
-        @functools.wraps(init)
-        def inner(self, *args, **kwargs):
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"give {new}= (the new name of {old}=), not both")
-                    warnings.warn(f"{type(self).__name__}: {old}= is now called {new}=",
-                                  DeprecationWarning, stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
-            return init(self, *args, **kwargs)
-        return inner
-    return wrap

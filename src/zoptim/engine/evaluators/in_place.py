@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from zoptim.engine.plan import Draw, StepPlan
-from zoptim.evaluators import Evaluation, Evaluator, Point
+from zoptim.engine.evaluators import Evaluation, Evaluator, Point
 
 
 def seeds_of(points: list[Point]) -> list[int]:

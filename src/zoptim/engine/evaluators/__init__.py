@@ -74,7 +74,7 @@ class Evaluator:
     def evaluate_rows(self, plan: StepPlan, points: list[Point], closure, wanted: list[bool]
                       ) -> Evaluation:
         """Per-example points: point ``i`` perturbs example ``i`` of the batch alone, all in
-        one pass of the batch. Only batched queries can (``evaluators.batched``)."""
+        one pass of the batch. Only batched queries can (``engine.evaluators.batched``)."""
         raise EngineError(f"{self.name} evaluation cannot give each example of a batch its "
                           "own perturbation: that needs batched queries on one process "
                           "(the model given, not offloaded or distributed)")
@@ -152,8 +152,8 @@ def capabilities(opt) -> set[str]:
 def choose(opt, *, batched=None, offload=None, parallel=None) -> Evaluator:
     """The evaluator of ``opt`` given its engines (each ``None`` or the engine object): the
     combination is checked against ``COMBINATIONS``."""
-    from zoptim.evaluators.distributed import Distributed
-    from zoptim.evaluators.in_place import InPlace
+    from zoptim.engine.evaluators.distributed import Distributed
+    from zoptim.engine.evaluators.in_place import InPlace
 
     name, caps = type(opt).__name__, capabilities(opt)
     engines = {"offload": offload, "parallel": parallel}
