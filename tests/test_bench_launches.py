@@ -15,9 +15,13 @@ def test_launches_counts_every_method_at_every_depth(tmp_path, capsys):
     assert {(r["method"], r["layers"]) for r in record["rows"]} == \
         {(m, n) for m in methods for n in (1, 2)}
     for r in record["rows"]:
-        assert r["step_calls"] > r["forward_calls"] > 0 and r["step_s"] > 0
+        assert r["step_calls"] > r["forward_calls"] > 0
         assert r["step_calls_all"] >= r["step_calls"]
     assert set(record["slopes"]) == methods
+    # the claim: a layer adds fewer operator calls to ZO-Muon's step than to MeZO's, and
+    # fewest under batched queries (counts, not times: the same on any machine)
+    added = {m: s["extra_calls_all"] for m, s in record["slopes"].items()}
+    assert added["ZO-Muon batched"] < added["ZO-Muon in place"] < added["MeZO"]
     assert "extra calls per added layer" in capsys.readouterr().out
 
 

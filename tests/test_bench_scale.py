@@ -11,7 +11,9 @@ def test_offload_benchmark_runs_on_the_cpu(tmp_path, capsys):
                          "--repeats", "1", "--batch", "2", "--tokens", "8",
                          "--out", str(out)]) == 0
     record = json.loads(out.read_text())["records"][0]
-    assert record["offloaded_step_s"] > 0 and record["resident_step_s"] > 0
+    # both steps timed side by side; peak memory is a GPU figure, not invented on a CPU
+    assert {"offloaded_step_s", "resident_step_s", "offload_time_ratio"} <= set(record)
+    assert record["offloaded_peak_bytes"] is None and record["resident_peak_bytes"] is None
     assert "tiny" in capsys.readouterr().out
 
 
