@@ -548,10 +548,11 @@ def split_matrices(params, defaults: dict, vector_settings: Callable[[dict], dic
 def _halves(group: dict, defaults: dict, vector_settings) -> list[dict]:
     """A group's matrices and its vectors, as two groups (an empty one dropped). A group
     marked ``dense`` (embeddings, say) goes to the vectors' side whatever its tensors' shape."""
-    ps = list(group["params"])
     rest = {k: v for k, v in group.items() if k != "params"}
     dense = bool(rest.get("dense", False))
-    halves = (([p for p in ps if p.dim() >= 2 and not dense], {"matrix": True}),
-              ([p for p in ps if p.dim() < 2 or dense],
-               {**vector_settings({**defaults, **rest}), "matrix": False}))
+    sides: dict[bool, list] = {True: [], False: []}
+    for p in group["params"]:
+        sides[p.dim() >= 2 and not dense].append(p)
+    halves = ((sides[True], {"matrix": True}),
+              (sides[False], {**vector_settings({**defaults, **rest}), "matrix": False}))
     return [{**rest, **extra, "params": half} for half, extra in halves if half]

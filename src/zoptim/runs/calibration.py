@@ -214,17 +214,10 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
         keys: the rate settings to calibrate (``calibrated_keys``; ``["lr"]`` when ``None``);
             one whose groups hold none of ``params`` steps nothing, and is left as it is.
     """
-    rng = random.Random(f"calibration:{seed}")
-    heldout = rng.sample(train, min(batch_size, max(1, len(train) // 2)))
-    inside = {id(e) for e in heldout}
-    pool = [e for e in train if id(e) not in inside] or train
+    heldout, pool = _split(train, batch_size, seed)
     origin = [p.detach().clone() for p in params]
     loss = lambda: loss_of(heldout)  # noqa: E731
-    with torch.no_grad():
-        l0 = float(loss())
-    if not (math.isfinite(l0) and l0 > 0):
-        raise CalibrationError(f"the held-out loss is {l0:.4g}: the calibration scales the rate "
-                               "to a positive loss; give a learning rate (method.settings.lr)")
+    l0 = _start_loss(loss)
     keys = ["lr"] if keys is None else keys
     defaults = make(0, {}).defaults  # the first probe's guess: the method's own rates
     sentinels = _sentinels(keys)
@@ -237,30 +230,12 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
         opt = make(mix(seed, _SALT, k), sentinels)
         parts = _parts(opt, params, sentinels)
         if k == 0:
-            curvature = {key: [] for key in keys if parts[key]}
-            if not curvature:
-                raise CalibrationError(f"no trained tensor is stepped at {', '.join(keys)}: "
-                                       "nothing to calibrate")
+            curvature = _calibrated(keys, parts)
         examples = random.Random(f"calibration:{seed}:{k}").sample(pool, min(batch_size, len(pool)))
-        d = update_direction(opt, closure_of(examples), params, origin)
-        if not all(bool(torch.isfinite(t).all()) for t in d):
-            raise CalibrationError("a step of the method is not finite on this model at its "
-                                   "default settings: give a learning rate and check eps")
-        record = [list(opt.last_values)]
-        aim = PROBE_RISE * l0
-        for key, so_far in curvature.items():
-            idx = parts[key]
-            # probe where the draws so far put the aimed rise (the method's own default rate
-            # first)
-            c = _mean(so_far, 1.0)
-            at = defaults[key] if c is None else math.sqrt(aim / c)
-            probes: list = []
-            so_far.append(_probe(loss, [params[i] for i in idx], [origin[i] for i in idx],
-                                 [d[i] for i in idx], at, l0, aim, probes))
-            record.append(probes)
-            queries += 2 * len(probes)
-        values.append(record)
-        queries += opt.queries
+        d = _direction(opt, closure_of(examples), params, origin)
+        probed, spent = _probe_rates(loss, params, origin, d, parts, curvature, defaults, l0)
+        values.append([list(opt.last_values), *probed])
+        queries += spent + opt.queries
         if k == 0:
             memory = _memory(opt, {key: sentinels[key] for key in curvature})
             step_queries = opt.queries
@@ -271,6 +246,60 @@ def calibrate(make: Callable[[int, dict], object], closure_of: Callable[[list], 
                        draws=k, steps=steps, step_queries=step_queries, phi=PHI,
                        heldout_loss=l0, curvature=curvature, memory=memory, defaults=own,
                        values=values)
+
+
+def _split(train: list, batch_size: int, seed: int) -> tuple[list, list]:
+    """The held-out batch, and the examples the draws' batches come from (the rest)."""
+    rng = random.Random(f"calibration:{seed}")
+    heldout = rng.sample(train, min(batch_size, max(1, len(train) // 2)))
+    inside = {id(e) for e in heldout}
+    return heldout, [e for e in train if id(e) not in inside] or train
+
+
+def _start_loss(loss: Callable[[], float]) -> float:
+    """The held-out loss at the starting weights, which the rates are scaled to."""
+    with torch.no_grad():
+        l0 = float(loss())
+    if not (math.isfinite(l0) and l0 > 0):
+        raise CalibrationError(f"the held-out loss is {l0:.4g}: the calibration scales the rate "
+                               "to a positive loss; give a learning rate (method.settings.lr)")
+    return l0
+
+
+def _calibrated(keys: list[str], parts: dict[str, list[int]]) -> dict[str, list[float]]:
+    """An empty list of curvatures for each rate that steps a trained tensor."""
+    curvature = {key: [] for key in keys if parts[key]}
+    if not curvature:
+        raise CalibrationError(f"no trained tensor is stepped at {', '.join(keys)}: "
+                               "nothing to calibrate")
+    return curvature
+
+
+def _direction(opt, closure: Callable, params: list, origin: list) -> list[torch.Tensor]:
+    """The method's update direction from one step, refused when it is not finite."""
+    d = update_direction(opt, closure, params, origin)
+    if not all(bool(torch.isfinite(t).all()) for t in d):
+        raise CalibrationError("a step of the method is not finite on this model at its "
+                               "default settings: give a learning rate and check eps")
+    return d
+
+
+def _probe_rates(loss, params: list, origin: list, d: list, parts: dict, curvature: dict,
+                 defaults: dict, l0: float) -> tuple[list, int]:
+    """Probe each calibrated rate's part of the direction ``d``, appending its curvature to
+    ``curvature``; returns each rate's probes and the queries they spent."""
+    aim, record, queries = PROBE_RISE * l0, [], 0
+    for key, so_far in curvature.items():
+        idx = parts[key]
+        # probe where the draws so far put the aimed rise (the method's own default rate first)
+        c = _mean(so_far, 1.0)
+        at = defaults[key] if c is None else math.sqrt(aim / c)
+        probes: list = []
+        so_far.append(_probe(loss, [params[i] for i in idx], [origin[i] for i in idx],
+                             [d[i] for i in idx], at, l0, aim, probes))
+        record.append(probes)
+        queries += 2 * len(probes)
+    return record, queries
 
 
 def check(cal: Calibration) -> str | None:

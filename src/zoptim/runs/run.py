@@ -828,6 +828,18 @@ def _replay_and_compare(run: Run, entries: list[journal.Entry], good: dict[int, 
     result.steps, result.queries = len(entries), run.opt.queries
 
 
+def _calibration_problems(recorded: Calibration | None, cfg: TrainConfig) -> list[str]:
+    """What is wrong with a run's recorded calibration: a choice that does not follow from
+    its values, or a calibrated run past step 0 that lost it."""
+    if recorded is not None:
+        problem = calibration_check(recorded)
+        return [] if problem is None else [f"{CALIBRATION}: {problem}"]
+    if config.auto_rate(cfg.method.settings) and cfg.steps > 0:
+        return [f"{CALIBRATION} is missing: the run's rates are not known (--resume "
+                "calibrates again only a run that took no step)"]
+    return []
+
+
 def audit(folder: str | Path) -> Audit:
     """Check a run folder: its data against ``split.json``, its journal line by line, its
     checkpoints file by file, and the journal replayed from the starting weights (the model
@@ -836,11 +848,7 @@ def audit(folder: str | Path) -> Audit:
     cfg = _saved_config(folder)
     result = Audit()
     recorded = read_calibration(folder)
-    if recorded is not None and (problem := calibration_check(recorded)) is not None:
-        result.problems.append(f"{CALIBRATION}: {problem}")
-    if recorded is None and config.auto_rate(cfg.method.settings) and cfg.steps > 0:
-        result.problems.append(f"{CALIBRATION} is missing: the run's rates are not known "
-                               "(--resume calibrates again only a run that took no step)")
+    result.problems += _calibration_problems(recorded, cfg)
     run = build(cfg, recorded)
     try:
         check_data(folder, run.splits)
