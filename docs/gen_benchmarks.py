@@ -3,7 +3,7 @@
 Every figure on these pages is read here from a kept file (a benchmark's own report.md, a
 JSON file, a summary) or copied from one (the notes and plots kept beside the cells, the
 benchmark's configuration); none is typed. Each page says what machine its file records and
-when; where a file records no date, the page says so.
+when; where a file records no date, the page says so and gives the day it was committed.
 
 mkdocs-gen-files runs this script at build time (see mkdocs.yml) and the pages never exist on
 disk. To look at them without building the site:
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,6 +148,17 @@ def with_plots(markdown: str, folder: Path, name: str, w: Writer) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", swap, markdown)
 
 
+def kept_on(path: Path) -> str:
+    """When ``path`` was first committed, as the repository's history says (a sentence), or
+    nothing outside a git checkout: the date of a file that records none of its own."""
+    try:
+        out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%cs", "--", str(path)],
+                             capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" It was committed on {out[-1]}." if out else ""
+
+
 def provenance(data: dict, path: Path) -> str:
     """What a JSON result file records about where and when it ran."""
     facts = []
@@ -159,7 +171,7 @@ def provenance(data: dict, path: Path) -> str:
     dates = [f"{k} {data[k]}" for k in DATE_KEYS if data.get(k)]
     where = "; ".join(facts) if facts else "nothing about the machine"
     when = "; ".join(dates) if dates else "no date"
-    return f"`{rel(path)}` records {where}, and {when}.\n"
+    return f"`{rel(path)}` records {where}, and {when}.{kept_on(path) if not dates else ''}\n"
 
 
 def report_machine(report: str) -> str | None:
@@ -240,9 +252,9 @@ def folder_page(name: str, folder: Path, title: str, summary: str, w: Writer) ->
         machine = report_machine(text)
         if machine:
             parts.append(f"Where it ran, as its report records: {machine}. The report records "
-                         "no date.\n")
+                         f"no date.{kept_on(main)}\n")
         else:
-            parts.append(f"`{rel(main)}` records no machine and no date.\n")
+            parts.append(f"`{rel(main)}` records no machine and no date.{kept_on(main)}\n")
         body = with_plots(demote(text), folder, name, w)
         plots = [p for p in sorted(folder.glob("*.png")) if f"({name}/{p.name})" not in body]
         body += "".join(f"\n![{p.name}]({w.copy(p, name)})\n" for p in plots)
@@ -269,7 +281,8 @@ def train_defaults_page(folder: Path, w: Writer) -> None:
     body = [
         "`zoptim train` on SmolLM2-135M-Instruct with every default.\n",
         f"Kept results: `{rel(folder)}/`. Where it ran, as `summary.json` records: "
-        f"{'; '.join(s.get('machines') or ['not recorded'])}. It records no date.\n",
+        f"{'; '.join(s.get('machines') or ['not recorded'])}. It records no date."
+        f"{kept_on(summary_path)}\n",
         command(s.get("command")),
         f"## Scores\n\nFrom `{rel(summary_path)}` (metric: {s.get('metric', 'not recorded')}).\n",
         table(["model", "dev", "test", "steps", "queries"], rows),
