@@ -3,7 +3,9 @@
 - ``zoptim train``: fine-tune a language or image model on a task from a config (TOML or
   YAML) and ``--set key=value`` overrides; without any, a short ZO-Muon fine-tune of
   all-MiniLM-L6-v2 on the movie-review snippets.
-- ``zoptim eval RUN``: evaluate a saved run at its latest checkpoint.
+- ``zoptim eval RUN``: evaluate a saved run at its latest checkpoint; each example's
+  prediction goes to ``RUN/predictions.jsonl``.
+- ``zoptim generate RUN --prompt TEXT``: greedy completions from a trained decoder run.
 - ``zoptim replay RUN`` / ``zoptim verify RUN``: redo a run from its journal and compare the
   weights with its checkpoint; verify also checks the data, the journal and every checkpoint
   file, and says what ``--resume`` would recover.
@@ -41,9 +43,30 @@ def train_command(args) -> int:
 
 
 def eval_command(args) -> int:
+    from pathlib import Path
+
     from zoptim.runs.run import evaluate
 
-    print(f"{args.split} accuracy: {evaluate(args.run_dir, args.split):.4f}")
+    score = evaluate(args.run_dir, args.split)
+    metric = json.loads((Path(args.run_dir) / "eval.json").read_text())["metric"]
+    print(f"{args.split} {metric}: {score:.4f}  (each example: "
+          f"{Path(args.run_dir) / 'predictions.jsonl'})")
+    return 0
+
+
+def generate_command(args) -> int:
+    """Print each prompt's greedy completion (with its prompt, when there are several)."""
+    from zoptim.runs.generation import generate
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    done = generate(args.run_dir, prompts, args.max_new_tokens)
+    for prompt, (text, ended) in zip(prompts, done):
+        if len(prompts) > 1:
+            print(f"> {prompt}")
+        print(text if ended else f"{text} [token limit]")
     return 0
 
 
@@ -65,6 +88,13 @@ def replay_command(args) -> int:
         print("verified: data, journal and checkpoints are whole" if found.ok
               else f"recovery: {found.recovery}")
     return 0 if found.ok else 1
+
+
+def os_error(err: OSError) -> str:
+    """An operating-system error as one line that names its path."""
+    what = err.strerror or str(err)
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {what}" if paths else what
 
 
 def names(text: str) -> list[str]:
@@ -153,6 +183,14 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=["train", "dev", "test"], default="test")
     p.set_defaults(handler=eval_command)
 
+    p = sub.add_parser("generate", help="greedy completions of prompts from a trained decoder run")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file of prompts, one a line")
+    p.add_argument("--max-new-tokens", type=int, help="the completion's token limit (default: "
+                   "the run's task.max_new_tokens)")
+    p.set_defaults(handler=generate_command)
+
     p = sub.add_parser("replay", help="redo a run from its journal and check the final weights")
     p.add_argument("run_dir", metavar="RUN")
     p.set_defaults(handler=replay_command)
@@ -198,6 +236,9 @@ def main(argv=None) -> int:
         return 130
     except (BenchError, ConfigError, DataError, ModelError, RunError, ValueError) as err:
         print(f"zoptim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the outside world: a path, a permission, a full disk
+        print(f"zoptim {args.command}: error: {os_error(err)}", file=sys.stderr)
         return 2
 
 

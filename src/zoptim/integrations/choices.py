@@ -66,7 +66,11 @@ class ChoiceObjective(torch.nn.Module):
         losses = torch.stack([F.cross_entropy(s, labels) for s in scores])
         return losses if slices is not None else losses[0]
 
+    def logits(self, examples: list[Choice]) -> torch.Tensor:
+        """``(examples, most options)``: each option's score, ``-inf`` past an example's last."""
+        return self.option_scores(examples)[0]
+
     @torch.no_grad()
     def score(self, examples: list[Choice], batch_size: int = 64) -> float:
         """Accuracy: the share of examples whose correct option scores highest."""
-        return accuracy(lambda chunk: self.option_scores(chunk)[0], examples, batch_size)
+        return accuracy(self.logits, examples, batch_size)

@@ -42,6 +42,17 @@ def accuracy(logits_of, examples: list, batch_size: int) -> float:
     return correct / len(examples)
 
 
+def _distinct(words, encodings: list, what: str = "encoding") -> None:
+    """Refuse label words the tokenizer makes identical (an uncased model's "Great" and
+    "great"): every prediction would fall in one class. Both words are named."""
+    seen: dict = {}
+    for word, code in zip(words, encodings):
+        if code in seen:
+            raise ValueError(f"label words {seen[code]!r} and {word!r} have the same {what} "
+                             "for this model's tokenizer; choose words it tells apart")
+        seen[code] = word
+
+
 class CosineHead(torch.nn.Module):
     """``scale * cos(x, w_k)`` for each label row ``w_k``: a leaf module, so batched queries
     can run it once per slice with its perturbed rows."""
@@ -72,14 +83,14 @@ class PromptClassifier(torch.nn.Module):
             tokenizer.padding_side = "left"  # the last position is every row's last token
             ids = [tokenizer(" " + w, add_special_tokens=False).input_ids[0]
                    for w in prompt.label_words]
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"label words {list(prompt.label_words)} share their first "
-                                 "token; choose words that start differently")
+            _distinct(prompt.label_words, ids, "first token")
             self.register_buffer("label_ids", torch.tensor(ids), persistent=False)
             self.head = None  # a linear probe's head, from ``attach_label_head``
         else:
+            texts = [prompt.label_text(i) for i in range(len(prompt.label_words))]
+            _distinct(prompt.label_words, [tuple(tokenizer(t).input_ids) for t in texts])
             with torch.no_grad():
-                anchors = self._embed([prompt.label_text(i) for i in range(len(prompt.label_words))])
+                anchors = self._embed(texts)
             self.head = CosineHead(anchors, scale)
 
     def attach_label_head(self) -> None:
@@ -127,9 +138,13 @@ class PromptClassifier(torch.nn.Module):
     def _device(self):
         return next(self.parameters()).device
 
+    def logits(self, examples: list[Example]) -> torch.Tensor:
+        """``(examples, labels)``: each label's logit for each example."""
+        return self([e.text for e in examples])
+
     @torch.no_grad()
     def score(self, examples: list[Example], batch_size: int = 64) -> float:
         """Accuracy."""
         # Batches of similar length waste little work on padding; the order changes no result.
         examples = sorted(examples, key=lambda e: len(e.text))
-        return accuracy(lambda chunk: self([e.text for e in chunk]), examples, batch_size)
+        return accuracy(self.logits, examples, batch_size)

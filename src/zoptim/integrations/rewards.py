@@ -30,13 +30,18 @@ class RewardObjective(torch.nn.Module):
         """The prompt's last ``max_length`` tokens."""
         return self.tokenizer(e.prompt).input_ids[-self.max_length:]
 
+    def completions(self, examples: list[Prompted], batch_size: int,
+                    slices: int = 1) -> list[tuple[str, bool]]:
+        """Every greedy completion, with whether it ended before the limit, slice after
+        slice."""
+        return list(greedy(self.backbone, self.tokenizer, [self.prompt_ids(e) for e in examples],
+                           self.max_new_tokens, batch_size, slices=slices))
+
     def rewards(self, examples: list[Prompted], batch_size: int,
                 slices: int = 1) -> list[float]:
         """Every completion's reward, slice after slice."""
-        texts = greedy(self.backbone, self.tokenizer, [self.prompt_ids(e) for e in examples],
-                       self.max_new_tokens, batch_size, slices=slices)
         return [call(self.reward, examples[k % len(examples)], text)
-                for k, (text, _) in enumerate(texts)]
+                for k, (text, _) in enumerate(self.completions(examples, batch_size, slices))]
 
     def loss(self, examples: list[Prompted], slices: int | None = None,
              per_example: bool = False) -> torch.Tensor:

@@ -173,10 +173,14 @@ class ImageClassifier(torch.nn.Module):
         labels = torch.tensor([e.label for e in examples], device=self.mean.device)
         return cross_entropy(self(examples, slices or 1), labels, slices)
 
+    def logits(self, examples) -> torch.Tensor:
+        """``(examples, classes)``: each class's logit for each image."""
+        return self(examples)
+
     @torch.no_grad()
     def score(self, examples, batch_size: int = 64) -> float:
         """Accuracy."""
-        return accuracy(self, examples, batch_size)
+        return accuracy(self.logits, examples, batch_size)
 
 
 def image_classifier(name: str, classes: int, *, weights: str | None = None,

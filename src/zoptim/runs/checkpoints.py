@@ -21,9 +21,14 @@ TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors")
 
 def write_json(path: Path, data) -> None:
     """Write ``data`` as JSON, whole or not at all (a temporary file, fsynced, renamed)."""
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text``, whole or not at all (a temporary file, fsynced, renamed)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

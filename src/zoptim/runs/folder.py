@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -29,7 +30,10 @@ def check(folder: Path, resume: bool) -> bool:
     if folder.exists() and not folder.is_dir():
         raise FolderError(f"{folder} is a file, not a run folder; choose another --out")
     if not folder.exists():
+        creatable(folder)
         return False
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FolderError(f"{folder} is not writable; choose another --out")
     has_run = (folder / "config.json").is_file()
     if not has_run:
         # A run writes config.json first: without it, anything but the lock is not a run's.
@@ -42,6 +46,19 @@ def check(folder: Path, resume: bool) -> bool:
         raise FolderError(f"{folder} already holds a run; pass --resume to continue it or "
                           "choose another --out")
     return has_run
+
+
+def creatable(folder: Path) -> None:
+    """Refuse a missing folder that cannot be made: one below a file, or inside a folder
+    this process may not write."""
+    parent = folder.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FolderError(f"{folder} cannot be made: {parent} is a file; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FolderError(f"{folder} cannot be made: {parent} is not writable; choose another "
+                          "--out")
 
 
 class Lock:
@@ -66,6 +83,19 @@ class Lock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+
+    def discard(self) -> None:
+        """Remove what was written into a folder this lock made (a run that failed before its
+        first step leaves nothing); a folder that existed before is left alone."""
+        if self._fd is None or not self._made:
+            return
+        for path in self.folder.iterdir():
+            if path.name == ".lock":
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def release(self) -> None:
         if self._fd is None:

@@ -53,10 +53,11 @@ from zoptim.noise import compiles as noise_compiles
 from zoptim.runs import config, folder as run_folder, journal, machine
 from zoptim.runs.calibration import Calibration, check as calibration_check
 from zoptim.runs.checkpoints import (CheckpointError, check_checkpoint, load_checkpoint,
-                                     load_weights, save_checkpoint, write_json)
+                                     load_weights, save_checkpoint, write_json, write_text)
 from zoptim.runs.config import TrainConfig
 from zoptim.runs.folder import FolderError, Lock, checkpoints, latest_named
 from zoptim.runs.guard import LossGuard
+from zoptim.runs.predictions import mean_score, predictions
 from zoptim.tasks import Prompt, Splits, load_task
 from zoptim.tasks.data import SPLITS
 from zoptim.tasks.demonstrations import with_demonstrations
@@ -460,6 +461,10 @@ class Training:
                 raise RunError(f"another process started a run in {self.folder} meanwhile; "
                                "choose another --out")
             yield
+        except BaseException:
+            if not had_run and self.run_.opt.steps == 0:
+                lock.discard()  # a new run that failed before its first step leaves nothing
+            raise
         finally:
             lock.release()
 
@@ -772,8 +777,19 @@ def open_run(folder: str | Path) -> tuple[Run, Path]:
 
 
 def evaluate(folder: str | Path, split: str = "test") -> float:
-    run, _ = open_run(folder)
-    return run.clf.score(getattr(run.splits, split), run.cfg.eval_batch_size)
+    """The run's score on ``split`` at its latest checkpoint. Writes, each whole or not at
+    all, ``predictions.jsonl`` (a line an example: ``runs.predictions``) and ``eval.json``
+    (the split, the metric, the score and the checkpoint) into the run's folder."""
+    run, checkpoint = open_run(folder)
+    records = predictions(run.clf, getattr(run.splits, split), run.splits.labels,
+                          run.cfg.eval_batch_size)
+    score = mean_score(records)
+    folder = Path(folder)
+    write_text(folder / "predictions.jsonl",
+               "".join(json.dumps({"split": split, **r}) + "\n" for r in records))
+    write_json(folder / "eval.json", {"split": split, "metric": run.clf.metric, "score": score,
+                                      "examples": len(records), "checkpoint": checkpoint.name})
+    return score
 
 
 @dataclass

@@ -183,7 +183,12 @@ def _read_saved_dataset(p: Path) -> Iterator[tuple[int, object]]:
         from datasets import load_from_disk
     except ImportError as err:
         raise DataError("a saved dataset needs the datasets package") from err
-    yield from enumerate(load_from_disk(str(p)), 1)
+    try:
+        rows = load_from_disk(str(p))
+    except Exception as err:  # the datasets library raises many kinds for a folder it cannot read
+        raise DataError(f"{p}: a folder must be a dataset saved with datasets' save_to_disk "
+                        f"({type(err).__name__}: {err})") from err
+    yield from enumerate(rows, 1)
 
 
 def _lines(p: Path) -> Iterator[tuple[int, str]]:
@@ -214,7 +219,14 @@ def _read_delimited(p: Path) -> Iterator[tuple[int, object]]:
     numbered = _lines(p)
     reader = csv.DictReader((line for _, line in numbered),
                             delimiter="\t" if p.suffix == ".tsv" else ",")
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # a cell over the csv module's field limit, a stray NUL
+            raise DataError(f"{p}:{reader.line_num + 1}: not readable as "
+                            f"{'TSV' if p.suffix == '.tsv' else 'CSV'} ({err})") from err
         if None in row or None in row.values():
             raise DataError(f"{p}:{reader.line_num}: {len(reader.fieldnames)} cells expected "
                             "(as in the header row)")

@@ -19,6 +19,26 @@ import torch
 from zoptim.tasks.data import DataError, cache_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The largest image a task may hold (width x height): every file's header is checked against it
+# before a run starts, so that no image decompresses to gigapixels in the middle of a run.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def _open(path: str | Path):
+    """An image file opened lazily (only its header read), refused when it is not an image
+    or larger than ``MAX_IMAGE_PIXELS``."""
+    from PIL import Image
+
+    try:
+        img = Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise DataError(f"image {path} is {width} x {height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS:,}; resize it")
+    return img
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,9 +53,9 @@ class ImageExample:
         from PIL import Image
 
         try:
-            with Image.open(self.image) as img:
+            with _open(self.image) as img:
                 array = np.asarray(img.convert("RGB"))
-        except OSError as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {self.image}: {err}") from err
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
@@ -109,6 +129,8 @@ def load_image_folder(path: str | None):
     pool = []
     for index, name in enumerate(classes):
         pool += [ImageExample(str(f), index) for f in _class_images(root / name)]
+    for example in pool:  # every header, before anything is decoded or written
+        _open(example.image).close()
     return pool, classes
 
 
