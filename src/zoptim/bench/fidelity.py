@@ -47,6 +47,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -180,63 +181,107 @@ def measure_method(point: Point, name: str, settings: dict, draws: int, curve_dr
     """One method's fidelity at ``point`` (see the module's docstring)."""
     lr = float(settings["lr"])
     lrs = [lr * f for f in lr_factors]
+    drawn = _draw(point, name, settings, draws, curve_draws, lrs, seed)
+    keys = sorted(drawn.same[0], key=lambda key: (key != ALL, key))
+    per_query = drawn.queries / draws
+    d_norm = {key: statistics.fmean(n[key] for n in drawn.d_norms) for key in keys}
+    descent = _descent(drawn.curves, lrs, per_query)
+    return {
+        "name": name, "settings": settings, "queries_per_step": per_query,
+        "seconds_per_step": drawn.seconds / draws, "draws": draws,
+        "cos_batch": {key: summary([c[key] for c in drawn.same]) for key in keys},
+        "cos_heldout": {key: summary([c[key] for c in drawn.held]) for key in keys},
+        "cos_mean_direction": {
+            "batch": cosines(drawn.mean_d, point.grad_batch, point.kinds),
+            "heldout": cosines(drawn.mean_d, point.grad_heldout, point.kinds)},
+        "direction_norm": d_norm,
+        "descent": descent,
+        # the one step's quadratic model from the slope s and curvature c: the best rate
+        # s / c and the most one step can descend, s^2 / 2c, per query
+        "one_step": _one_step(drawn.slopes, drawn.bends, per_query),
+        **_best(descent, per_query, d_norm, norms(point.origin, point.kinds)),
+    }
+
+
+@dataclass
+class _Drawn:
+    """What the draws of one method's step measured, draw by draw."""
+
+    mean_d: list[torch.Tensor]  # the draws' mean direction
+    same: list[dict] = field(default_factory=list)  # cosines with the batch's gradient
+    held: list[dict] = field(default_factory=list)  # cosines with the held-out gradient
+    d_norms: list[dict] = field(default_factory=list)  # the direction's norms
+    curves: list[list[float]] = field(default_factory=list)  # held-out loss change per rate
+    slopes: list[float] = field(default_factory=list)
+    bends: list[float] = field(default_factory=list)
+    queries: int = 0
+    seconds: float = 0.0
+
+
+def _draw(point: Point, name: str, settings: dict, draws: int, curve_draws: int,
+          lrs: list[float], seed: int) -> _Drawn:
+    """What ``draws`` draws of a method's step at ``point`` measured (curves: ``curve_draws``)."""
+    lr = float(settings["lr"])
     closure = step_loss(point.run, point.batch)
-    same, held, per_draw_norms, curves, slopes, bends = [], [], [], [], [], []
-    mean_d = [torch.zeros_like(p) for p in point.params]
-    queries, seconds = 0, 0.0
+    drawn = _Drawn([torch.zeros_like(p) for p in point.params])
     for k in range(draws):
         opt = point.run.optimizer(settings, mix(seed, k), name)
         started = time.perf_counter()
         d = update_direction(opt, closure, point.params, point.origin)
-        seconds += time.perf_counter() - started
+        drawn.seconds += time.perf_counter() - started
         # the step as the method takes it, per unit of its lr: each group at its rate's share
         torch._foreach_mul_(d, [r / lr for r in group_rates(opt, point.params)])
-        queries += opt.queries
-        same.append(cosines(d, point.grad_batch, point.kinds))
-        held.append(cosines(d, point.grad_heldout, point.kinds))
-        per_draw_norms.append(norms(d, point.kinds))
-        torch._foreach_add_(mean_d, d, alpha=1.0 / draws)
+        drawn.queries += opt.queries
+        drawn.same.append(cosines(d, point.grad_batch, point.kinds))
+        drawn.held.append(cosines(d, point.grad_heldout, point.kinds))
+        drawn.d_norms.append(norms(d, point.kinds))
+        torch._foreach_add_(drawn.mean_d, d, alpha=1.0 / draws)
         if k < curve_draws:
-            # the curve, and the mirror point of the reference rate: the slope and the
-            # curvature along d (``-lr s + lr^2 c / 2`` and its mirror image)
-            losses = losses_along(point.heldout_loss, point.params, point.origin, d,
-                                  lrs + [-lr])
-            curves.append([v - point.loss_heldout for v in losses[:-1]])
-            at = losses[lrs.index(lr)] if lr in lrs else losses_along(
-                point.heldout_loss, point.params, point.origin, d, [lr])[0]
-            slopes.append((losses[-1] - at) / (2 * lr))
-            bends.append((at + losses[-1] - 2 * point.loss_heldout) / lr**2)
-    keys = sorted(same[0], key=lambda key: (key != ALL, key))
-    per_query = queries / draws
+            curve, slope, bend = _along(point, d, lr, lrs)
+            drawn.curves.append(curve)
+            drawn.slopes.append(slope)
+            drawn.bends.append(bend)
+    return drawn
+
+
+def _along(point: Point, d: list[torch.Tensor], lr: float,
+           lrs: list[float]) -> tuple[list[float], float, float]:
+    """The held-out loss change along ``d`` at each of ``lrs``; slope and curvature at ``lr``."""
+    # the curve, and the mirror point of the reference rate: the slope and the
+    # curvature along d (``-lr s + lr^2 c / 2`` and its mirror image)
+    losses = losses_along(point.heldout_loss, point.params, point.origin, d, lrs + [-lr])
+    curve = [v - point.loss_heldout for v in losses[:-1]]
+    at = losses[lrs.index(lr)] if lr in lrs else losses_along(
+        point.heldout_loss, point.params, point.origin, d, [lr])[0]
+    return (curve, (losses[-1] - at) / (2 * lr),
+            (at + losses[-1] - 2 * point.loss_heldout) / lr**2)
+
+
+def _descent(curves: list[list[float]], lrs: list[float], per_query: float) -> dict:
+    """Per rate of ``lrs``: the held-out loss change, descent per query and share descending."""
     change = [summary([c[i] for c in curves]) for i in range(len(lrs))]
-    measured = [i for i in range(len(lrs)) if change[i]["mean"] is not None]
-    best = min(measured, key=lambda i: change[i]["mean"]) if measured else None
-    d_norm = {key: statistics.fmean(n[key] for n in per_draw_norms) for key in keys}
-    w_norm = norms(point.origin, point.kinds)
     return {
-        "name": name, "settings": settings, "queries_per_step": per_query,
-        "seconds_per_step": seconds / draws, "draws": draws,
-        "cos_batch": {key: summary([c[key] for c in same]) for key in keys},
-        "cos_heldout": {key: summary([c[key] for c in held]) for key in keys},
-        "cos_mean_direction": {
-            "batch": cosines(mean_d, point.grad_batch, point.kinds),
-            "heldout": cosines(mean_d, point.grad_heldout, point.kinds)},
-        "direction_norm": d_norm,
-        "descent": {
-            "lr": lrs, "curve_draws": len(curves),
-            "loss_change": change,
-            "descent_per_query": [None if c["mean"] is None else -c["mean"] / per_query
-                                  for c in change],
-            "share_descending": [statistics.fmean(cv[i] < 0 for cv in curves) if curves
-                                 else None for i in range(len(lrs))]},
-        # the one step's quadratic model from the slope s and curvature c: the best rate
-        # s / c and the most one step can descend, s^2 / 2c, per query
-        "one_step": _one_step(slopes, bends, per_query),
-        "best_lr": None if best is None else lrs[best],
-        "best_descent_per_query": None if best is None else -change[best]["mean"] / per_query,
+        "lr": lrs, "curve_draws": len(curves),
+        "loss_change": change,
+        "descent_per_query": [None if c["mean"] is None else -c["mean"] / per_query
+                              for c in change],
+        "share_descending": [statistics.fmean(cv[i] < 0 for cv in curves) if curves
+                             else None for i in range(len(lrs))]}
+
+
+def _best(descent: dict, per_query: float, d_norm: dict, w_norm: dict) -> dict:
+    """The rate of the most mean held-out descent, its descent per query and relative update."""
+    lrs, change = descent["lr"], descent["loss_change"]
+    measured = [i for i in range(len(lrs)) if change[i]["mean"] is not None]
+    if not measured:
+        return {"best_lr": None, "best_descent_per_query": None, "relative_update_at_best": None}
+    best = min(measured, key=lambda i: change[i]["mean"])
+    return {
+        "best_lr": lrs[best],
+        "best_descent_per_query": -change[best]["mean"] / per_query,
         # how far one step at the best rate moves each kind of tensor, against its size
-        "relative_update_at_best": None if best is None else {
-            key: lrs[best] * d_norm[key] / w_norm[key] for key in keys if w_norm.get(key)},
+        "relative_update_at_best": {key: lrs[best] * d_norm[key] / w_norm[key]
+                                    for key in d_norm if w_norm.get(key)},
     }
 
 
@@ -309,42 +354,60 @@ def run(config_path: str | Path, out: str | Path, log=print, spec: dict | None =
     ``fidelity.png``."""
     spec = spec if spec is not None else run_config.read_file(config_path)
     methods = _spec_methods(spec)
-    draws, curve_draws = int(spec.get("draws", 64)), int(spec.get("curve_draws", 16))
-    factors = [float(f) for f in spec.get("lr_factors", LR_FACTORS)]
-    heldout, seed = int(spec.get("heldout", 64)), int(spec.get("seed", 0))
-    if draws < 2 or not 0 <= curve_draws <= draws:
-        raise ValueError("draws must be at least 2, and curve_draws between 0 and draws")
+    settings, heldout, seed = _options(spec)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fidelity.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    settings = dict(draws=draws, curve_draws=curve_draws, lr_factors=factors,
-                    base=spec.get("base", {}))
-    if any(results.get(k, v) != v for k, v in settings.items()):
-        raise ValueError(f"{path} was measured with other draws, rates or base settings: "
-                         "choose another --out")
-    results.update(config=str(config_path), **settings)
-    results.setdefault("points", {})
+    results = _kept_results(path, settings, config_path)
     for step, make in _points(spec, out, log):
         entry = results["points"].setdefault(str(step), {"methods": {}})
-        if all(m["label"] in entry["methods"] for m in methods):
+        todo = [m for m in methods if m["label"] not in entry["methods"]]
+        if not todo:  # measured already: its run is not even built
             continue
         point = Point(make(), step, heldout, seed)
         entry.update(point.describe())
-        for m in methods:
-            if m["label"] in entry["methods"]:
-                continue
-            n = int(m["draws"] or draws)  # a costly step (a population) may take fewer
-            log(f"step {step}: {m['label']} ({n} draws)")
-            entry["methods"][m["label"]] = measure_method(point, m["name"], m["settings"], n,
-                                                          min(curve_draws, n), factors,
-                                                          mix(seed, step))
-            write_json(path, results)
+        _measure_methods(point, todo, entry["methods"], settings, seed,
+                         lambda: write_json(path, results), log)
     write_json(path, results)
     plot(results, out / "fidelity.png")
     (out / "fidelity.md").write_text(report(results))
     log(f"fidelity: {path}")
     return results
+
+
+def _options(spec: dict) -> tuple[dict, int, int]:
+    """The settings ``fidelity.json`` records, the number of held-out examples and the seed."""
+    draws, curve_draws = int(spec.get("draws", 64)), int(spec.get("curve_draws", 16))
+    factors = [float(f) for f in spec.get("lr_factors", LR_FACTORS)]
+    heldout, seed = int(spec.get("heldout", 64)), int(spec.get("seed", 0))
+    if draws < 2 or not 0 <= curve_draws <= draws:
+        raise ValueError("draws must be at least 2, and curve_draws between 0 and draws")
+    settings = dict(draws=draws, curve_draws=curve_draws, lr_factors=factors,
+                    base=spec.get("base", {}))
+    return settings, heldout, seed
+
+
+def _kept_results(path: Path, settings: dict, config_path: str | Path) -> dict:
+    """The results kept in ``path`` (or none), checked against ``settings`` and set to them."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if any(results.get(k, v) != v for k, v in settings.items()):
+        raise ValueError(f"{path} was measured with other draws, rates or base settings: "
+                         "choose another --out")
+    results.update(config=str(config_path), **settings)
+    results.setdefault("points", {})
+    return results
+
+
+def _measure_methods(point: Point, methods: list[dict], measured: dict, settings: dict,
+                     seed: int, save, log) -> None:
+    """Adds each of ``methods``' fidelity at ``point`` to ``measured``, saving after each."""
+    for m in methods:
+        n = int(m["draws"] or settings["draws"])  # a costly step (a population) may take fewer
+        log(f"step {point.step}: {m['label']} ({n} draws)")
+        measured[m["label"]] = measure_method(point, m["name"], m["settings"], n,
+                                              min(settings["curve_draws"], n),
+                                              settings["lr_factors"], mix(seed, point.step))
+        save()
 
 
 def _cos(stats: dict) -> str:
@@ -394,6 +457,22 @@ def report(results: dict) -> str:
 def plot(results: dict, path: Path) -> Path | None:
     """Per point, the held-out cosine per kind of tensor (mean and standard deviation over
     draws) and the held-out descent per query against the learning rate, one line a method."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    points = results["points"]
+    fig, axes = plt.subplots(len(points), 2, figsize=(13, 4.2 * len(points)), squeeze=False)
+    for row, (step, entry) in zip(axes, points.items()):
+        _plot_cosines(row[0], step, entry["methods"])
+        _plot_descent(row[1], step, entry["methods"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` drawing off screen, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -401,38 +480,45 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    points = results["points"]
-    fig, axes = plt.subplots(len(points), 2, figsize=(13, 4.2 * len(points)), squeeze=False)
-    for row, (step, entry) in zip(axes, points.items()):
-        methods = entry["methods"]
-        kinds = [k for k in (ALL, *KINDS) if any(k in m["cos_heldout"] for m in methods.values())]
-        width = 0.8 / max(1, len(methods))
-        for i, (label, m) in enumerate(methods.items()):
-            xs = [j + i * width for j in range(len(kinds))]
-            stats = [m["cos_heldout"].get(k, {}) for k in kinds]
-            row[0].bar(xs, [s.get("mean") or 0.0 for s in stats], width,
-                       yerr=[s.get("std") or 0.0 for s in stats], label=label, color=f"C{i % 10}")
-            lrs, dpq = m["descent"]["lr"], m["descent"]["descent_per_query"]
-            if any(v is not None for v in dpq):
-                row[1].plot(lrs, [math.nan if v is None else v for v in dpq], marker="o",
-                            label=label, color=f"C{i % 10}")
-        row[0].set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], kinds, fontsize=8)
-        row[0].axhline(0, color="black", linewidth=0.5)
-        row[0].set_ylabel("cosine with held-out gradient")
-        row[0].set_title(f"step {step}: update direction against backpropagation")
-        row[0].legend(fontsize=7)
-        row[1].set_xscale("log")
-        row[1].set_yscale("symlog", linthresh=1e-5)
-        row[1].axhline(0, color="black", linewidth=0.5)
-        row[1].set_xlabel("learning rate")
-        row[1].set_ylabel("held-out loss decrease per query")
-        row[1].set_title(f"step {step}: one step's held-out descent")
-        if row[1].get_legend_handles_labels()[0]:  # no curve where none was measured
-            row[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plt
+
+
+def _plot_cosines(ax, step: str, methods: dict) -> None:
+    """Draws on ``ax`` each method's held-out cosine per kind of tensor, one bar a method."""
+    kinds = _kinds_measured(methods)
+    width = 0.8 / max(1, len(methods))
+    for i, (label, m) in enumerate(methods.items()):
+        xs = [j + i * width for j in range(len(kinds))]
+        stats = [m["cos_heldout"].get(k, {}) for k in kinds]
+        ax.bar(xs, [s.get("mean") or 0.0 for s in stats], width,
+               yerr=[s.get("std") or 0.0 for s in stats], label=label, color=f"C{i % 10}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], kinds, fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("cosine with held-out gradient")
+    ax.set_title(f"step {step}: update direction against backpropagation")
+    ax.legend(fontsize=7)
+
+
+def _kinds_measured(methods: dict) -> list[str]:
+    """The kinds of tensor (all of them first) any method has a held-out cosine for."""
+    return [k for k in (ALL, *KINDS) if any(k in m["cos_heldout"] for m in methods.values())]
+
+
+def _plot_descent(ax, step: str, methods: dict) -> None:
+    """Draws on ``ax`` each method's held-out descent per query against the learning rate."""
+    for i, (label, m) in enumerate(methods.items()):
+        lrs, dpq = m["descent"]["lr"], m["descent"]["descent_per_query"]
+        if any(v is not None for v in dpq):
+            ax.plot(lrs, [math.nan if v is None else v for v in dpq], marker="o",
+                    label=label, color=f"C{i % 10}")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1e-5)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("held-out loss decrease per query")
+    ax.set_title(f"step {step}: one step's held-out descent")
+    if ax.get_legend_handles_labels()[0]:  # no curve where none was measured
+        ax.legend(fontsize=7)
 
 
 def main(argv=None) -> int:

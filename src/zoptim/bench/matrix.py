@@ -157,11 +157,22 @@ def _config(spec: dict, method: Method, point: dict, seed: int):
 def _layout(spec: dict) -> tuple[list[Method], list[int], str]:
     """The methods, the seeds (the selection seed first) and the baseline's label, checked."""
     methods, seeds = _methods(spec), list(spec.get("seeds") or [0])
+    baseline = _baseline(spec, methods)
+    return methods, _selection_first(spec, methods, seeds), baseline
+
+
+def _baseline(spec: dict, methods: list[Method]) -> str:
+    """The baseline's label, checked to be that of a method that trains."""
     trained = [m.label for m in methods if not m.evaluation]
     baseline = spec.get("baseline", trained[0] if trained else None)
     if baseline not in trained:
         raise BenchError(f"baseline {baseline!r} is not one of the labels of the methods that "
                          f"train {trained}")
+    return baseline
+
+
+def _selection_first(spec: dict, methods: list[Method], seeds: list[int]) -> list[int]:
+    """The seeds with the selection seed first, checked."""
     first = spec.get("selection_seed", seeds[0])
     if first not in seeds:
         raise BenchError(f"selection_seed {first!r} is not one of the seeds {seeds}")
@@ -169,7 +180,7 @@ def _layout(spec: dict) -> tuple[list[Method], list[int], str]:
     if _tuned(methods) and len(seeds) < 2:
         raise BenchError("a tuned benchmark reports on seeds its tuning has not seen: list at "
                          "least one seed besides the selection seed")
-    return methods, seeds, baseline
+    return seeds
 
 
 def _tuned(methods: list[Method]) -> bool:
@@ -263,50 +274,98 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     folder = Path(out)
     list(_cells(spec))  # validates every cell before any runs
     methods, seeds, baseline = _layout(spec)
+    cells, tuning, settings = _run_matrix(spec, methods, seeds, folder, log)
+    results, curves = _figures(cells, tuning, baseline, seeds[0] if _tuned(methods) else None)
+    _measure_steps(spec, methods, tuning, seeds[0], folder, results)
+    _step_time_to_target(results)
+    _add_choices(results, settings, tuning)
+    results["environment"] = environment(config_path, command)
+    _write_report(results, curves, folder, log)
+    return results
+
+
+def _run_matrix(spec: dict, methods: list[Method], seeds: list[int], folder: Path,
+                log) -> tuple[dict[str, dict[int, Path]], dict, dict]:
+    """Every method's run folders by seed, tuning record (if tuned) and settings as it ran."""
     cells: dict[str, dict[int, Path]] = {}
     tuning, settings = {}, {}
     for m in methods:
         if len(m.grid) > 1:
-            tried = {}
-            for point in m.grid:
-                cell = folder / m.label / "grid" / point_name(point)
-                summary = _run_cell(_config(spec, m, point, seeds[0]), cell, log,
-                                    f"{m.label} tuning {point_name(point)}, seed {seeds[0]}")
-                tried[point_name(point)] = summary["after"]["dev_acc"]
-            best = max(range(len(m.grid)), key=lambda i: (tried[point_name(m.grid[i])], -i))
-            chosen = m.grid[best]
-            tuning[m.label] = {"tried": tried, "chosen": point_name(chosen), "seed": seeds[0]}
-            cells[m.label] = {seeds[0]: folder / m.label / "grid" / point_name(chosen)}
+            tuning[m.label], chosen = _tune(spec, m, seeds[0], folder, log)
+            cells[m.label] = {seeds[0]: _grid_cell(folder, m, chosen)}
             rest = seeds[1:]
         else:  # nothing to choose: the selection seed's cell would be left out anyway
             chosen, cells[m.label], rest = m.grid[0], {}, seeds[1:] if _tuned(methods) else seeds
         settings[m.label] = {**m.settings, **chosen}
-        for seed in rest:
-            cell = folder / m.label / f"seed-{seed}"
-            _run_cell(_config(spec, m, chosen, seed), cell, log, f"{m.label} seed {seed}")
-            cells[m.label][seed] = cell
+        cells[m.label].update(_run_seeds(spec, m, chosen, rest, folder, log))
+    return cells, tuning, settings
+
+
+def _grid_cell(folder: Path, m: Method, point: dict) -> Path:
+    """The run folder of a method's tuning cell at ``point``."""
+    return folder / m.label / "grid" / point_name(point)
+
+
+def _tune(spec: dict, m: Method, seed: int, folder: Path, log) -> tuple[dict, dict]:
+    """A tuned method's tuning record on the selection seed ``seed`` and its chosen point."""
+    tried = {}
+    for point in m.grid:
+        summary = _run_cell(_config(spec, m, point, seed), _grid_cell(folder, m, point), log,
+                            f"{m.label} tuning {point_name(point)}, seed {seed}")
+        tried[point_name(point)] = summary["after"]["dev_acc"]
+    # the best final dev accuracy; of equals, the first point listed
+    best = max(range(len(m.grid)), key=lambda i: (tried[point_name(m.grid[i])], -i))
+    chosen = m.grid[best]
+    return {"tried": tried, "chosen": point_name(chosen), "seed": seed}, chosen
+
+
+def _run_seeds(spec: dict, m: Method, point: dict, seeds: list[int], folder: Path,
+               log) -> dict[int, Path]:
+    """The run folders of a method's cells at ``point`` on ``seeds``, by seed."""
+    cells = {}
+    for seed in seeds:
+        cell = folder / m.label / f"seed-{seed}"
+        _run_cell(_config(spec, m, point, seed), cell, log, f"{m.label} seed {seed}")
+        cells[seed] = cell
+    return cells
+
+
+def _figures(cells: dict[str, dict[int, Path]], tuning: dict, baseline: str,
+             selection: int | None) -> tuple[dict, dict]:
+    """The results' figures and curves of the reported cells (all but ``selection``'s)."""
     # where anything was chosen on the selection seed, its cells are left out of the figures
     reported = {label: {seed: cell for seed, cell in by_seed.items()
-                        if not (_tuned(methods) and seed == seeds[0])}
+                        if selection is None or seed != selection}
                 for label, by_seed in cells.items()}
     results, curves = collect(reported, baseline)
-    results["selection_seed"] = seeds[0] if _tuned(methods) else None
+    results["selection_seed"] = selection
     results["seeds"] = sorted({seed for by_seed in reported.values() for seed in by_seed})
     _selection_ratios(tuning, cells, baseline, results["cost"])
+    return results, curves
+
+
+def _measure_steps(spec: dict, methods: list[Method], tuning: dict, seed: int, folder: Path,
+                   results: dict) -> None:
+    """Adds to each method's results its step's memory (and time, where cost is queries)."""
     for m in methods:
-        _measure_step(_config(spec, m, _chosen(m, tuning), seeds[0]), m, folder,
+        _measure_step(_config(spec, m, _chosen(m, tuning), seed), m, folder,
                       results["methods"][m.label], timed=results["cost"] == "queries")
-    _step_time_to_target(results)
+
+
+def _add_choices(results: dict, settings: dict, tuning: dict) -> None:
+    """Adds to each method's results the settings it ran with and its tuning record, if any."""
     for label, entry in results["methods"].items():
         entry["settings"] = settings[label]
         if label in tuning:
             entry["tuning"] = tuning[label]
-    results["environment"] = environment(config_path, command)
+
+
+def _write_report(results: dict, curves: dict, folder: Path, log) -> None:
+    """Writes the plots, ``results.json`` and ``report.md`` into ``folder``."""
     plots = accuracy_plots(curves, folder, reward=results["cost"] == "generations")
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     (folder / "report.md").write_text(report(results, [p.name for p in plots]))
     log(f"report: {folder / 'report.md'}")
-    return results
 
 
 def _selection_ratios(tuning: dict, cells: dict, baseline: str, cost: str) -> None:
