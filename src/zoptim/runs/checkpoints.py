@@ -6,6 +6,7 @@ tensor file, so a truncated or altered checkpoint is found before it is loaded."
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -63,20 +64,17 @@ def save_checkpoint(params: dict, opt, folder: Path, progress: dict) -> Path:
     step = opt.steps
     target = folder / f"checkpoint-{step}"
     staging = folder / f".checkpoint-{step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({n: p.detach().clone(memory_format=torch.contiguous_format)
-               for n, p in params.items()},
-              str(staging / "trainable.safetensors"))
     tensors, info = _optimizer_files(opt)
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    write_json(staging / "optimizer.json", info)
-    for name in TENSOR_FILES:
-        fsync_path(staging / name)
-    write_json(staging / "progress.json",
-               {"step": step, **progress,
-                "sha256": {name: sha256(staging / name) for name in TENSOR_FILES}})
-    fsync_path(staging)
+    try:
+        _write_staged(staging, params, tensors, info, {"step": step, **progress})
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)  # the last whole checkpoint stays
+        if err.errno != errno.ENOSPC:
+            raise
+        size = sum(t.numel() * t.element_size() for t in [*params.values(), *tensors.values()])
+        raise OSError(errno.ENOSPC, f"no space left on the device for the next checkpoint, "
+                      f"which needs about {size / 2**30:.2f} GiB; free that much and continue "
+                      "with --resume", str(target)) from None
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     fsync_path(folder)
@@ -86,6 +84,23 @@ def save_checkpoint(params: dict, opt, folder: Path, progress: dict) -> Path:
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _write_staged(staging: Path, params: dict, tensors: dict, info: dict,
+                  progress: dict) -> None:
+    """A checkpoint's files written and fsynced in ``staging``, with their SHA-256s."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({n: p.detach().clone(memory_format=torch.contiguous_format)
+               for n, p in params.items()},
+              str(staging / "trainable.safetensors"))
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    write_json(staging / "optimizer.json", info)
+    for name in TENSOR_FILES:
+        fsync_path(staging / name)
+    write_json(staging / "progress.json",
+               {**progress, "sha256": {name: sha256(staging / name) for name in TENSOR_FILES}})
+    fsync_path(staging)
 
 
 class CheckpointError(ValueError):

@@ -27,13 +27,8 @@ def check(folder: Path, resume: bool) -> bool:
     """Whether ``folder`` holds a run, once it is checked that a run may be written there:
     a new run needs a missing or empty folder; ``resume`` continues a run (or starts one in
     a missing or empty folder)."""
-    if folder.exists() and not folder.is_dir():
-        raise FolderError(f"{folder} is a file, not a run folder; choose another --out")
-    if not folder.exists():
-        creatable(folder)
+    if not usable(folder):
         return False
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FolderError(f"{folder} is not writable; choose another --out")
     has_run = (folder / "config.json").is_file()
     if not has_run:
         # A run writes config.json first: without it, anything but the lock is not a run's.
@@ -46,6 +41,19 @@ def check(folder: Path, resume: bool) -> bool:
         raise FolderError(f"{folder} already holds a run; pass --resume to continue it or "
                           "choose another --out")
     return has_run
+
+
+def usable(folder: Path) -> bool:
+    """Whether ``folder`` exists, once it is checked that a process may write there: an
+    existing folder must be writable, a missing one must be possible to make."""
+    if folder.exists() and not folder.is_dir():
+        raise FolderError(f"{folder} is a file, not a run folder; choose another --out")
+    if not folder.exists():
+        creatable(folder)
+        return False
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FolderError(f"{folder} is not writable; choose another --out")
+    return True
 
 
 def creatable(folder: Path) -> None:

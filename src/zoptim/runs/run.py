@@ -693,10 +693,24 @@ class Training:
         self.summary["last_dev_acc"] = self.dev
         write_json(self.folder / "summary.json", self.summary)
 
+    def _newest_is_whole(self) -> bool:
+        """Whether ``latest.json`` names a whole checkpoint of the run's current step."""
+        try:
+            named = latest_named(self.folder)
+            return named is not None and named.name == f"checkpoint-{self.run_.opt.steps}" \
+                and check_checkpoint(named) is not None
+        except (FolderError, CheckpointError):
+            return False
+
     def finish(self) -> dict:
         run, opt = self.run_, self.run_.opt
         if not self.lead:
             return {"rank": self.par.rank, "steps": opt.steps, "queries": opt.queries}
+        if not self._newest_is_whole():
+            # a resumed finished run whose newest checkpoint was damaged or missing: its
+            # weights were rolled forward from the journal, and are saved again
+            self.log(f"repairing: the weights at step {opt.steps} are saved again")
+            self.checkpoint()
         if opt.steps == 0:  # no update: the starting model's scores
             self.dev = self.summary["before"]["dev_acc"]
         test = run.clf.score(run.splits.test, self.cfg.eval_batch_size) if opt.steps else \
