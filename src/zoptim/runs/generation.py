@@ -21,10 +21,7 @@ def generate(folder: str | Path, prompts: list[str], max_new_tokens: int | None 
              batch_size: int = 8) -> list[tuple[str, bool]]:
     """Each prompt's greedy completion, with whether it ended before ``max_new_tokens``
     (the run's ``task.max_new_tokens`` when ``None``)."""
-    if not prompts:
-        raise RunError("give at least one prompt")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise RunError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
+    _check_request(prompts, max_new_tokens)
     run, _ = open_run(folder)
     clf = run.clf
     if not getattr(clf, "decoder", False):
@@ -36,10 +33,17 @@ def generate(folder: str | Path, prompts: list[str], max_new_tokens: int | None 
         clf.max_new_tokens = limit
         return clf.generate([Completion(((("user", p),) if chat else p), "", ())
                              for p in prompts], batch_size)
-    tokenizer = clf.tokenizer
-    ids = [_chat_ids(tokenizer, p) if chat else tokenizer(p).input_ids for p in prompts]
+    ids = [_chat_ids(clf.tokenizer, p) if chat else clf.tokenizer(p).input_ids
+           for p in prompts]
     return [(text.strip(), ended) for text, ended in
-            greedy(clf.backbone, tokenizer, ids, limit, batch_size)]
+            greedy(clf.backbone, clf.tokenizer, ids, limit, batch_size)]
+
+
+def _check_request(prompts: list[str], max_new_tokens: int | None) -> None:
+    if not prompts:
+        raise RunError("give at least one prompt")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise RunError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
 
 
 def _chat_ids(tokenizer, prompt: str) -> list[int]:
