@@ -105,7 +105,8 @@ def names(text: str) -> list[str]:
 def bench_command(args) -> int:
     """A matrix of methods x seeds, or, for a configuration of ``kind = "fidelity"``, the
     estimator-fidelity measurement (``bench.fidelity``)."""
-    from zoptim.bench.matrix import BenchError, run
+    from zoptim.bench.folder import BenchError
+    from zoptim.bench.matrix import run
     from zoptim.runs.config import read_file
 
     kind = read_file(args.config).get("kind", "matrix")
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     from zoptim.runs.config import ConfigError
     from zoptim.integrations.models import ModelError
     from zoptim.tasks.data import DataError
-    from zoptim.bench.matrix import BenchError
+    from zoptim.bench.folder import BenchError
     from zoptim.runs.run import Interrupted, RunError
 
     parser = argparse.ArgumentParser(prog="zoptim", description=__doc__,

@@ -39,7 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from zoptim.bench import command
-from zoptim.bench.matrix import (BenchError, Method, _config, _methods, _run_cell,
+from zoptim.bench.folder import BenchError, Claimed
+from zoptim.bench.matrix import (Method, _config, _methods, _run_cell,
                                  point_name)
 from zoptim.parts.settings import is_rate
 from zoptim.runs import config as run_config
@@ -116,13 +117,13 @@ def run(config_path: str | Path, out: str | Path, log=print) -> dict:
     """Every listed row, calibrated; ``calibration.json`` and ``report.md`` in ``out``."""
     spec = run_config.read_file(config_path)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "calibration.json"
-    done = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    seen = {(r["benchmark"], r["label"]): r for r in done["rows"]}
-    for bench in spec.get("benchmarks") or []:
-        _calibrate_benchmark(bench, seen, done, out, lambda: write_json(path, done), log)
-    (out / "report.md").write_text(report(done))
+    with Claimed(out, config_path):
+        done = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        seen = {(r["benchmark"], r["label"]): r for r in done["rows"]}
+        for bench in spec.get("benchmarks") or []:
+            _calibrate_benchmark(bench, seen, done, out, lambda: write_json(path, done), log)
+        (out / "report.md").write_text(report(done))
     log(f"calibration: {out / 'report.md'}")
     return done
 

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from zoptim.bench import command
+from zoptim.bench.folder import Claimed
 from zoptim.noise import mix
 from zoptim.runs import config as run_config
 from zoptim.runs.checkpoints import write_json
@@ -356,21 +357,21 @@ def run(config_path: str | Path, out: str | Path, log=print, spec: dict | None =
     methods = _spec_methods(spec)
     settings, heldout, seed = _options(spec)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "fidelity.json"
-    results = _kept_results(path, settings, config_path)
-    for step, make in _points(spec, out, log):
-        entry = results["points"].setdefault(str(step), {"methods": {}})
-        todo = [m for m in methods if m["label"] not in entry["methods"]]
-        if not todo:  # measured already: its run is not even built
-            continue
-        point = Point(make(), step, heldout, seed)
-        entry.update(point.describe())
-        _measure_methods(point, todo, entry["methods"], settings, seed,
-                         lambda: write_json(path, results), log)
-    write_json(path, results)
-    plot(results, out / "fidelity.png")
-    (out / "fidelity.md").write_text(report(results))
+    with Claimed(out, config_path):
+        results = _kept_results(path, settings, config_path)
+        for step, make in _points(spec, out, log):
+            entry = results["points"].setdefault(str(step), {"methods": {}})
+            todo = [m for m in methods if m["label"] not in entry["methods"]]
+            if not todo:  # measured already: its run is not even built
+                continue
+            point = Point(make(), step, heldout, seed)
+            entry.update(point.describe())
+            _measure_methods(point, todo, entry["methods"], settings, seed,
+                             lambda: write_json(path, results), log)
+        write_json(path, results)
+        plot(results, out / "fidelity.png")
+        (out / "fidelity.md").write_text(report(results))
     log(f"fidelity: {path}")
     return results
 

@@ -63,11 +63,8 @@ from zoptim.runs.checkpoints import write_json
 from zoptim.runs.run import Diverged, build, open_run, train
 from zoptim.bench import step_time
 from zoptim.bench.figures import SMOOTH, load_curve, spread, to_target
+from zoptim.bench.folder import BenchError, Claimed, check_name
 from zoptim.bench.plots import accuracy_plots
-
-
-class BenchError(ValueError):
-    pass
 
 
 @dataclass
@@ -101,6 +98,7 @@ def point_name(point: dict) -> str:
 def _method(m: dict) -> Method:
     """One ``[[methods]]`` entry as a ``Method``, its grid expanded to points."""
     label = m.get("label", m.get("name"))
+    check_name("method label", label)
     extra = {k: v for k, v in m.items() if k not in ("label", "name", "settings", "grid")}
     if extra.get("steps") == 0:
         if label is None or m.get("grid"):
@@ -110,8 +108,10 @@ def _method(m: dict) -> Method:
         return Method(label, m.get("name", "mezo"), m.get("settings", {}), extra, [{}])
     if "name" not in m:
         raise BenchError(f"method {label!r}: give its name (a method of zoptim train)")
-    return Method(label, m["name"], m.get("settings", {}), extra,
-                  _grid_points(m.get("grid") or {}, label))
+    points = _grid_points(m.get("grid") or {}, label)
+    for point in points:
+        check_name(f"method {label!r}: grid point", point_name(point))
+    return Method(label, m["name"], m.get("settings", {}), extra, points)
 
 
 def _check_methods(methods: list[Method]) -> None:
@@ -274,13 +274,15 @@ def run(config_path: str, out: str | Path, log=print, command: list[str] | None 
     folder = Path(out)
     list(_cells(spec))  # validates every cell before any runs
     methods, seeds, baseline = _layout(spec)
-    cells, tuning, settings = _run_matrix(spec, methods, seeds, folder, log)
-    results, curves = _figures(cells, tuning, baseline, seeds[0] if _tuned(methods) else None)
-    _measure_steps(spec, methods, tuning, seeds[0], folder, results)
-    _step_time_to_target(results)
-    _add_choices(results, settings, tuning)
-    results["environment"] = environment(config_path, command)
-    _write_report(results, curves, folder, log)
+    with Claimed(folder, config_path):
+        cells, tuning, settings = _run_matrix(spec, methods, seeds, folder, log)
+        results, curves = _figures(cells, tuning, baseline,
+                                   seeds[0] if _tuned(methods) else None)
+        _measure_steps(spec, methods, tuning, seeds[0], folder, results)
+        _step_time_to_target(results)
+        _add_choices(results, settings, tuning)
+        results["environment"] = environment(config_path, command)
+        _write_report(results, curves, folder, log)
     return results
 
 
