@@ -212,8 +212,11 @@ def test_ctrl_c_says_where_the_run_stands_and_resume_finishes_it(tmp_path):
     assert last.startswith("zoptim train: interrupted at step") and last.endswith("--resume")
     stood = int(last.split("interrupted at step ")[1].split()[0])
     assert stood >= 3
+    # the command printed works as printed: the run reads its own configuration
+    printed = last.split("continue with ")[1].split()
+    assert printed == ["zoptim", "train", "--out", str(out), "--resume"]
+    assert main([*printed[1:], "--steps", str(stood + 2), "--no-progress"]) == 0
     end = f"steps={stood + 2}"
-    assert main(args(out, end, "save_every=2", extra=["--resume"])) == 0
     assert main(args(tmp_path / "whole", end, "save_every=2")) == 0
     assert same(weights(out, stood + 2), weights(tmp_path / "whole", stood + 2))
 

@@ -35,9 +35,11 @@ def _overrides(args) -> list[str]:
 
 def train_command(args) -> int:
     from zoptim.runs import config
-    from zoptim.runs.run import train
+    from zoptim.runs.run import resumed_config, train
 
-    train(config.load(args.config, _overrides(args)), args.out, resume=args.resume,
+    # a resumed run reads its own configuration: the command it printed works as printed
+    cfg = resumed_config(args.out, _overrides(args)) if args.resume and not args.config else None
+    train(cfg or config.load(args.config, _overrides(args)), args.out, resume=args.resume,
           progress=not args.no_progress)
     return 0
 

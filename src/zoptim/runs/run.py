@@ -761,14 +761,23 @@ def read_calibration(folder: Path) -> Calibration | None:
         raise RunError(f"{path} is damaged ({err}); the run's rates cannot be known") from err
 
 
-def _saved_config(folder: Path) -> TrainConfig:
+def _saved_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
+    """The configuration a run folder was started with, ``overrides`` set over it."""
     if not (folder / "config.json").is_file():
         raise RunError(f"{folder} holds no run (no config.json)")
     try:
         data = json.loads((folder / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise RunError(f"{folder / 'config.json'} is damaged ({err})") from err
-    return config.build(data)
+    return config.build(config.apply_overrides(data, list(overrides)))
+
+
+def resumed_config(folder: str | Path, overrides: list[str]) -> TrainConfig | None:
+    """What ``zoptim train --out FOLDER --resume`` trains without ``--config``: the run's
+    own configuration with ``overrides`` (``--steps``, ``--set``) over it; ``None`` where
+    the folder holds no run yet."""
+    folder = Path(folder)
+    return _saved_config(folder, overrides) if (folder / "config.json").is_file() else None
 
 
 def _latest(folder: Path) -> Path | None:
