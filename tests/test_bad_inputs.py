@@ -105,10 +105,10 @@ CASES = [
     ("--out that is a file", lambda run, tmp: train_args(tmp / "out_file"), "is a file"),
     ("resume with fewer steps than done", lambda run, tmp: train_args(run, "steps=1", extra=["--resume"]), "give --steps 2 or more"),
     # settings
-    ("text for the learning rate", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=\"fast\""), "lr='fast' is invalid"),
+    ("text for the learning rate", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=\"fast\""), "method.settings.lr: expected float or \"auto\", got 'fast'"),
     ("infinite learning rate", lambda run, tmp: train_args(tmp / "o", "method.settings.lr=inf"), "lr=inf is invalid"),
     ("infinite eps", lambda run, tmp: train_args(tmp / "o", "method.settings.eps=inf"), "eps=inf is invalid"),
-    ("true as a count of directions", lambda run, tmp: train_args(tmp / "o", "method.settings.directions=true"), "directions=True is invalid"),
+    ("true as a count of directions", lambda run, tmp: train_args(tmp / "o", "method.settings.directions=true"), "method.settings.directions: expected int, got True"),
     ("max_length beyond the model", lambda run, tmp: train_args(tmp / "o", "model.max_length=100000"), "model.max_length=100000 exceeds"),
     # data files: the file and the row are named
     ("empty text cell", lambda run, tmp: train_args(tmp / "o", *data(tmp, "empty.csv")), "empty.csv:3: 'text' is empty"),

@@ -47,7 +47,17 @@ METHODS = {
 def model_arguments(cls, model, stacked_closure: bool = True) -> dict:
     """The ``model=`` argument a method takes, if any: always where it needs the model
     (forward gradient), and where it only turns batched queries on, when the closure can
-    evaluate a stacked batch (``closure(slices)``)."""
+    evaluate a stacked batch (``closure(slices)``).
+
+    Args:
+        cls (type): the method's class.
+        model (torch.nn.Module): the module the closure runs.
+        stacked_closure (bool, optional): whether the closure evaluates a stacked batch.
+            Default: True.
+
+    Returns:
+        ``{"model": model}``, or an empty dict.
+    """
     uses = getattr(cls, "uses_model", None)
     if uses == "required" or (uses == "optional" and stacked_closure):
         return {"model": model}
@@ -56,7 +66,15 @@ def model_arguments(cls, model, stacked_closure: bool = True) -> dict:
 
 def batch_arguments(cls, batch_size: int) -> dict:
     """The ``examples=`` argument of a method that draws one direction per example of the
-    batch (GRZO): the batch's size."""
+    batch (GRZO): the batch's size.
+
+    Args:
+        cls (type): the method's class.
+        batch_size (int): the examples of a batch.
+
+    Returns:
+        ``{"examples": batch_size}``, or an empty dict.
+    """
     return {"examples": batch_size} if getattr(cls, "per_example_directions", False) else {}
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from zoptim.engine.optimizer import ZOOptimizer
-from zoptim.parts.spaces import Dense
+from zoptim.parts.spaces import Dense, Space
+from zoptim.parts.transforms import Transform
 
 
 class Composed(ZOOptimizer):
@@ -17,23 +20,40 @@ class Composed(ZOOptimizer):
                               space=lambda group: Dense("rademacher"),
                               transforms=[ClipNorm(1.0), Momentum(0.9)])
 
+    The update, with ``g`` the estimator's directional derivatives lifted through each
+    group's space and ``T_1, ..., T_k`` the transforms:
+
+        theta <- theta - lr * (T_k(... T_1(g)) + weight_decay * theta)
+
     Args:
-        params: tensors or parameter groups.
-        estimator: how evaluations become directional derivatives (``parts.estimators``).
-        lr: learning rate.
-        eps: perturbation scale.
-        weight_decay: decoupled weight decay.
-        noise: ``"gaussian"`` or ``"rademacher"`` (the default space's noise).
-        space: a function of a parameter group giving its space (dense noise of the group's
-            kind if omitted).
-        transforms: applied in order to every tensor's estimate.
-        seed: every direction derives from it (random when ``None``).
-        foreach: as for every method (see ``ZOOptimizer``).
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        estimator (callable): how evaluations become directional derivatives
+            (``parts.estimators``).
+        lr (float): learning rate (required).
+        eps (float, optional): perturbation scale. Default: 1e-3.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` (the default space's
+            noise). Default: ``"gaussian"``.
+        space (callable, optional): a function of a parameter group giving its space (dense
+            noise of the group's kind if ``None``). Default: None.
+        transforms (sequence, optional): applied in order to every tensor's estimate.
+            Default: ``()``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
-    def __init__(self, params, estimator, *, lr: float, eps: float = 1e-3,
-                 weight_decay: float = 0.0, noise: str = "gaussian", space=None,
-                 transforms=(), seed: int | None = None, foreach: bool | None = None):
+    def __init__(self, params, estimator: Callable, *, lr: float, eps: float = 1e-3,
+                 weight_decay: float = 0.0, noise: str = "gaussian",
+                 space: Callable[[dict], Space] | None = None,
+                 transforms: Sequence[Transform] = (), seed: int | None = None,
+                 foreach: bool | None = None):
         self._space_of = space or (lambda group: Dense(group["noise"]))
         self._chain = list(transforms)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise),

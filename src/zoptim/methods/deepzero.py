@@ -25,6 +25,7 @@ Model Training"): training small networks from scratch with coordinate-wise esti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call, vmap
@@ -58,24 +59,41 @@ def _check(model, lr, mu, sparsity, parallel) -> None:
 
 
 class DeepZero(Counted, torch.optim.Optimizer):
-    """DeepZero's training (see the module's docstring); ``step(inputs, targets)``.
+    """DeepZero's training (Chen et al., ICLR 2024, "DeepZero: Scaling up Zeroth-Order
+    Optimization for Deep Model Training"; the module's docstring describes its parts):
+    coordinate-wise estimates on a fresh random set of coordinates a step, each layer's share
+    from the ZO-GraSP prior, with feature reuse and forward parallelism.
+    ``step(inputs, targets)``; a step costs one query at ``theta`` and one per sampled
+    coordinate (and the prior's, once, before the first step).
+
+    The update, with ``S`` the step's coordinates and ``e_i`` the ``i``-th unit vector:
+
+        g_i = (f(theta + mu e_i) - f(theta)) / mu    for i in S,    g_i = 0 elsewhere
+        b <- momentum * b + g                        (b = g at the first step)
+        theta <- theta - lr * b
 
     Args:
-        model: an ``nn.Sequential`` (features are reused layer by layer).
-        loss_fn: ``loss_fn(outputs, targets)``, the objective.
-        lr: learning rate.
-        mu: the coordinate finite difference's step.
-        sparsity: the fraction of coordinates left out of each step, in [0, 1); each layer's
-            share comes from the ZO-GraSP prior.
-        momentum: heavy-ball momentum of the coordinate estimates.
-        prior_queries: random directions of each gradient estimate of the prior.
-        parallel: coordinate queries run in one vectorized forward (``1``: one by one).
-        seed: every random choice derives from it (random when ``None``).
+        model (torch.nn.Sequential): an ``nn.Sequential`` (features are reused layer by
+            layer); its trainable parameters are optimized.
+        loss_fn (callable): ``loss_fn(outputs, targets)``, the objective.
+        lr (float, optional): learning rate. Default: 0.1.
+        mu (float, optional): the coordinate finite difference's step. Default: 5e-3.
+        sparsity (float, optional): the fraction of coordinates left out of each step, in
+            [0, 1); each layer's share comes from the ZO-GraSP prior. Default: 0.5.
+        momentum (float, optional): heavy-ball momentum of the coordinate estimates.
+            Default: 0.9.
+        prior_queries (int, optional): random directions of each gradient estimate of the
+            prior. Default: 64.
+        parallel (int, optional): coordinate queries run in one vectorized forward (``1``:
+            one by one). Default: 64.
+        seed (int, optional): every random choice derives from it (random when ``None``).
+            Default: None.
     """
 
     replayable = False
 
-    def __init__(self, model: torch.nn.Sequential, loss_fn, lr: float = 0.1, mu: float = 5e-3,
+    def __init__(self, model: torch.nn.Sequential,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], lr: float = 0.1, mu: float = 5e-3,
                  sparsity: float = 0.5, momentum: float = 0.9, prior_queries: int = 64,
                  parallel: int = 64, seed: int | None = None):
         _check(model, lr, mu, sparsity, parallel)
@@ -142,7 +160,15 @@ class DeepZero(Counted, torch.optim.Optimizer):
 
     @torch.no_grad()
     def prior(self, x, y) -> list[float]:
-        """ZO-GraSP: the layer-wise densities from ``-theta * (H g)``, estimated on a batch."""
+        """ZO-GraSP: the layer-wise densities from ``-theta * (H g)``, estimated on a batch.
+
+        Args:
+            x: the batch's inputs.
+            y: the batch's targets.
+
+        Returns:
+            Each optimized parameter's density, in order.
+        """
         key = mix(self.seed, 0x6A5)
         saved = [p.detach().clone() for _, p in self._where]
         g = self._rge(x, y, key)
@@ -159,7 +185,16 @@ class DeepZero(Counted, torch.optim.Optimizer):
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, x, y) -> float:  # type: ignore[override]
-        """One step of CGE on a fresh sparse set of coordinates; returns the loss at theta."""
+        """One step of CGE on a fresh sparse set of coordinates (the prior first, if it is
+        not yet estimated).
+
+        Args:
+            x: the batch's inputs.
+            y: the batch's targets.
+
+        Returns:
+            The loss at theta, before the update.
+        """
         if self.density is None:
             self.prior(x, y)
         group = self.param_groups[0]

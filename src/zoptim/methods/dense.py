@@ -12,52 +12,52 @@ from zoptim.parts.estimators import JVP, Central, StdNormalized, ThreePoint
 from zoptim.parts.spaces import Dense, HessianScaled, Masked
 from zoptim.parts.transforms import Adam, Momentum, Sign
 
-COMMON_ARGS = """
-        lr: learning rate.
-        eps: perturbation scale (the finite difference's step).
-        weight_decay: decoupled weight decay, ``p <- p (1 - lr * weight_decay)``, applied
-            to every tensor of a group (put biases and norms in a group of their own to
-            exempt them).
-        noise: ``"gaussian"`` or ``"rademacher"`` perturbations.
-        seed: every direction derives from it (random when ``None``); two optimizers with
-            one seed and one objective take the same steps.
-        foreach: write the tensors of one shape together (one ``_foreach_add_`` a set)
-            rather than one by one; ``None``: on CUDA (``torch.optim``'s rule) and under
-            batched queries (see ``ZOOptimizer``)."""
-
-
-def documented(cls):
-    """Put the arguments every method shares into the class docstring's ``Args`` list."""
-    cls.__doc__ = cls.__doc__.replace("        {common}", COMMON_ARGS.strip("\n"))
-    return cls
-
-
-@documented
 class MeZO(ZOOptimizer):
     """ZO-SGD with seeded in-place perturbations: MeZO (Malladi et al., 2023, "Fine-Tuning
-    Language Models with Just Forward Passes", arXiv 2305.17333).
+    Language Models with Just Forward Passes", arXiv 2305.17333). A direction is regenerated
+    from its seed whenever it is needed, so none is stored; ``directions > 1`` averages that
+    many directions (n-SPSA), two evaluations each.
 
-    ``theta <- theta - lr * ((f(theta + eps z) - f(theta - eps z)) / (2 eps) * z + wd * theta)``
-    with ``z ~ N(0, I)`` (or Rademacher); ``directions > 1`` averages that many directions
-    (n-SPSA), two evaluations each.
+    The update, with ``z ~ N(0, I)`` (or Rademacher):
+
+        g = (f(theta + eps z) - f(theta - eps z)) / (2 eps) * z
+        theta <- theta - lr * (g + weight_decay * theta)
 
     Args:
-        params: tensors or parameter groups (dicts with per-group settings).
-        {common}
-        directions: random directions a step; each costs two
-            evaluations.
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-6.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        directions (int, optional): random directions a step; each costs two evaluations.
+            Default: 1.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
-
-    # Settings a subclass adds to the groups (passed through ``extra``); anything else is a typo.
-    own_settings: tuple[str, ...] = ()
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  directions: int = 1, noise: str = "gaussian", seed: int | None = None,
-                 foreach: bool | None = None, **extra):
-        settings.unknown(type(self), extra, self.own_settings)
+                 foreach: bool | None = None):
+        self._setup(params, {}, lr=lr, eps=eps, weight_decay=weight_decay,
+                    directions=directions, noise=noise, seed=seed, foreach=foreach)
+
+    def _setup(self, params, own: dict, *, lr: float, eps: float, weight_decay: float,
+               directions: int, noise: str, seed: int | None, foreach: bool | None) -> None:
+        """Build the optimizer; a subclass passes the settings it adds to the groups in
+        ``own``."""
         settings.check("directions", directions)
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, noise=noise,
-                                      **extra), Central(directions), seed=seed, foreach=foreach)
+        ZOOptimizer.__init__(self, params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
+                                                noise=noise, **own),
+                             Central(directions), seed=seed, foreach=foreach)
 
 
 ZOSGD = MeZO
@@ -66,18 +66,40 @@ ZOSGD = MeZO
 class ZOSGDMomentum(MeZO):
     """ZO-SGD with heavy-ball momentum (ZO-SGD-MMT in Zhang et al., 2024, "Revisiting
     Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning: A Benchmark",
-    arXiv 2402.11592): ``b <- momentum * b + g``, ``theta <- theta - lr * b``, as
-    ``torch.optim.SGD`` (one dense buffer per parameter).
+    arXiv 2402.11592), as ``torch.optim.SGD`` (one dense buffer per parameter).
+
+    The update, with ``g`` MeZO's estimate (central differences along ``z ~ N(0, I)``):
+
+        b <- momentum * b + g                (b = g at the first step)
+        theta <- theta - lr * (b + weight_decay * theta)
 
     Args:
-        momentum: the buffer's decay, in [0, 1).
-        Everything else as :class:`MeZO`.
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-6.
+        momentum (float, optional): the buffer's decay, in [0, 1). Default: 0.9.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        directions (int, optional): random directions a step; each costs two evaluations.
+            Default: 1.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
-    own_settings = ("momentum",)
-
-    def __init__(self, params, lr: float = 1e-6, momentum: float = 0.9, **kw):
-        super().__init__(params, lr=lr, momentum=momentum, **kw)
+    def __init__(self, params, lr: float = 1e-6, momentum: float = 0.9, *, eps: float = 1e-3,
+                 weight_decay: float = 0.0, directions: int = 1, noise: str = "gaussian",
+                 seed: int | None = None, foreach: bool | None = None):
+        self._setup(params, dict(momentum=momentum), lr=lr, eps=eps, weight_decay=weight_decay,
+                    directions=directions, noise=noise, seed=seed, foreach=foreach)
 
     def transforms(self, group):
         return [Momentum(group["momentum"])]
@@ -85,13 +107,40 @@ class ZOSGDMomentum(MeZO):
 
 class ZOSignSGD(MeZO):
     """ZO-signSGD (Liu et al., 2019, "signSGD via Zeroth-Order Oracle", ICLR): the update is
-    the elementwise sign of the estimate, ``theta <- theta - lr * sign(g)``. (The benchmark
-    code of arXiv 2402.11592 instead takes the sign of the scalar difference only.)
+    the elementwise sign of MeZO's estimate ``g``, so every entry moves by ``lr`` (hence the
+    smaller default rate). (The benchmark code of arXiv 2402.11592 instead takes the sign of
+    the scalar difference only.)
 
-    Args: as :class:`MeZO` (``lr`` default 1e-7: every entry moves by ``lr``)."""
+    The update:
 
-    def __init__(self, params, lr: float = 1e-7, **kw):
-        super().__init__(params, lr=lr, **kw)
+        theta <- theta - lr * (sign(g) + weight_decay * theta)
+
+    Args:
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate, the length of every entry's move. Default: 1e-7.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        directions (int, optional): random directions a step; each costs two evaluations.
+            Default: 1.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
+    """
+
+    def __init__(self, params, lr: float = 1e-7, *, eps: float = 1e-3, weight_decay: float = 0.0,
+                 directions: int = 1, noise: str = "gaussian", seed: int | None = None,
+                 foreach: bool | None = None):
+        self._setup(params, {}, lr=lr, eps=eps, weight_decay=weight_decay,
+                    directions=directions, noise=noise, seed=seed, foreach=foreach)
 
     def transforms(self, group):
         return [Sign()]
@@ -99,35 +148,76 @@ class ZOSignSGD(MeZO):
 
 class ZOAdam(MeZO):
     """ZO-Adam (arXiv 2402.11592): Adam's bias-corrected moments of the ZO estimate
-    ``g = c z``, as ``torch.optim.Adam`` (two dense buffers per parameter). Weight decay is
-    decoupled (AdamW style).
+    ``g = c z`` (MeZO's), as ``torch.optim.Adam`` (two dense buffers per parameter). Weight
+    decay is decoupled (AdamW style).
+
+    The update, at step ``t``:
+
+        m <- beta1 m + (1 - beta1) g,    v <- beta2 v + (1 - beta2) g^2
+        theta <- theta - lr * ((m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + adam_eps)
+                               + weight_decay * theta)
 
     Args:
-        betas: the moments' decays.
-        adam_eps: Adam's denominator term (``eps`` is the perturbation scale).
-        Everything else as :class:`MeZO` (``lr`` default 1e-5).
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-5.
+        betas (tuple[float, float], optional): the moments' decays, each in [0, 1).
+            Default: ``(0.9, 0.999)``.
+        adam_eps (float, optional): Adam's denominator term (``eps`` is the perturbation
+            scale). Default: 1e-8.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        directions (int, optional): random directions a step; each costs two evaluations.
+            Default: 1.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
-    own_settings = ("betas", "adam_eps")
-
-    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), adam_eps: float = 1e-8,
-                 **kw):
-        super().__init__(params, lr=lr, betas=tuple(betas), adam_eps=adam_eps, **kw)
+    def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
+                 adam_eps: float = 1e-8, *, eps: float = 1e-3, weight_decay: float = 0.0,
+                 directions: int = 1, noise: str = "gaussian", seed: int | None = None,
+                 foreach: bool | None = None):
+        self._setup(params, dict(betas=tuple(betas), adam_eps=adam_eps), lr=lr, eps=eps,
+                    weight_decay=weight_decay, directions=directions, noise=noise, seed=seed,
+                    foreach=foreach)
 
     def transforms(self, group):
         return [Adam(group["betas"], group["adam_eps"])]
 
 
-@documented
 class ZOSGDConservative(ZOOptimizer):
     """Conservative ZO-SGD (ZO-SGD-Cons, arXiv 2402.11592): after the ZO-SGD step, keep the
     best of ``theta - lr g``, ``theta + lr g`` and ``theta`` by their losses on the same batch.
     5 evaluations a step: ``f(theta)`` and the central difference, then the two candidates.
     Ties keep the earlier candidate in that order. No weight decay (none in the reference).
 
+    The update, with ``g`` MeZO's estimate:
+
+        theta <- argmin f(c)  over  c in (theta - lr g, theta + lr g, theta)
+
     Args:
-        params: tensors or parameter groups.
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-6.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
     evaluates_after_update = True
@@ -145,17 +235,33 @@ class ZOSGDConservative(ZOOptimizer):
         self.move(probe, dirs, best[1])
 
 
-@documented
 class ForwardGradient(ZOOptimizer):
     """Forward gradient (Baydin et al., 2022, "Gradients without Backpropagation"): the exact
-    directional derivative along ``z ~ N(0, I)`` by ``torch.func.jvp``, ``g = (grad f . z) z``.
-    One JVP counts as one query. The tangents are materialized: one extra copy of the
-    optimized parameters.
+    directional derivative along ``z ~ N(0, I)`` by ``torch.func.jvp``. One JVP counts as one
+    query. The tangents are materialized: one extra copy of the optimized parameters.
+
+    The update:
+
+        g = (grad f . z) z
+        theta <- theta - lr * (g + weight_decay * theta)
 
     Args:
-        params: tensors or parameter groups.
-        model: the module the closure runs; every optimized parameter must belong to it.
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        model (torch.nn.Module): the module the closure runs; every optimized parameter must
+            belong to it.
+        lr (float, optional): learning rate. Default: 1e-6.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` tangents.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
     uses_model = "required"
@@ -174,15 +280,39 @@ class SparseMeZO(MeZO):
     that a fraction ``1 - sparsity`` is tuned; the mask is recomputed from the current weights
     every step. Chosen here: vectors (biases, norms) stay dense.
 
+    The update, with ``mask`` the entries at most the threshold (all of a vector's):
+
+        g = (f(theta + eps mask * z) - f(theta - eps mask * z)) / (2 eps) * mask * z
+        theta <- theta - lr * (g + weight_decay * theta)
+
     Args:
-        sparsity: the fraction of each matrix's entries left out, in [0, 1).
-        Everything else as :class:`MeZO`.
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-6.
+        sparsity (float, optional): the fraction of each matrix's entries left out, in
+            [0, 1). Default: 0.8.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        directions (int, optional): random directions a step; each costs two evaluations.
+            Default: 1.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
-    own_settings = ("sparsity",)
-
-    def __init__(self, params, lr: float = 1e-6, sparsity: float = 0.8, **kw):
-        super().__init__(params, lr=lr, sparsity=sparsity, **kw)
+    def __init__(self, params, lr: float = 1e-6, sparsity: float = 0.8, *, eps: float = 1e-3,
+                 weight_decay: float = 0.0, directions: int = 1, noise: str = "gaussian",
+                 seed: int | None = None, foreach: bool | None = None):
+        self._setup(params, dict(sparsity=sparsity), lr=lr, eps=eps, weight_decay=weight_decay,
+                    directions=directions, noise=noise, seed=seed, foreach=foreach)
 
     def add_param_group(self, param_group: dict) -> None:
         add_split_group(self, param_group, lambda settings: {})
@@ -193,17 +323,38 @@ class SparseMeZO(MeZO):
         return Dense(group["noise"])
 
 
-@documented
 class HiZOO(ZOOptimizer):
     """HiZOO (Zhao et al., 2024, "Second-Order Fine-Tuning without Pain for LLMs: A Hessian
     Informed Zeroth-Order Optimizer", arXiv 2402.15173): perturbations scaled by a diagonal
     Hessian estimate kept as an EMA with weight ``smoothing`` (the authors' ``alpha``), three
-    evaluations a step. One dense buffer per parameter.
+    evaluations a step (``f(theta)`` and the central difference). One dense buffer per
+    parameter.
+
+    The update, with ``H`` the diagonal Hessian estimate (ones at the first step) and
+    ``f(+-) = f(theta +- eps z / sqrt(H))``, ``f(0) = f(theta)``:
+
+        H <- (1 - smoothing) H + smoothing * |f(+) + f(-) - 2 f(0)| / (2 eps^2) * H * z * z
+        theta <- theta - lr * ((f(+) - f(-)) / (2 eps) * z / sqrt(H) + weight_decay * theta)
 
     Args:
-        params: tensors or parameter groups.
-        smoothing: the Hessian estimate's EMA weight, in [0, 1].
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-6.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        smoothing (float, optional): the Hessian estimate's EMA weight, in [0, 1].
+            Default: 1e-8.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, smoothing: float = 1e-8,
@@ -217,23 +368,39 @@ class HiZOO(ZOOptimizer):
         return HessianScaled(group["smoothing"], group["noise"])
 
 
-@documented
 class FZOO(ZOOptimizer):
     """FZOO (Dang et al., 2025, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large
     Language Models towards Adam-Scale Speed", arXiv 2506.09034): ``directions`` one-sided
     Rademacher queries against one baseline, the step divided by the spread of their losses
-    (``parts.estimators.StdNormalized``), ``directions + 1`` evaluations:
+    (``parts.estimators.StdNormalized``), ``directions + 1`` evaluations a step.
 
-    ``theta <- theta - lr * (mean_i (f(theta + eps u_i) - f(theta)) / std_i(f(theta + eps u_i)) * u_i + wd * theta)``
+    The update:
+
+        c_i = (f(theta + eps u_i) - f(theta)) / std_i(f(theta + eps u_i))
+        theta <- theta - lr * (mean_i c_i u_i + weight_decay * theta)
 
     As in the authors' code the differences are not divided by ``eps``: the normalized
     coefficients are unit-free, so the step's length is ``lr`` times a fixed scale of ``u``
     whatever ``eps`` and the loss's scale (the paper's ``eta`` is this ``lr`` times ``eps``).
 
     Args:
-        params: tensors or parameter groups.
-        directions: perturbed queries a step (the authors' ``N``), at least 2.
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-5.
+        eps (float, optional): perturbation scale of the queries. Default: 1e-3.
+        directions (int, optional): perturbed queries a step (the authors' ``N``), at least 2.
+            Default: 8.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"rademacher"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
     """
 
     def __init__(self, params, lr: float = 1e-5, eps: float = 1e-3, directions: int = 8,

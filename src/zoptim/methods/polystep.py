@@ -1,22 +1,6 @@
-"""PolyStep (Le, 2026, "Training Non-Differentiable Networks via Optimal Transport",
-arXiv 2605.01928): descent by loss evaluations at the vertices of small polytopes in a
-compressed subspace, with a softmax (one-sided entropic optimal transport) assignment and a
-barycentric move.
-
-The parameters are ``theta = theta_0 + P z``: a matrix ``W`` (``d_out x d_in``; higher-order
-kernels viewed as ``(shape[0], rest)``) has ``r (d_out + d_in)`` coordinates through a fixed
-matrix with orthonormal columns, drawn from the seed (``r = min(rank, d_out, d_in)``); a
-vector's coordinates are its entries. ``z`` is cut into blocks of ``block`` coordinates. Each
-step, for every block ``i``: a fresh random rotation ``R_i``, the cross-polytope's vertices
-``u_v = +-e_j`` (``2 * block`` of them), the loss ``C_iv`` with block ``i`` alone moved to
-``z_i + probe_radius R_i u_v`` (every other block where it was), then
-
-    w_iv = softmax_v(-C_iv / temperature),    z_i <- z_i + step_radius R_i sum_v w_iv u_v.
-
-The loss at ``theta`` itself is never evaluated; a step costs ``2 * block`` queries a block.
-The projection is stored: keep ``rank`` small for large layers (it is meant for the small,
-non-differentiable networks where gradients fail).
-"""
+"""PolyStep (Le, 2026, arXiv 2605.01928): descent by loss evaluations at the vertices of small
+polytopes in a compressed subspace, with a softmax assignment and a barycentric move (see
+:class:`PolyStep`)."""
 
 from __future__ import annotations
 
@@ -45,18 +29,43 @@ def _rotation(key: int, n: int) -> torch.Tensor:
 
 
 class PolyStep(Counted, torch.optim.Optimizer):
-    """``step(closure)``; the closure returns the loss and runs ``model``, whose parameters
-    are substituted for each probe (nothing is written in place during a step).
+    """PolyStep (Le, 2026, "Training Non-Differentiable Networks via Optimal Transport",
+    arXiv 2605.01928): descent by loss evaluations at the vertices of small polytopes in a
+    compressed subspace, with a softmax (one-sided entropic optimal transport) assignment and
+    a barycentric move. ``step(closure)``; the closure returns the loss and runs ``model``,
+    whose parameters are substituted for each probe (nothing is written in place during a
+    step).
+
+    The parameters are ``theta = theta_0 + P z``: a matrix ``W`` (``d_out x d_in``;
+    higher-order kernels viewed as ``(shape[0], rest)``) has ``r (d_out + d_in)``
+    coordinates through a fixed matrix with orthonormal columns, drawn from the seed
+    (``r = min(rank, d_out, d_in)``); a vector's coordinates are its entries. ``z`` is cut
+    into blocks of ``block`` coordinates. Each step, for every block ``i``: a fresh random
+    rotation ``R_i``, the cross-polytope's vertices ``u_v = +-e_j`` (``2 * block`` of them),
+    the loss ``C_iv`` with block ``i`` alone moved to ``z_i + probe_radius R_i u_v`` (every
+    other block where it was), then
+
+        w_iv = softmax_v(-C_iv / temperature)
+        z_i <- z_i + step_radius R_i sum_v w_iv u_v
+
+    The loss at ``theta`` itself is never evaluated; a step costs ``2 * block`` queries a
+    block. A block with a non-finite probe stays where it was. The projection is stored: keep
+    ``rank`` small for large layers (it is meant for the small, non-differentiable networks
+    where gradients fail).
 
     Args:
-        params: the tensors to optimize, all of them parameters of ``model``.
-        model: the module the closure runs.
-        rank: the rank of each matrix's compressed coordinates.
-        block: coordinates moved together (a polytope of ``2 * block`` vertices a block).
-        temperature: the softmax's temperature over the vertices' losses.
-        step_radius: the length of a block's move.
-        probe_radius: the distance of a polytope's vertices from the current point.
-        seed: the projections and rotations derive from it (random when ``None``).
+        params (iterable): the tensors to optimize, all of them parameters of ``model``.
+        model (torch.nn.Module): the module the closure runs.
+        rank (int, optional): the rank of each matrix's compressed coordinates. Default: 4.
+        block (int, optional): coordinates moved together (a polytope of ``2 * block``
+            vertices a block). Default: 8.
+        temperature (float, optional): the softmax's temperature over the vertices' losses.
+            Default: 0.1.
+        step_radius (float, optional): the length of a block's move. Default: 0.1.
+        probe_radius (float, optional): the distance of a polytope's vertices from the
+            current point. Default: 0.1.
+        seed (int, optional): the projections and rotations derive from it (random when
+            ``None``). Default: None.
     """
 
     replayable = False
@@ -113,7 +122,16 @@ class PolyStep(Counted, torch.optim.Optimizer):
         return out
 
     @torch.no_grad()
-    def step(self, closure):  # type: ignore[override]
+    def step(self, closure) -> float:  # type: ignore[override]
+        """One step: every block's polytope probed and moved, then the model's parameters
+        written at the new point.
+
+        Args:
+            closure (callable): runs ``model`` and returns the loss.
+
+        Returns:
+            The mean loss of the step's probes.
+        """
         group = self.param_groups[0]
         z = self.state[self._params[0]]["z"]
         step_seed = mix(self.seed, self.steps)

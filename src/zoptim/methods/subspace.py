@@ -9,29 +9,10 @@ import torch
 
 from zoptim.parts import settings
 from zoptim.engine.optimizer import ZOOptimizer
-from zoptim.methods.dense import COMMON_ARGS, add_split_group
+from zoptim.methods.dense import add_split_group
 from zoptim.parts.estimators import Central, OneSided
 from zoptim.parts.spaces import Dense, LowRank, Projected, TwoSided
 from zoptim.parts.transforms import Momentum, Orthogonalize, PartialOrthogonalize
-
-BATCHING_ARGS = """
-        model: the module the closure runs. Given it, a step evaluates all its points in
-            one forward pass on a stacked batch, the perturbations applied to activations
-            (``zoptim.engine.evaluators.batched``): the closure is then called as
-            ``closure(slices)`` and returns one loss per slice. A model the mode cannot
-            serve falls back to in-place evaluation with a warning naming the parameter.
-        batched: ``False`` keeps in-place evaluation although the model is given; ``True``
-            requires the model.
-        max_slices: at most this many points in one stacked forward pass (the activation
-            memory); more are evaluated in chunks."""
-LOW_RANK_ARGS = COMMON_ARGS + """
-        rank: the rank of a matrix's perturbation (capped by the matrix).
-        resample_every: steps between redraws of the fixed factors.""" + BATCHING_ARGS
-
-
-def documented(cls):
-    cls.__doc__ = cls.__doc__.replace("        {common}", LOW_RANK_ARGS.strip("\n"))
-    return cls
 
 
 class LowRankMethod(ZOOptimizer):
@@ -56,13 +37,19 @@ class LowRankMethod(ZOOptimizer):
         return Dense(group["noise"])
 
 
-@documented
 class LOZO(LowRankMethod):
     """LOZO (Chen et al., 2024, "Enhancing Zeroth-order Fine-tuning for Language Models with
     Low-rank Structures", arXiv 2410.07698): central differences along ``U V^T`` for matrices
-    (``V`` redrawn every ``resample_every`` steps) and dense noise for vectors. With
-    ``momentum > 0`` it is LOZO-M: an EMA of the estimate kept in the ``m x r`` factor and
-    carried over to each new ``V`` as ``M V_old^T V_new / n``.
+    (``U`` Gaussian per query, ``V`` Gaussian, redrawn every ``resample_every`` steps) and
+    dense noise for vectors. With ``momentum > 0`` it is LOZO-M: an EMA of the estimate kept in
+    the ``m x r`` factor and carried over to each new ``V`` as ``M V_old^T V_new / n``.
+
+    The update of a matrix ``W``, with ``z = U V^T`` (``E`` the EMA, ``momentum = 0``: ``g``
+    itself):
+
+        g = (f(W + eps z) - f(W - eps z)) / (2 eps) * z
+        E <- momentum * E + (1 - momentum) * g         (E = g at the first step)
+        W <- W - lr * (E + weight_decay * W)
 
     The perturbation is unscaled, as in the authors' code: ``E|z|^2`` is ``rank`` times dense
     noise's, so the learning rate is ``rank`` times smaller than a MeZO one for the same step
@@ -70,9 +57,40 @@ class LOZO(LowRankMethod):
     ``rank`` to compare with it).
 
     Args:
-        params: tensors or parameter groups.
-        momentum: LOZO-M's EMA weight (0: plain LOZO).
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-7.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        rank (int, optional): the rank of a matrix's perturbation (capped by the matrix).
+            Default: 2.
+        resample_every (int, optional): steps between redraws of the fixed factor ``V``.
+            Default: 50.
+        momentum (float, optional): LOZO-M's EMA weight, in [0, 1) (0: plain LOZO).
+            Default: 0.0.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
+        model (torch.nn.Module, optional): the module the closure runs. Given it, a step
+            evaluates all its points in one forward pass on a stacked batch, the
+            perturbations applied to activations (``zoptim.engine.evaluators.batched``): the
+            closure is then called as ``closure(slices)`` and returns one loss per slice. A
+            model the mode cannot serve falls back to in-place evaluation with a warning
+            naming the parameter. Default: None.
+        batched (bool, optional): ``False`` keeps in-place evaluation although the model is
+            given; ``True`` requires the model; ``None``: batched when the model is given.
+            Default: None.
+        max_slices (int, optional): at most this many points in one stacked forward pass
+            (the activation memory); more are evaluated in chunks (``None``: no limit).
+            Default: None.
     """
 
     matrix_space = LowRank
@@ -80,103 +98,192 @@ class LOZO(LowRankMethod):
     def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, rank: int = 2,
                  resample_every: int = 50, momentum: float = 0.0, weight_decay: float = 0.0,
                  noise: str = "gaussian", seed: int | None = None, foreach: bool | None = None,
-                 **batching):
+                 *, model: torch.nn.Module | None = None, batched: bool | None = None,
+                 max_slices: int | None = None):
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       momentum=momentum, weight_decay=weight_decay, noise=noise),
-                         Central(1), lambda g: {}, seed=seed, foreach=foreach, **batching)
+                         Central(1), lambda g: {}, seed=seed, foreach=foreach, model=model,
+                         batched=batched, max_slices=max_slices)
 
     def transforms(self, group):
         beta = group["momentum"]
         return [Momentum(beta, dampening=beta)] if beta else []
 
 
-@documented
 class SubZero(LowRankMethod):
     """SubZero (Yu et al., 2024, "SubZero: Random Subspace Zeroth-Order Optimization for
     Memory-Efficient LLM Fine-Tuning", arXiv 2410.08989): central differences along
     ``sqrt(mn)/r * U Z V^T`` with orthonormal ``U``, ``V`` redrawn every ``resample_every``
-    steps, dense noise for vectors.
+    steps (``Z``, ``r x r``, Gaussian per query), dense noise for vectors.
+
+    The update of an ``m x n`` matrix ``W``, with ``z = sqrt(m n) / r * U Z V^T``:
+
+        g = (f(W + eps z) - f(W - eps z)) / (2 eps) * z
+        W <- W - lr * (g + weight_decay * W)
 
     Args:
-        params: tensors or parameter groups.
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): learning rate. Default: 1e-6.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        rank (int, optional): the rank ``r`` of a matrix's perturbation (capped by the
+            matrix). Default: 8.
+        resample_every (int, optional): steps between redraws of the fixed factors ``U``,
+            ``V``. Default: 1000.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations.
+            Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
+        model (torch.nn.Module, optional): the module the closure runs. Given it, a step
+            evaluates all its points in one forward pass on a stacked batch, the
+            perturbations applied to activations (``zoptim.engine.evaluators.batched``): the
+            closure is then called as ``closure(slices)`` and returns one loss per slice. A
+            model the mode cannot serve falls back to in-place evaluation with a warning
+            naming the parameter. Default: None.
+        batched (bool, optional): ``False`` keeps in-place evaluation although the model is
+            given; ``True`` requires the model; ``None``: batched when the model is given.
+            Default: None.
+        max_slices (int, optional): at most this many points in one stacked forward pass
+            (the activation memory); more are evaluated in chunks (``None``: no limit).
+            Default: None.
     """
 
     matrix_space = TwoSided
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, rank: int = 8,
                  resample_every: int = 1000, weight_decay: float = 0.0, noise: str = "gaussian",
-                 seed: int | None = None, foreach: bool | None = None, **batching):
+                 seed: int | None = None, foreach: bool | None = None, *,
+                 model: torch.nn.Module | None = None, batched: bool | None = None,
+                 max_slices: int | None = None):
         super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
                                       weight_decay=weight_decay, noise=noise),
-                         Central(1), lambda g: {}, seed=seed, foreach=foreach, **batching)
+                         Central(1), lambda g: {}, seed=seed, foreach=foreach, model=model,
+                         batched=batched, max_slices=max_slices)
 
 
-@documented
 class SubspaceMeZO(LowRankMethod):
     """ZO-Muon's subspace without orthogonalization (the "subspace MeZO" baseline of Lang et
     al., 2026, arXiv 2602.17155): central differences along ``P Psi`` (``P`` orthonormal,
-    ``m x r``, redrawn every ``resample_every`` steps), update ``-lr * c * P Psi``.
+    ``m x r``, redrawn every ``resample_every`` steps; ``Psi``, ``r x n``, Gaussian per
+    direction); vectors take dense MeZO steps at ``vector_lr``.
+
+    The update of a matrix ``W``:
+
+        c_i = (f(W + eps P Psi_i) - f(W - eps P Psi_i)) / (2 eps)
+        W <- W - lr * (P mean_i c_i Psi_i + weight_decay * W)
 
     Args:
-        params: tensors or parameter groups.
-        directions: random directions a step, two evaluations
-            each.
-        vector_lr: the learning rate of the dense MeZO steps of vectors (and of a language
-            model's output layer, see ``dense_head``); the authors' code fixes it at 1e-7 for
-            language models and 1e-4 for ViTs; 0 freezes them.
-        dense_head: given the model, a language model's output layer (its vocabulary table,
-            ``get_output_embeddings()``, often tied to the input embedding) takes the dense
-            step at ``vector_lr`` instead of the subspace, as Muon leaves heads and embeddings
-            to another optimizer; its steps are then evaluated in place, unless ``batched``
-            says otherwise. Against the authors' code, which gives it a subspace like any
-            matrix: ``P`` then spans ``rank`` of the vocabulary's rows at random, and the few
-            rows a prompt classifier reads (its label words') receive almost nothing: on
-            SmolLM2 the tied table carries half the gradient and took almost none of the
-            step's signal (``benchmarks/results/fidelity_smollm2``). Input-only embeddings
-            keep the subspace (MiniLM's took a fair share of the signal there).
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): the matrices' learning rate. Default: 1e-4.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        rank (int, optional): the rank ``r`` of a matrix's subspace (capped by the matrix).
+            Default: 64.
+        resample_every (int, optional): steps between redraws of ``P``. Default: 100.
+        directions (int, optional): random directions a step, two evaluations each.
+            Default: 1.
+        vector_lr (float, optional): the learning rate of the dense MeZO steps of vectors
+            (and of a language model's output layer, see ``dense_head``); the authors' code
+            fixes it at 1e-7 for language models and 1e-4 for ViTs; 0 freezes them.
+            Default: 1e-7.
+        dense_head (bool, optional): given the model, a language model's output layer (its
+            vocabulary table, ``get_output_embeddings()``, often tied to the input
+            embedding) takes the dense step at ``vector_lr`` instead of the subspace, as Muon
+            leaves heads and embeddings to another optimizer; its steps are then evaluated in
+            place, unless ``batched`` says otherwise. Against the authors' code, which gives
+            it a subspace like any matrix: ``P`` then spans ``rank`` of the vocabulary's rows
+            at random, and the few rows a prompt classifier reads (its label words') receive
+            almost nothing: on SmolLM2 the tied table carries half the gradient and took
+            almost none of the step's signal (``benchmarks/results/fidelity_smollm2``).
+            Input-only embeddings keep the subspace (MiniLM's took a fair share of the signal
+            there). Default: True.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations of the
+            vectors (and the distribution of ``Psi``). Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
+        model (torch.nn.Module, optional): the module the closure runs. Given it, a step
+            evaluates all its points in one forward pass on a stacked batch, the
+            perturbations applied to activations (``zoptim.engine.evaluators.batched``): the
+            closure is then called as ``closure(slices)`` and returns one loss per slice. A
+            model the mode cannot serve falls back to in-place evaluation with a warning
+            naming the parameter. Default: None.
+        batched (bool, optional): ``False`` keeps in-place evaluation although the model is
+            given; ``True`` requires the model; ``None``: batched when the model is given.
+            Default: None.
+        max_slices (int, optional): at most this many points in one stacked forward pass
+            (the activation memory); more are evaluated in chunks (``None``: no limit).
+            Default: None.
     """
 
     matrix_space = Projected
-    own_settings: tuple[str, ...] = ()
 
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 1, vector_lr: float = 1e-7,
                  dense_head: bool = True, weight_decay: float = 0.0,
                  noise: str = "gaussian", seed: int | None = None, foreach: bool | None = None,
-                 model=None, batched: bool | None = None, max_slices: int | None = None,
-                 **extra):
-        settings.unknown(type(self), extra, self.own_settings)
+                 model: torch.nn.Module | None = None, batched: bool | None = None,
+                 max_slices: int | None = None):
+        self._setup(params, {}, lr=lr, eps=eps, rank=rank, resample_every=resample_every,
+                    directions=directions, vector_lr=vector_lr, dense_head=dense_head,
+                    weight_decay=weight_decay, noise=noise, seed=seed, foreach=foreach,
+                    model=model, batched=batched, max_slices=max_slices)
+
+    def _setup(self, params, own: dict, *, lr: float, eps: float, rank: int,
+               resample_every: int, directions: int, vector_lr: float, dense_head: bool,
+               weight_decay: float, noise: str, seed: int | None, foreach: bool | None,
+               model: torch.nn.Module | None, batched: bool | None,
+               max_slices: int | None) -> None:
+        """Build the optimizer; a subclass passes the settings it adds to the groups in
+        ``own``."""
         settings.check("directions", directions)
         if dense_head and model is not None:
             params, moved = dense_head_groups(params, model)
             # batched queries perturb activations, and a dense vocabulary table has no
             # low-rank form to apply there: such a step is evaluated in place
             batched = False if moved and batched is None else batched
-        super().__init__(params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
-                                      vector_lr=vector_lr, weight_decay=weight_decay,
-                                      noise=noise, **extra),
-                         self._estimator(directions), _vector_lr, seed=seed, foreach=foreach,
-                         model=model, batched=batched, max_slices=max_slices)
+        LowRankMethod.__init__(
+            self, params, dict(lr=lr, eps=eps, rank=rank, resample_every=resample_every,
+                               vector_lr=vector_lr, weight_decay=weight_decay, noise=noise,
+                               **own),
+            self._estimator(directions), _vector_lr, seed=seed, foreach=foreach, model=model,
+            batched=batched, max_slices=max_slices)
 
     @staticmethod
     def _estimator(directions):
         return Central(directions)
 
 
-@documented
 class ZOMuon(SubspaceMeZO):
     """ZO-Muon (Lang et al., 2026, "Powering Up Zeroth-Order Training via Subspace Gradient
-    Orthogonalization", arXiv 2602.17155).
+    Orthogonalization", arXiv 2602.17155): one-sided differences in a random subspace of each
+    weight matrix, the subspace estimate orthogonalized as Muon's (Jordan et al., 2024)
+    update; vectors take dense MeZO steps at ``vector_lr``. ``directions + 1`` evaluations a
+    step. Tensors of more than two dimensions are viewed as ``(shape[0], rest)``.
 
-    For each weight matrix W (m x n): ``P`` (m x r) column-orthonormal from the QR of a
-    Gaussian, redrawn every ``resample_every`` steps and shared by the step's directions; per
-    direction ``Psi_i`` (r x n) Gaussian and one-sided differences against one baseline,
-    ``c_i = (f(W + eps P Psi_i) - f(W)) / eps``; ``G = mean_i c_i Psi_i`` (r x n);
-    ``W <- W - lr * (P orth(G) + wd W)``, ``orth`` by Newton-Schulz or SVD.
-    ``directions + 1`` evaluations a step. Tensors of more than two dimensions are viewed as
-    ``(shape[0], rest)``.
+    For each weight matrix ``W`` (``m x n``): ``P`` (``m x r``) column-orthonormal from the QR
+    of a Gaussian, redrawn every ``resample_every`` steps and shared by the step's
+    directions; per direction ``Psi_i`` (``r x n``) Gaussian and one-sided differences
+    against one baseline; ``orth`` by Newton-Schulz or SVD:
+
+        c_i = (f(W + eps P Psi_i) - f(W)) / eps
+        G = mean_i c_i Psi_i                            (r x n)
+        W <- W - lr * (P orth(G) + weight_decay * W)
 
     Chosen here against the authors' code: ``P`` is drawn once per step before the queries
     (their code redraws it per query on resampling steps and keeps the last one).
@@ -187,25 +294,67 @@ class ZOMuon(SubspaceMeZO):
     new subspace as ``P_new^T P_old M`` (the part of ``P_old M`` the new subspace can hold).
 
     Args:
-        params: tensors or parameter groups.
-        directions: random directions a step (``queries`` in the paper),
-            one evaluation each plus one baseline.
-        ortho: ``"newton_schulz"`` (5 quintic steps, Muon's) or ``"svd"`` (exact).
-        ns_steps: Newton-Schulz iterations.
-        momentum: the EMA weight of the subspace estimate before orthogonalization (0: none,
-            as in the paper).
-        vector_lr: the vectors' dense MeZO learning rate (see :class:`SubspaceMeZO`).
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): the matrices' learning rate. Default: 1e-2.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        rank (int, optional): the rank ``r`` of a matrix's subspace (capped by the matrix).
+            Default: 64.
+        resample_every (int, optional): steps between redraws of ``P``. Default: 100.
+        directions (int, optional): random directions a step (``queries`` in the paper), one
+            evaluation each plus one baseline. Default: 4.
+        ortho (str, optional): ``"newton_schulz"`` (5 quintic steps, Muon's) or ``"svd"``
+            (exact). Default: ``"newton_schulz"``.
+        ns_steps (int, optional): Newton-Schulz iterations. Default: 5.
+        momentum (float, optional): the EMA weight ``beta`` of the subspace estimate before
+            orthogonalization, in [0, 1) (0: none, as in the paper). Default: 0.0.
+        vector_lr (float, optional): the learning rate of the dense MeZO steps of vectors
+            (and of a language model's output layer, see ``dense_head``); the authors' code
+            fixes it at 1e-7 for language models and 1e-4 for ViTs; 0 freezes them.
+            Default: 1e-7.
+        dense_head (bool, optional): given the model, a language model's output layer (its
+            vocabulary table, ``get_output_embeddings()``) takes the dense step at
+            ``vector_lr`` instead of the subspace, against the authors' code (see
+            :class:`SubspaceMeZO` for why); its steps are then evaluated in place, unless
+            ``batched`` says otherwise. Default: True.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations of the
+            vectors (and the distribution of ``Psi``). Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
+        model (torch.nn.Module, optional): the module the closure runs. Given it, a step
+            evaluates all its points in one forward pass on a stacked batch, the
+            perturbations applied to activations (``zoptim.engine.evaluators.batched``): the
+            closure is then called as ``closure(slices)`` and returns one loss per slice. A
+            model the mode cannot serve falls back to in-place evaluation with a warning
+            naming the parameter. Default: None.
+        batched (bool, optional): ``False`` keeps in-place evaluation although the model is
+            given; ``True`` requires the model; ``None``: batched when the model is given.
+            Default: None.
+        max_slices (int, optional): at most this many points in one stacked forward pass
+            (the activation memory); more are evaluated in chunks (``None``: no limit).
+            Default: None.
     """
-
-    own_settings = ("ortho", "ns_steps", "momentum")
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 4, ortho: str = "newton_schulz",
-                 ns_steps: int = 5, momentum: float = 0.0, **kw):
-        super().__init__(params, lr=lr, eps=eps, rank=rank, resample_every=resample_every,
-                         directions=directions, ortho=ortho, ns_steps=ns_steps,
-                         momentum=momentum, **kw)
+                 ns_steps: int = 5, momentum: float = 0.0, *, vector_lr: float = 1e-7,
+                 dense_head: bool = True, weight_decay: float = 0.0, noise: str = "gaussian",
+                 seed: int | None = None, foreach: bool | None = None,
+                 model: torch.nn.Module | None = None, batched: bool | None = None,
+                 max_slices: int | None = None):
+        self._setup(params, dict(ortho=ortho, ns_steps=ns_steps, momentum=momentum), lr=lr,
+                    eps=eps, rank=rank, resample_every=resample_every, directions=directions,
+                    vector_lr=vector_lr, dense_head=dense_head, weight_decay=weight_decay,
+                    noise=noise, seed=seed, foreach=foreach, model=model, batched=batched,
+                    max_slices=max_slices)
 
     @staticmethod
     def _estimator(directions):
@@ -223,14 +372,20 @@ class ZOMuon(SubspaceMeZO):
         return Orthogonalize(group["ortho"], group["ns_steps"])
 
 
-@documented
 class ZOMOPI(ZOMuon):
     """ZO-MOPI (Chen & Ma, 2026, arXiv 2605.09034): ZO-Muon's subspace estimate with momentum
-    and *partial* orthogonalization. Per weight matrix, ``G = mean_i c_i Psi_i`` as ZO-Muon's
-    (one-sided against one baseline), ``M <- beta M + (1 - beta) G`` in the subspace
-    (``M = G`` at the first step), then ``O = U_k V_k^T`` from one warm-started power-iteration
-    sweep a step (``parts.transforms.PartialOrthogonalize``): the top ``k`` singular
-    directions of ``M`` at unit length, the rest dropped; ``W <- W - lr * (P O + wd W)``.
+    and *partial* orthogonalization: the top ``k`` singular directions of the averaged
+    estimate at unit length, the rest dropped, from one warm-started power-iteration sweep a
+    step (``parts.transforms.PartialOrthogonalize``). Vectors take dense MeZO steps at
+    ``vector_lr``; ``directions + 1`` evaluations a step.
+
+    Per weight matrix, with ``P``, ``Psi_i`` and the one-sided ``c_i`` as ZO-Muon's (against
+    one baseline):
+
+        G = mean_i c_i Psi_i
+        M <- beta M + (1 - beta) G                      (M = G at the first step)
+        O = U_k V_k^T                                   (M's top k singular directions)
+        W <- W - lr * (P O + weight_decay * W)
 
     Chosen here against the authors' code: when ``P`` is redrawn, ``M`` is carried into the
     new subspace as ``P_new^T P_old M``, as the paper describes (their code keeps ``M``'s
@@ -239,25 +394,68 @@ class ZOMOPI(ZOMuon):
     first step starts from the exact top-``k`` vectors.
 
     Args:
-        params: tensors or parameter groups.
-        k: singular directions kept (capped by the rank); ``rank // 2`` when ``None``, as in
-            the authors' scripts (32 of 64).
-        momentum: the EMA weight ``beta`` of the subspace estimate (0: none).
-        directions: random directions a step, one evaluation each plus one baseline.
-        vector_lr: the vectors' dense MeZO learning rate (see :class:`SubspaceMeZO`).
-        {common}
+        params (iterable): tensors or parameter groups (dicts with per-group settings), as
+            for any ``torch.optim`` optimizer.
+        lr (float, optional): the matrices' learning rate. Default: 1e-2.
+        eps (float, optional): perturbation scale (the finite difference's step).
+            Default: 1e-3.
+        rank (int, optional): the rank ``r`` of a matrix's subspace (capped by the matrix).
+            Default: 64.
+        resample_every (int, optional): steps between redraws of ``P``. Default: 100.
+        directions (int, optional): random directions a step, one evaluation each plus one
+            baseline. Default: 4.
+        momentum (float, optional): the EMA weight ``beta`` of the subspace estimate, in
+            [0, 1) (0: none). Default: 0.9.
+        k (int, optional): singular directions kept (capped by the rank); ``rank // 2`` when
+            ``None``, as in the authors' scripts (32 of 64). Default: None.
+        vector_lr (float, optional): the learning rate of the dense MeZO steps of vectors
+            (and of a language model's output layer, see ``dense_head``); the authors' code
+            fixes it at 1e-7 for language models and 1e-4 for ViTs; 0 freezes them.
+            Default: 1e-7.
+        dense_head (bool, optional): given the model, a language model's output layer (its
+            vocabulary table, ``get_output_embeddings()``) takes the dense step at
+            ``vector_lr`` instead of the subspace, against the authors' code (see
+            :class:`SubspaceMeZO` for why); its steps are then evaluated in place, unless
+            ``batched`` says otherwise. Default: True.
+        weight_decay (float, optional): decoupled weight decay,
+            ``p <- p (1 - lr * weight_decay)``, applied to every tensor of a group (put
+            biases and norms in a group of their own to exempt them). Default: 0.0.
+        noise (str, optional): ``"gaussian"`` or ``"rademacher"`` perturbations of the
+            vectors (and the distribution of ``Psi``). Default: ``"gaussian"``.
+        seed (int, optional): every direction derives from it (random when ``None``); two
+            optimizers with one seed and one objective take the same steps. Default: None.
+        foreach (bool, optional): write the tensors of one shape together (one
+            ``_foreach_add_`` a set) rather than one by one; ``None``: on CUDA
+            (``torch.optim``'s rule) and under batched queries (see ``ZOOptimizer``).
+            Default: None.
+        model (torch.nn.Module, optional): the module the closure runs. Given it, a step
+            evaluates all its points in one forward pass on a stacked batch, the
+            perturbations applied to activations (``zoptim.engine.evaluators.batched``): the
+            closure is then called as ``closure(slices)`` and returns one loss per slice. A
+            model the mode cannot serve falls back to in-place evaluation with a warning
+            naming the parameter. Default: None.
+        batched (bool, optional): ``False`` keeps in-place evaluation although the model is
+            given; ``True`` requires the model; ``None``: batched when the model is given.
+            Default: None.
+        max_slices (int, optional): at most this many points in one stacked forward pass
+            (the activation memory); more are evaluated in chunks (``None``: no limit).
+            Default: None.
     """
-
-    own_settings = ("ortho", "ns_steps", "momentum", "k")
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-3, rank: int = 64,
                  resample_every: int = 100, directions: int = 4, momentum: float = 0.9,
-                 k: int | None = None, **kw):
-        settings.unknown(type(self), {key: 0 for key in kw if key in ("ortho", "ns_steps")}, ())
+                 k: int | None = None, *, vector_lr: float = 1e-7, dense_head: bool = True,
+                 weight_decay: float = 0.0, noise: str = "gaussian", seed: int | None = None,
+                 foreach: bool | None = None, model: torch.nn.Module | None = None,
+                 batched: bool | None = None, max_slices: int | None = None):
         k = max(1, rank // 2) if k is None else k
         settings.check("k", k)
-        super().__init__(params, lr=lr, eps=eps, rank=rank, resample_every=resample_every,
-                         directions=directions, momentum=momentum, k=k, **kw)
+        # ZO-Muon's orthogonalization settings stay in the groups at their defaults, unused
+        own = dict(ortho="newton_schulz", ns_steps=5, momentum=momentum, k=k)
+        self._setup(params, own, lr=lr, eps=eps, rank=rank, resample_every=resample_every,
+                    directions=directions, vector_lr=vector_lr, dense_head=dense_head,
+                    weight_decay=weight_decay, noise=noise, seed=seed, foreach=foreach,
+                    model=model, batched=batched, max_slices=max_slices)
 
     @staticmethod
     def _orthogonalize(group):
@@ -288,12 +486,20 @@ def dense_head_groups(params, model: torch.nn.Module) -> tuple[list[dict], bool]
     tables = {id(t) for t in output_tables(model)}
     out, moved_any = [], False
     for group in groups:
-        ps = [group["params"]] if isinstance(group["params"], torch.Tensor) else \
-            list(group["params"])
-        rest = {k: v for k, v in group.items() if k != "params"}
-        kept = [p for p in ps if id(p) not in tables]
-        moved = [p for p in ps if id(p) in tables]
-        out += [{**rest, "params": kept}] if kept else []
-        out += [{**rest, "params": moved, "dense": True}] if moved else []
-        moved_any = moved_any or bool(moved)
+        parts, moved = _tables_apart(group, tables)
+        out += parts
+        moved_any = moved_any or moved
     return out, moved_any
+
+
+def _tables_apart(group: dict, tables: set[int]) -> tuple[list[dict], bool]:
+    """``group`` as its tensors other than ``tables`` and, in a group marked ``dense``, the
+    tables among them (an empty part dropped), and whether it held any table."""
+    ps = [group["params"]] if isinstance(group["params"], torch.Tensor) else \
+        list(group["params"])
+    rest = {k: v for k, v in group.items() if k != "params"}
+    kept = [p for p in ps if id(p) not in tables]
+    moved = [p for p in ps if id(p) in tables]
+    parts = [{**rest, "params": kept}] if kept else []
+    parts += [{**rest, "params": moved, "dense": True}] if moved else []
+    return parts, bool(moved)

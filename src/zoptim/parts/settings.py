@@ -72,9 +72,3 @@ def checked(values: dict) -> dict:
         check(key, value)
     return values
 
-
-def unknown(cls, extra: dict, own: tuple[str, ...]) -> None:
-    """Refuse keyword arguments a method does not take, as Python would."""
-    bad = sorted(set(extra) - set(own))
-    if bad:
-        raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {bad[0]!r}")

@@ -3,12 +3,17 @@ any work starts."""
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import json
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+                      model_validator)
 
 from zoptim.parts.settings import is_rate
 
@@ -60,18 +65,29 @@ class TaskConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    """The method and its settings (the keyword arguments of its class; the class's defaults
-    for the rest). A zeroth-order method trained on a loss calibrates its learning rate
-    before the first step (``lr = "auto"``, ``runs.calibration``) unless one is given."""
+    """The method and its settings: the parameters of its class's constructor, by name (the
+    class's defaults for the rest). Each key must be one of them and each value of its
+    annotated type, except the ones a run passes itself (``params``, ``seed``, and ``model``
+    and ``examples`` where the method takes them). A zeroth-order method trained on a loss
+    calibrates its learning rate before the first step (``lr = "auto"``,
+    ``runs.calibration``) unless one is given."""
 
     name: str = "zo-muon"
     settings: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _settings_fit_the_signature(self):
+        check_settings(self.name, self.settings)
+        return self
+
 
 class GuardConfig(_Strict):
-    """Divergence guards: a step whose losses are not finite, or whose largest loss exceeds
-    ``spike`` times the median of the last ``window`` accepted losses, is skipped; after
-    ``max_consecutive`` skipped steps in a row the run stops with its last good state saved."""
+    """Divergence guards (``runs.guard.LossGuard``): a step whose losses are not finite is
+    skipped, and so, once ``min(5, window)`` steps have been accepted, is a step whose level
+    (the median of its losses) exceeds ``spike`` times the highest level among the run's
+    first accepted step and the last ``window`` accepted ones (while that level is above 0).
+    After ``max_consecutive`` failed steps in a row (skipped, or leaving a weight
+    non-finite) the run stops with its last good state saved."""
 
     spike: float = Field(10.0, ge=0)  # 0 disables the spike test (the default for rewards)
     window: int = Field(20, ge=1)
@@ -88,7 +104,7 @@ class ParallelConfig(_Strict):
 class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = Field(default_factory=MethodConfig)
     steps: int = Field(150, ge=0)  # 0: evaluate the starting model (zero-shot, ICL)
     batch_size: int = Field(16, ge=1)
     eval_every: int = Field(50, ge=1)
@@ -143,10 +159,6 @@ def _default_rate(cfg: "TrainConfig") -> None:
     from zoptim.methods import METHODS
 
     settings, name = cfg.method.settings, cfg.method.name
-    other = sorted(k for k, v in settings.items() if v == "auto" and not is_rate(k))
-    if other:
-        raise ValueError(f"method.settings.{other[0]} = \"auto\": only rates (lr, vector_lr, "
-                         "...) are calibrated; give a value")
     cls = METHODS.get(name)
     lossy = cfg.task.kind != "reward" and cfg.task.objective == "loss"
     # a method that evaluates again after its step chooses among steps of its own rate
@@ -355,9 +367,75 @@ def method_class(name: str):
     return methods[name]
 
 
+# What a run passes to a method itself (``runs.run.new_optimizer``), and where it comes from.
+_FROM_THE_RUN = {"params": "the model's trainable parameters", "seed": "the config's seed",
+                 "model": "the model", "examples": "batch_size"}
+
+
+def _run_supplied(cls) -> dict[str, str]:
+    """The constructor parameters of ``cls`` that a run sets: the parameters, the seed, and
+    the model and the batch's size where the method takes them."""
+    from zoptim.methods import batch_arguments, model_arguments
+
+    passed = {"params", "seed", *model_arguments(cls, None), *batch_arguments(cls, 2)}
+    return {key: _FROM_THE_RUN[key] for key in passed}
+
+
+@functools.cache
+def method_settings(cls) -> dict[str, tuple[Any, TypeAdapter]]:
+    """The settings a method class takes: each parameter of its constructor that a run does
+    not set, with its annotation and a strict validator of it."""
+    hints = typing.get_type_hints(cls.__init__)
+    run = _run_supplied(cls)
+    return {name: (hints.get(name, Any), TypeAdapter(hints.get(name, Any),
+                                                     config=ConfigDict(strict=True)))
+            for name in inspect.signature(cls).parameters if name not in run}
+
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _as_read(hint, value):
+    """``value`` as the parameter takes it: a file has lists, no tuples."""
+    return tuple(value) if typing.get_origin(hint) is tuple and isinstance(value, list) \
+        else value
+
+
+def check_settings(name: str, settings: dict) -> None:
+    """Refuse a setting the method ``name`` does not take, one the run sets itself, and a
+    value not of the parameter's annotated type (a rate may also be ``"auto"``), naming the
+    key; impossible values of the right type are left to the method's own checks
+    (``_check_method``)."""
+    cls = method_class(name)
+    accepted, run = method_settings(cls), _run_supplied(cls)
+    for key, value in settings.items():
+        if key in run:
+            raise ConfigError(f"method.settings: {key} is set by the run (from {run[key]}), "
+                              "not in the settings")
+        if key not in accepted:
+            near = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"method.settings.{key}: method {name!r} takes no setting "
+                              f"{key!r}{hint}; its settings are {', '.join(accepted)}")
+        if isinstance(value, str) and value == "auto":
+            if is_rate(key):
+                continue
+            raise ConfigError(f"method.settings.{key} = \"auto\": only rates (lr, vector_lr, "
+                              "...) are calibrated; give a value")
+        hint, adapter = accepted[key]
+        try:
+            adapter.validate_python(_as_read(hint, value))
+        except ValidationError:
+            rate = " or \"auto\"" if is_rate(key) else ""
+            raise ConfigError(f"method.settings.{key}: expected {_type_name(hint)}{rate}, got "
+                              f"{value!r}") from None
+
+
 def _check_method(method: MethodConfig) -> None:
-    """Build the method once on a dummy parameter: unknown settings and impossible values are
-    reported by the optimizer's own checks, before any model is loaded."""
+    """Build the method once on a dummy parameter: impossible values (a negative rate, a
+    rank of 0) are reported by the optimizer's own checks, before any model is loaded. The
+    keys and types of the settings were checked against its signature (``check_settings``)."""
     import torch
 
     from zoptim.methods import batch_arguments, model_arguments
@@ -365,12 +443,7 @@ def _check_method(method: MethodConfig) -> None:
     cls = method_class(method.name)
     dummy = torch.nn.Linear(2, 2)
     extra = {**model_arguments(cls, dummy), **batch_arguments(cls, 2)}
-    taken = sorted(extra.keys() & method.settings.keys())
-    if taken:
-        raise ConfigError(f"method.settings: {', '.join(taken)} is set by the run (from the "
-                          "model and batch_size), not in the settings")
-    # a rate to be calibrated stands in as 1: a setting the method does not take is refused
-    # whatever its value
+    # a rate to be calibrated stands in as 1
     given = {k: 1.0 if v == "auto" else v for k, v in method.settings.items()}
     try:
         cls(dummy.parameters(), **given, **extra)
@@ -395,6 +468,9 @@ def build(data: dict) -> TrainConfig:
         cfg = TrainConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):  # already one line that names its key
+            raise ConfigError(str(cause)) from err
         where = ".".join(str(x) for x in first["loc"]) or "config"
         raise ConfigError(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
     _check_method(cfg.method)
