@@ -133,3 +133,19 @@ def test_bad_input_is_refused_clearly_and_harms_nothing(name, build, message, ex
     assert snapshot(existing) == before
     assert snapshot(tmp_path) == scratch  # the user's files byte for byte, nothing added
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("setting, where", [('model.weights="w.pt"', "image models"),
+                                            ("model.lora_r=4", "scheme"),
+                                            ("model.virtual_tokens=4", "scheme")])
+def test_a_setting_the_run_would_ignore_is_refused_by_name(tmp_path, capsys, setting, where):
+    args = train_args(tmp_path / "run", 'model.scheme="full"', setting)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert setting.split("=")[0] in err and where in err and not (tmp_path / "run").exists()
+
+
+def test_label_words_the_tokenizer_makes_identical_are_refused_both_named(tmp_path, capsys):
+    assert main(train_args(tmp_path / "run", 'task.label_words=["Great", "great"]')) == 2
+    err = capsys.readouterr().err
+    assert "'Great'" in err and "'great'" in err and not (tmp_path / "run").exists()

@@ -82,3 +82,30 @@ def test_generate_refuses_a_run_that_is_not_a_decoder(tmp_path, capsys):
     assert main(train_args(out)) == 0
     assert main(["generate", str(out), "--prompt", "a fine film"]) == 2
     assert "not a decoder" in capsys.readouterr().err
+
+
+def test_a_run_reports_to_tensorboard_and_plots_its_curves(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(train_args(out, 'report_to=["tensorboard"]', "eval_every=1")) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "dev_acc", "queries"):
+        assert [e.value for e in events.Scalars(key)] == \
+            pytest.approx([m[key] for m in metrics])
+    assert [e.step for e in events.Scalars("loss")] == [m["step"] + 1 for m in metrics]
+    assert (out / "curves.png").stat().st_size > 0
+
+
+def test_a_destination_whose_package_is_missing_is_refused_before_anything_is_written(
+        tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else find(name, *a))
+    assert main(train_args(tmp_path / "run", 'report_to=["wandb"]')) == 2
+    assert "pip install wandb" in capsys.readouterr().err and not (tmp_path / "run").exists()
+

@@ -114,6 +114,9 @@ class TrainConfig(_Strict):
     guard: GuardConfig = GuardConfig()
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 0
+    # where the metrics go besides metrics.jsonl: "tensorboard", "wandb", "mlflow"
+    # (runs.reporting), as Hugging Face's Trainer's report_to
+    report_to: list[str] = []
 
     @model_validator(mode="after")
     def _model_fits_task(self):
@@ -126,6 +129,7 @@ class TrainConfig(_Strict):
             self.model.name = "efficientnet-lite0" if images else \
                 "minilm-l6" if self.task.kind == "classification" else "smollm2-135m"
         _check_model_kind(self.task.name, self.model.name, images)
+        _check_applies(self, images)
         _check_kind(self.task)
         _check_gradient_free(self)
         _check_per_example(self)
@@ -352,6 +356,35 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {part} is not a table")
         node[parts[-1]] = _parse_value(value)
     return data
+
+
+# Settings that only some runs read: (section, key, whether it applies to a config, where).
+_APPLIES = [
+    ("model", "weights", lambda c, images: images, "image models"),
+    ("model", "image_size", lambda c, images: images, "image models"),
+    ("model", "lora_r", lambda c, images: c.model.scheme == "lora", "scheme = \"lora\""),
+    ("model", "lora_alpha", lambda c, images: c.model.scheme == "lora", "scheme = \"lora\""),
+    ("model", "virtual_tokens", lambda c, images: c.model.scheme in ("prefix", "prompt"),
+     "scheme = \"prefix\" or \"prompt\""),
+    ("task", "template", lambda c, images: not images and c.task.kind == "classification",
+     "text classification"),
+    ("task", "label_words", lambda c, images: not images and c.task.kind == "classification",
+     "text classification"),
+]
+
+
+def _check_applies(cfg: "TrainConfig", images: bool) -> None:
+    """Refuse, by name, a setting given another value than its default where the run would
+    not read it (``model.weights`` on a text model): it would be ignored in silence."""
+    from zoptim.runs.reporting import check
+
+    check(cfg.report_to)
+    for section, key, applies, where in _APPLIES:
+        part = getattr(cfg, section)
+        if getattr(part, key) != type(part).model_fields[key].get_default(call_default_factory=True) \
+                and not applies(cfg, images):
+            raise ValueError(f"{section}.{key} is read only for {where}; this run would ignore "
+                             "it: leave it out")
 
 
 def method_class(name: str):

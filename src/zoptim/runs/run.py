@@ -17,8 +17,11 @@ A run folder holds:
   and the rates it chose (``runs.calibration``); its queries count in the run's,
 - ``summary.json`` (the score before and after, queries, wall time). Scores are the task's
   ``metric`` (accuracy; exact match or F1 for generation), kept as ``dev_acc`` and
-  ``test_acc`` whatever the metric, and named in ``summary.json``.
-
+  ``test_acc`` whatever the metric, and named in ``summary.json``,
+- ``curves.png`` (the loss and the dev score against queries and seconds) at the end, and
+  ``tensorboard/`` where ``report_to`` names it (``runs.reporting``),
+- ``predictions.jsonl`` and ``eval.json`` once ``zoptim eval`` has run
+  (``runs.predictions``),
 - ``.lock``, held (``flock``) by the process writing the run.
 
 ``train`` is a ``Training``: its phases (open the folder, build, restore, write the start,
@@ -58,6 +61,7 @@ from zoptim.runs.config import TrainConfig
 from zoptim.runs.folder import FolderError, Lock, checkpoints, latest_named
 from zoptim.runs.guard import LossGuard
 from zoptim.runs.predictions import mean_score, predictions
+from zoptim.runs.reporting import Reporters, plot_curves
 from zoptim.tasks import Prompt, Splits, load_task
 from zoptim.tasks.data import SPLITS
 from zoptim.tasks.demonstrations import with_demonstrations
@@ -358,18 +362,21 @@ class _Outputs:
     """What the loop writes: the journal and the metrics on the lead process, nothing on the
     others (every method is then a no-op)."""
 
-    def __init__(self, folder: Path | None, fsync_every: int, stack: ExitStack):
-        self.journal = self.metrics = None
+    def __init__(self, folder: Path | None, cfg: TrainConfig, stack: ExitStack):
+        self.journal = self.metrics = self.reporters = None
         if folder is not None:
             self.journal = stack.enter_context(journal.Writer(folder / "journal.jsonl",
-                                                              fsync_every))
+                                                              cfg.journal_fsync_every))
             self.metrics = stack.enter_context(open(folder / "metrics.jsonl", "a"))
+            self.reporters = stack.enter_context(
+                Reporters(cfg.report_to, folder, json.loads(cfg.model_dump_json())))
 
     def step(self, entry: journal.Entry, record: dict) -> None:
         if self.journal is not None:
             self.journal.append(entry)
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+            self.reporters.log(record)
 
     def sync(self) -> None:
         if self.journal is not None:
@@ -584,7 +591,7 @@ class Training:
             self.elapsed_before = _last_elapsed(self.folder / "metrics.jsonl")
             machine.note(self.summary)
         with ExitStack() as stack:
-            out = _Outputs(self.folder if self.lead else None, cfg.journal_fsync_every, stack)
+            out = _Outputs(self.folder if self.lead else None, cfg, stack)
             bar = stack.enter_context(self._bar())
             if opt.steps < cfg.steps and noise_compiles():
                 self.log("the first step compiles the noise kernel (up to a minute on a fresh "
@@ -720,6 +727,8 @@ class Training:
         self.summary["wall_s"] = self.summary.get("wall_s", 0.0) + time.perf_counter() - self.start
         self.summary["command"] = ["zoptim", *sys.argv[1:]]
         write_json(self.folder / "summary.json", self.summary)
+        if opt.steps:
+            plot_curves(self.folder)
         before = self.summary.get("before", {})
         self.log(f"after:  dev {self.dev:.4f}  test {test:.4f}  ({opt.steps} steps, "
                  f"{opt.queries} queries; before: dev {before.get('dev_acc', float('nan')):.4f}"
