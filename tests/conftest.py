@@ -1,6 +1,14 @@
+import os
 
-import pytest
-import torch
+# The suite runs in as many worker processes as the machine has cores (pytest-xdist, see
+# pyproject.toml), each on one thread, and so does every process a test starts: threads of
+# two workers spinning at barriers on shared cores slow both by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _mr_file() -> str:

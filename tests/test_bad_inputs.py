@@ -149,3 +149,27 @@ def test_label_words_the_tokenizer_makes_identical_are_refused_both_named(tmp_pa
     assert main(train_args(tmp_path / "run", 'task.label_words=["Great", "great"]')) == 2
     err = capsys.readouterr().err
     assert "'Great'" in err and "'great'" in err and not (tmp_path / "run").exists()
+
+
+def test_files_past_the_stated_limits_are_refused_with_their_place(tmp_path):
+    from PIL import Image
+
+    from zoptim.tasks.data import DataError, read_rows
+    from zoptim.tasks.images import MAX_IMAGE_PIXELS, load_image_folder
+
+    big = tmp_path / "big.csv"
+    big.write_text("text,label\nfine,1\n" + "a" * 200_000 + ",0\n")
+    with pytest.raises(DataError, match=r"big.csv:3: not readable as CSV \(field larger"):
+        list(read_rows(big))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("hello")
+    with pytest.raises(DataError, match="saved with datasets' save_to_disk"):
+        list(read_rows(texts))
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "images" / name / "ok.png")
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    Image.new("1", (side, side)).save(tmp_path / "images" / "b" / "huge.png")
+    with pytest.raises(DataError, match=f"huge.png is {side} x {side} pixels, over the limit"):
+        load_image_folder(str(tmp_path / "images"))

@@ -109,3 +109,22 @@ def test_a_destination_whose_package_is_missing_is_refused_before_anything_is_wr
     assert main(train_args(tmp_path / "run", 'report_to=["wandb"]')) == 2
     assert "pip install wandb" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
+
+
+CHAT = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                      {"role": "assistant", "content": str(a + b)}]}
+        for a in range(4) for b in range(4)]
+
+
+def test_a_chat_run_s_predictions_and_generations_keep_its_messages(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", CHAT)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress",
+                 *run_settings(tiny, data, "generation", "task.max_new_tokens=3", "steps=1",
+                               'method.name="mezo"')]) == 0
+    assert main(["eval", str(out)]) == 0
+    for r in lines(out / "predictions.jsonl"):
+        assert r["input"][0]["role"] == "user" and r["input"][0]["content"].startswith("What is")
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "What is 2 plus 2?"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1

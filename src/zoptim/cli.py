@@ -49,8 +49,9 @@ def eval_command(args) -> int:
 
     from zoptim.runs.run import evaluate
 
-    score = evaluate(args.run_dir, args.split)
-    metric = json.loads((Path(args.run_dir) / "eval.json").read_text())["metric"]
+    score = evaluate(args.run_dir, args.split, log=lambda line: print(line, file=sys.stderr))
+    written = Path(args.run_dir) / "eval.json"
+    metric = json.loads(written.read_text())["metric"] if written.exists() else "score"
     print(f"{args.split} {metric}: {score:.4f}  (each example: "
           f"{Path(args.run_dir) / 'predictions.jsonl'})")
     return 0

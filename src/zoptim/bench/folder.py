@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from zoptim.runs.folder import FolderError, Lock, usable
+from zoptim.runs.folder import FolderError, Lock, absolute, usable
 
 MARK = "bench.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*")
@@ -29,6 +29,13 @@ def check_name(what: str, name: object) -> None:
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise BenchError(f"{what} {name!r} names a folder of the benchmark: use letters, "
                          "digits and . _ + = , - only (no separators, no '..')")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a plain name (``NAME``): each character outside it as ``_``, ``..`` as
+    ``_.``, and an ``x`` before a first character that may not start one."""
+    name = re.sub(r"[^A-Za-z0-9._+=,-]", "_", text).replace("..", "_.")
+    return name if NAME.fullmatch(name) else "x" + name
 
 
 def holds_benchmark(folder: Path) -> bool:
@@ -59,7 +66,7 @@ class Claimed:
     """``folder`` checked, locked and marked as a benchmark's for as long as it is written."""
 
     def __init__(self, folder: Path, config_path: str | Path):
-        self.folder, self.config_path = folder, str(config_path)
+        self.folder, self.config_path = absolute(folder), str(config_path)
         self.lock = Lock(folder)
 
     def __enter__(self) -> Path:
@@ -78,5 +85,7 @@ class Claimed:
             raise
         return self.folder
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
+        if kind is not None and not any(self.folder.glob("**/summary.json")):
+            self.lock.discard()  # a benchmark that failed before any cell finished leaves nothing
         self.lock.release()

@@ -63,7 +63,7 @@ from zoptim.runs.checkpoints import write_json
 from zoptim.runs.run import Diverged, build, open_run, train
 from zoptim.bench import step_time
 from zoptim.bench.figures import SMOOTH, load_curve, spread, to_target
-from zoptim.bench.folder import BenchError, Claimed, check_name
+from zoptim.bench.folder import BenchError, Claimed, check_name, safe_name
 from zoptim.bench.plots import accuracy_plots
 
 
@@ -95,10 +95,18 @@ def point_name(point: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "fixed"
 
 
+def point_folder(point: dict) -> str:
+    """The folder name of a grid point's cell: its name, with every character that is not
+    a plain name's (``bench.folder.NAME``) as ``_`` (``betas=[0.9, 0.99]`` ->
+    ``betas=_0.9,_0.99_``)."""
+    return safe_name(point_name(point))
+
+
 def _method(m: dict) -> Method:
     """One ``[[methods]]`` entry as a ``Method``, its grid expanded to points."""
     label = m.get("label", m.get("name"))
-    check_name("method label", label)
+    if label is not None:
+        check_name("method label", label)
     extra = {k: v for k, v in m.items() if k not in ("label", "name", "settings", "grid")}
     if extra.get("steps") == 0:
         if label is None or m.get("grid"):
@@ -109,8 +117,11 @@ def _method(m: dict) -> Method:
     if "name" not in m:
         raise BenchError(f"method {label!r}: give its name (a method of zoptim train)")
     points = _grid_points(m.get("grid") or {}, label)
-    for point in points:
-        check_name(f"method {label!r}: grid point", point_name(point))
+    folders = [point_folder(p) for p in points]
+    if len(set(folders)) != len(folders):
+        raise BenchError(f"method {label!r}: grid points {[point_name(p) for p in points]} "
+                         "would share a cell folder; make their values differ in letters or "
+                         "digits")
     return Method(label, m["name"], m.get("settings", {}), extra, points)
 
 
@@ -305,7 +316,7 @@ def _run_matrix(spec: dict, methods: list[Method], seeds: list[int], folder: Pat
 
 def _grid_cell(folder: Path, m: Method, point: dict) -> Path:
     """The run folder of a method's tuning cell at ``point``."""
-    return folder / m.label / "grid" / point_name(point)
+    return folder / m.label / "grid" / point_folder(point)
 
 
 def _tune(spec: dict, m: Method, seed: int, folder: Path, log) -> tuple[dict, dict]:

@@ -28,11 +28,15 @@ def write_json(path: Path, data) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write ``text``, whole or not at all (a temporary file, fsynced, renamed)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_path(path: Path) -> None:

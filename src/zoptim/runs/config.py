@@ -376,9 +376,9 @@ _APPLIES = [
 def _check_applies(cfg: "TrainConfig", images: bool) -> None:
     """Refuse, by name, a setting given another value than its default where the run would
     not read it (``model.weights`` on a text model): it would be ignored in silence."""
-    from zoptim.runs.reporting import check
+    from zoptim.runs.reporting import check_names
 
-    check(cfg.report_to)
+    check_names(cfg.report_to)
     for section, key, applies, where in _APPLIES:
         part = getattr(cfg, section)
         if getattr(part, key) != type(part).model_fields[key].get_default(call_default_factory=True) \

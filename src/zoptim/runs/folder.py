@@ -23,10 +23,18 @@ class FolderError(ValueError):
     """A run folder that cannot be used as asked; the message says why and what to do."""
 
 
+def absolute(path: str | Path) -> Path:
+    """``path`` absolute, with ``..`` taken as written (``out/new/..`` is ``out``, whether or
+    not ``new`` exists): the folder every check, the lock and a clean-up act on is the one the
+    user named."""
+    return Path(os.path.abspath(path))
+
+
 def check(folder: Path, resume: bool) -> bool:
     """Whether ``folder`` holds a run, once it is checked that a run may be written there:
     a new run needs a missing or empty folder; ``resume`` continues a run (or starts one in
     a missing or empty folder)."""
+    folder = absolute(folder)
     if not usable(folder):
         return False
     has_run = (folder / "config.json").is_file()
@@ -46,6 +54,7 @@ def check(folder: Path, resume: bool) -> bool:
 def usable(folder: Path) -> bool:
     """Whether ``folder`` exists, once it is checked that a process may write there: an
     existing folder must be writable, a missing one must be possible to make."""
+    folder = absolute(folder)
     if folder.exists() and not folder.is_dir():
         raise FolderError(f"{folder} is a file, not a run folder; choose another --out")
     if not folder.exists():
@@ -73,12 +82,16 @@ class Lock:
     """An exclusive, non-blocking ``flock`` on ``folder/.lock`` for as long as a run writes."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
+        self.folder = absolute(folder)
         self._fd: int | None = None
-        self._made = False  # the folder was made for the lock: gone again if nothing came
+        # the folders made for the lock, deepest first: gone again if nothing came
+        self._made: list[Path] = []
 
     def acquire(self) -> None:
-        self._made = not self.folder.exists()
+        missing = self.folder
+        while not missing.exists():
+            self._made.append(missing)
+            missing = missing.parent
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -109,8 +122,12 @@ class Lock:
         if self._fd is None:
             return
         if self._made and [p.name for p in self.folder.iterdir()] == [".lock"]:
-            (self.folder / ".lock").unlink()  # a run that wrote nothing leaves nothing
-            self.folder.rmdir()
+            try:  # a run that wrote nothing leaves nothing, the folders made for it included
+                (self.folder / ".lock").unlink()
+                for made in self._made:
+                    made.rmdir()
+            except OSError:
+                pass  # another process put something there meanwhile: it stays
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

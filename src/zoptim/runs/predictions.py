@@ -49,7 +49,8 @@ def _input(example) -> object:
     for name in ("text", "context", "prompt"):
         value = getattr(example, name, None)
         if value is not None:
-            return value if isinstance(value, str) else [dict(m) for m in value]
+            return value if isinstance(value, str) else \
+                [{"role": role, "content": content} for role, content in value]
     image = getattr(example, "image", None)
     return image if isinstance(image, str) else f"image of shape {list(image.shape)}"
 

@@ -1,7 +1,8 @@
-"""A run's metrics where people watch runs, as Hugging Face's ``Trainer`` sends them
-(``report_to``): TensorBoard (event files in ``RUN/tensorboard``), Weights & Biases and MLflow
-(their own runs, named after the folder), each when its package is installed; and, at the
-end, ``RUN/curves.png``: the training loss and the dev score against queries and seconds.
+"""A run's metrics where people watch runs, as Hugging Face's ``Trainer`` sends them: to each
+destination ``report_to`` names, TensorBoard (event files in ``RUN/tensorboard``), Weights &
+Biases or MLflow (their own runs, named after the folder); a destination whose package is not
+installed is refused before the run writes anything. At the end, ``RUN/curves.png``: the
+training loss and the dev score against queries and seconds.
 
 Every line of ``metrics.jsonl`` goes to each destination as scalars at its step (``step``
 counts from 1 there, as the steps taken); ``metrics.jsonl`` stays the record a run resumes
@@ -23,12 +24,19 @@ class ReportError(ValueError):
     """A destination that cannot be reported to; the message says what to install."""
 
 
-def check(names: list[str]) -> None:
-    """Refuse a destination that is unknown or whose package is not installed, before a run
-    writes anything."""
+def check_names(names: list[str]) -> None:
+    """Refuse a destination that is not one of ``DESTINATIONS``."""
     for name in names:
         if name not in DESTINATIONS:
             raise ReportError(f"report_to: {name!r} is not one of {', '.join(DESTINATIONS)}")
+
+
+def check(names: list[str]) -> None:
+    """Refuse a destination that is unknown or whose package is not installed: what a run
+    that trains checks before it writes anything (evaluating or verifying it later reports
+    nothing, and needs none of them)."""
+    check_names(names)
+    for name in names:
         package, install = DESTINATIONS[name]
         if importlib.util.find_spec(package) is None:
             raise ReportError(f"report_to {name!r} needs the {package} package: pip install "
@@ -91,7 +99,13 @@ class Reporters:
 
     def __init__(self, names: list[str], folder: Path, config: dict):
         check(names)
-        self.open = [_MAKERS[name](folder, config) for name in names]
+        self.open = []
+        try:
+            for name in names:
+                self.open.append(_MAKERS[name](folder, config))
+        except BaseException:
+            self.close()  # the destinations opened before the one that failed
+            raise
 
     def log(self, record: dict) -> None:
         values = _numbers(record)
@@ -113,11 +127,9 @@ class Reporters:
 def plot_curves(folder: Path) -> Path | None:
     """``curves.png`` from ``metrics.jsonl``: the loss (or reward) and the dev score against
     queries and seconds; ``None`` without matplotlib or without a step."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a figure of its own, not pyplot's: a notebook's backend and figures stay as they are
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
@@ -125,7 +137,9 @@ def plot_curves(folder: Path) -> Path | None:
     if not lines:
         return None
     train = "reward" if "reward" in lines[0] else "loss"
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
+    fig = Figure(figsize=(10, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharey="row")
     for column, x in enumerate(("queries", "elapsed_s")):
         for row, (key, rows) in enumerate(((train, lines),
                                            ("dev_acc", [r for r in lines if "dev_acc" in r]))):
@@ -139,5 +153,4 @@ def plot_curves(folder: Path) -> Path | None:
     fig.tight_layout()
     path = folder / "curves.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -61,7 +61,7 @@ from zoptim.runs.config import TrainConfig
 from zoptim.runs.folder import FolderError, Lock, checkpoints, latest_named
 from zoptim.runs.guard import LossGuard
 from zoptim.runs.predictions import mean_score, predictions
-from zoptim.runs.reporting import Reporters, plot_curves
+from zoptim.runs import reporting
 from zoptim.tasks import Prompt, Splits, load_task
 from zoptim.tasks.data import SPLITS
 from zoptim.tasks.demonstrations import with_demonstrations
@@ -369,7 +369,7 @@ class _Outputs:
                                                               cfg.journal_fsync_every))
             self.metrics = stack.enter_context(open(folder / "metrics.jsonl", "a"))
             self.reporters = stack.enter_context(
-                Reporters(cfg.report_to, folder, json.loads(cfg.model_dump_json())))
+                reporting.Reporters(cfg.report_to, folder, json.loads(cfg.model_dump_json())))
 
     def step(self, entry: journal.Entry, record: dict) -> None:
         if self.journal is not None:
@@ -393,7 +393,8 @@ class Training:
 
     def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
                  progress: bool = True, log=print):
-        self.cfg, self.folder, self.resume, self.progress = cfg, Path(out), resume, progress
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.folder = run_folder.absolute(out)  # the folder named, `..` as written
         self.par = _parallel(cfg)
         self.lead = self.par is None or self.par.rank == 0  # the one process that writes
         self.log = log if self.lead else _quiet
@@ -426,8 +427,10 @@ class Training:
     # -- phases -------------------------------------------------------------------------------
     def open_folder(self) -> bool:
         """Refuse a folder that holds another run, someone else's files, or this run without
-        ``resume``; check a resumed run's configuration. Writes nothing."""
+        ``resume``; check a resumed run's configuration and that its ``report_to``
+        destinations are installed. Writes nothing."""
         try:
+            reporting.check(self.cfg.report_to)
             had_run = run_folder.check(self.folder, self.resume)
         except FolderError as err:
             raise RunError(str(err)) from None
@@ -454,7 +457,8 @@ class Training:
     @contextmanager
     def _lock(self, had_run: bool):
         """Hold the folder's lock (the lead), then look again: another process may have
-        started a run there since ``open_folder`` looked."""
+        started a run there since ``open_folder`` looked. A new run that fails or is
+        interrupted before its first step removes what it wrote (its calibration included)."""
         if not self.lead:
             yield
             return
@@ -713,7 +717,7 @@ class Training:
         run, opt = self.run_, self.run_.opt
         if not self.lead:
             return {"rank": self.par.rank, "steps": opt.steps, "queries": opt.queries}
-        if not self._newest_is_whole():
+        if self.resume and not self._newest_is_whole():
             # a resumed finished run whose newest checkpoint was damaged or missing: its
             # weights were rolled forward from the journal, and are saved again
             self.log(f"repairing: the weights at step {opt.steps} are saved again")
@@ -728,7 +732,10 @@ class Training:
         self.summary["command"] = ["zoptim", *sys.argv[1:]]
         write_json(self.folder / "summary.json", self.summary)
         if opt.steps:
-            plot_curves(self.folder)
+            try:
+                reporting.plot_curves(self.folder)
+            except Exception as err:  # a plot is a convenience: a finished run stays finished
+                self.log(f"warning: curves.png was not drawn ({type(err).__name__}: {err})")
         before = self.summary.get("before", {})
         self.log(f"after:  dev {self.dev:.4f}  test {test:.4f}  ({opt.steps} steps, "
                  f"{opt.queries} queries; before: dev {before.get('dev_acc', float('nan')):.4f}"
@@ -808,19 +815,24 @@ def open_run(folder: str | Path) -> tuple[Run, Path]:
     return run, checkpoint
 
 
-def evaluate(folder: str | Path, split: str = "test") -> float:
+def evaluate(folder: str | Path, split: str = "test", log=print) -> float:
     """The run's score on ``split`` at its latest checkpoint. Writes, each whole or not at
     all, ``predictions.jsonl`` (a line an example: ``runs.predictions``) and ``eval.json``
-    (the split, the metric, the score and the checkpoint) into the run's folder."""
+    (the split, the metric, the score and the checkpoint) into the run's folder; where the
+    folder cannot be written, says so and returns the score all the same."""
     run, checkpoint = open_run(folder)
     records = predictions(run.clf, getattr(run.splits, split), run.splits.labels,
                           run.cfg.eval_batch_size)
     score = mean_score(records)
     folder = Path(folder)
-    write_text(folder / "predictions.jsonl",
-               "".join(json.dumps({"split": split, **r}) + "\n" for r in records))
-    write_json(folder / "eval.json", {"split": split, "metric": run.clf.metric, "score": score,
-                                      "examples": len(records), "checkpoint": checkpoint.name})
+    try:
+        write_text(folder / "predictions.jsonl",
+                   "".join(json.dumps({"split": split, **r}) + "\n" for r in records))
+        write_json(folder / "eval.json", {"split": split, "metric": run.clf.metric,
+                                          "score": score, "examples": len(records),
+                                          "checkpoint": checkpoint.name})
+    except OSError as err:
+        log(f"warning: the predictions were not written ({err})")
     return score
 
 

@@ -77,7 +77,7 @@ def fetch_mr(dest: Path, source: str = MR_SOURCE, sha256: str = MR_SOURCE_SHA256
         raise DataError(f"{source}: {MR_FILE} not found in the archive") from err
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / MR_FILE
-    tmp_target = target.with_suffix(".part")
+    tmp_target = target.with_suffix(f".{os.getpid()}.part")  # processes fetching at once
     tmp_target.write_bytes(data)
     tmp_target.replace(target)
     return target
