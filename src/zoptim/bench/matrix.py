@@ -116,13 +116,18 @@ def _method(m: dict) -> Method:
         return Method(label, m.get("name", "mezo"), m.get("settings", {}), extra, [{}])
     if "name" not in m:
         raise BenchError(f"method {label!r}: give its name (a method of zoptim train)")
-    points = _grid_points(m.get("grid") or {}, label)
+    return Method(label, m["name"], m.get("settings", {}), extra,
+                  _apart(label, _grid_points(m.get("grid") or {}, label)))
+
+
+def _apart(label: str, points: list[dict]) -> list[dict]:
+    """``points``, refused where two would share a cell folder."""
     folders = [point_folder(p) for p in points]
     if len(set(folders)) != len(folders):
         raise BenchError(f"method {label!r}: grid points {[point_name(p) for p in points]} "
                          "would share a cell folder; make their values differ in letters or "
                          "digits")
-    return Method(label, m["name"], m.get("settings", {}), extra, points)
+    return points
 
 
 def _check_methods(methods: list[Method]) -> None:

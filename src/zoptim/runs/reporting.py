@@ -124,6 +124,14 @@ class Reporters:
         self.close()
 
 
+def _curve(ax, lines: list[dict], x: str, key: str) -> None:
+    """``key`` against ``x`` over the metrics lines that hold it."""
+    rows = [r for r in lines if r.get(key) is not None]
+    ax.plot([r[x] for r in rows], [r[key] for r in rows], marker="." if key == "dev_acc" else "")
+    ax.set_xlabel("queries" if x == "queries" else "seconds")
+    ax.grid(alpha=0.3)
+
+
 def plot_curves(folder: Path) -> Path | None:
     """``curves.png`` from ``metrics.jsonl``: the loss (or reward) and the dev score against
     queries and seconds; ``None`` without matplotlib or without a step."""
@@ -141,14 +149,9 @@ def plot_curves(folder: Path) -> Path | None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2, sharey="row")
     for column, x in enumerate(("queries", "elapsed_s")):
-        for row, (key, rows) in enumerate(((train, lines),
-                                           ("dev_acc", [r for r in lines if "dev_acc" in r]))):
-            ax = axes[row][column]
-            ax.plot([r[x] for r in rows if r.get(key) is not None],
-                    [r[key] for r in rows if r.get(key) is not None], marker="." if row else "")
-            ax.set_xlabel("queries" if x == "queries" else "seconds")
-            ax.set_ylabel(train if row == 0 else "dev score")
-            ax.grid(alpha=0.3)
+        for row, key in enumerate((train, "dev_acc")):
+            _curve(axes[row][column], lines, x, key)
+            axes[row][column].set_ylabel(train if row == 0 else "dev score")
     fig.suptitle(folder.name)
     fig.tight_layout()
     path = folder / "curves.png"
