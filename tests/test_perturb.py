@@ -101,3 +101,28 @@ def test_add_noise_many_equals_add_noise_tensor_by_tensor(kind, dtype, monkeypat
         add_noise_(t, mix(11, i), -0.3, kind)
     for a, b in zip(together, alone):
         assert torch.equal(a, b)
+
+
+def test_a_kernel_that_fails_to_compile_sends_its_variant_alone_to_the_eager_path(monkeypatch):
+    """One dtype whose kernel cannot compile (a recompile limit reached late in a process)
+    takes the eager path; the variants compiled before keep their kernel."""
+    fused = perturb._fused
+
+    def failing(kind):
+        kernel = fused(kind)
+
+        def run(flat, *args):
+            if flat.dtype == torch.float64:
+                raise RuntimeError("recompile limit")
+            return kernel(flat, *args)
+        return run
+
+    monkeypatch.setattr(perturb, "_fused", failing)
+    monkeypatch.setattr(perturb, "_eager_variants", set())
+    x32, x64 = torch.zeros(1000), torch.zeros(1000, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        add_noise_(x64, 3, 1.0)
+    add_noise_(x32, 3, 1.0)
+    assert perturb._eager_variants == {("gaussian", torch.float64, "cpu")}
+    assert perturb.get_backend() == "auto"  # float32 still runs the fused kernel
+    torch.testing.assert_close(x64.float(), x32, rtol=1e-5, atol=1e-5)

@@ -124,6 +124,9 @@ _KERNELS = {"gaussian": _add_gaussian, "rademacher": _add_rademacher,
 FUSED_MIN_NUMEL = 2
 
 _compiled: dict[str, object] = {}
+# (kind, dtype, device type) whose kernel failed to compile: those alone take the eager path,
+# every variant compiled before keeps its kernel
+_eager_variants: set[tuple] = set()
 _backend = os.environ.get("ZOPTIM_NOISE_BACKEND", "auto")
 _triton = None  # perturb_triton once imported, False where it cannot be
 
@@ -179,16 +182,17 @@ def _launch_triton(kernel, *args) -> bool:
 
 def _fused(kind: str):
     if kind not in _compiled:
-        # Four float dtypes on two kinds of device are eight variants of each kernel.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        # Four float dtypes on two kinds of device are eight variants of each kernel, and a
+        # process that trains many models (a test suite, a benchmark) meets more of them.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled[kind] = torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True)
     return _compiled[kind]
 
 
 def _run_fused(kind: str, flat: torch.Tensor, *args) -> bool:
     """Run the compiled kernel of ``kind`` on ``flat``; False where the eager path must do it."""
-    global _backend
-    if _backend == "eager" or flat.numel() < FUSED_MIN_NUMEL:
+    variant = (kind, flat.dtype, flat.device.type)
+    if _backend == "eager" or flat.numel() < FUSED_MIN_NUMEL or variant in _eager_variants:
         return False
     try:
         _fused(kind)(flat, *args)
@@ -196,9 +200,10 @@ def _run_fused(kind: str, flat: torch.Tensor, *args) -> bool:
     except Exception as err:  # a missing compiler, an unsupported device or dtype
         if _backend == "compiled":
             raise
-        warnings.warn(f"zoptim: fused noise kernel unavailable ({type(err).__name__}: {err}); "
-                      "using the eager path", RuntimeWarning, stacklevel=3)
-        _backend = "eager"
+        warnings.warn(f"zoptim: fused noise kernel unavailable for {kind} noise on "
+                      f"{flat.dtype} {flat.device.type} tensors ({type(err).__name__}: {err}); "
+                      "using the eager path for them", RuntimeWarning, stacklevel=3)
+        _eager_variants.add(variant)
         return False
 
 
