@@ -173,3 +173,10 @@ def test_files_past_the_stated_limits_are_refused_with_their_place(tmp_path):
     Image.new("1", (side, side)).save(tmp_path / "images" / "b" / "huge.png")
     with pytest.raises(DataError, match=f"huge.png is {side} x {side} pixels, over the limit"):
         load_image_folder(str(tmp_path / "images"))
+
+
+def test_a_prompts_file_that_is_not_text_is_refused_by_name(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"\xff\xfe not text")
+    assert main(["generate", str(tmp_path), "--prompts", str(bad)]) == 2
+    assert f"{bad}: not UTF-8 text" in capsys.readouterr().err

@@ -63,8 +63,12 @@ def generate_command(args) -> int:
 
     prompts = list(args.prompt or [])
     if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{args.prompts}: not UTF-8 text ({err.reason}); save the "
+                             "prompts as UTF-8") from None
     done = generate(args.run_dir, prompts, args.max_new_tokens)
     for prompt, (text, ended) in zip(prompts, done):
         if len(prompts) > 1:
