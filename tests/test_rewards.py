@@ -195,6 +195,14 @@ def test_grpo_trains_through_trl_on_the_same_prompts_and_reward(tiny, reward_dir
     assert [("dev_acc" in r) for r in records] == [False, True, True]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["generations"] == 96 and summary["before"]["dev_acc"] == 1.0
+    # its folder keeps a run folder's rules: a finished run is not run again without
+    # --resume, and a folder of someone else's files is refused as it is
+    assert main(line) == 2
+    mine = reward_dir / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own")
+    assert main([*line[:2], str(mine), *line[3:]]) == 2
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     with pytest.raises(ConfigError, match="needs a reward task"):
         config.load(None, ["method.name=\"grpo\"", "method.settings={}"])
     with pytest.raises(ConfigError, match="does not divide a step's 24 completions"):

@@ -21,22 +21,47 @@ import time
 from pathlib import Path
 
 from zoptim.integrations.grpo import trainer
-from zoptim.methods.first_order import GRPO
+from zoptim.runs import folder as run_folder
 from zoptim.runs.checkpoints import write_json
-from zoptim.runs.run import build
+from zoptim.runs.folder import FolderError, Lock
+from zoptim.runs.run import RunError, build
 
 
 def train(cfg, out: str | Path, *, resume: bool = False, progress: bool = True,
           log=print) -> dict:
     """``zoptim train`` with ``method.name = "grpo"`` (see the module's docstring); a finished
-    run is not run again."""
-    folder = Path(out)
+    run is not run again. Its folder keeps a run folder's rules (``runs.folder``): checked
+    before anything is written, locked while written, and left empty by a run that fails
+    before it trains."""
+    folder = run_folder.absolute(out)
     summary_path = folder / "summary.json"
     if resume and summary_path.exists() and "after" in json.loads(summary_path.read_text()):
         return json.loads(summary_path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        had_run = run_folder.check(folder, resume)
+    except FolderError as err:
+        raise RunError(str(err)) from None
     run = build(cfg)
-    method: GRPO = run.opt
+    lock = Lock(folder)
+    try:
+        lock.acquire()
+    except FolderError as err:
+        raise RunError(str(err)) from None
+    try:
+        summary = _trained(run, folder, progress, log)
+    except BaseException:
+        if not had_run and not summary_path.exists():
+            lock.discard()  # failed before it scored the starting model: nothing stays
+        raise
+    finally:
+        lock.release()
+    return summary
+
+
+def _trained(run, folder: Path, progress: bool, log) -> dict:
+    """The run trained by TRL in ``folder``, its records written; its summary."""
+    cfg, method = run.cfg, run.opt
+    summary_path = folder / "summary.json"
     write_json(folder / "config.json", json.loads(cfg.model_dump_json()))
     write_json(folder / "split.json", run.splits.record)
     (folder / "metrics.jsonl").write_text("")  # an interrupted run starts again
